@@ -1,0 +1,190 @@
+"""Typed, validated per-model settings, parsed once from ``model-config.yaml``'s ``handler:`` section.
+
+TorchServe's frontend keys (``batchSize``, ``maxBatchDelay``, ...) sit at the top of the file; the
+kit's own keys sit under ``handler:``. :func:`parse_handler_config` turns that section into a frozen
+dataclass, rejecting unknown keys and bad values with a message that names the key. It runs when an
+archive is built (``scripts/archive_args.py``) and when a worker loads the model, never per request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Union
+
+from servekit.errors import ConfigError
+
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Bounds on what a request may carry, checked before a full decode."""
+
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    formats: tuple[str, ...] = IMAGE_FORMATS
+
+    def __post_init__(self) -> None:
+        _require(self.max_bytes > 0, "limits.max_bytes", "must be > 0")
+        _require(self.max_pixels > 0, "limits.max_pixels", "must be > 0")
+        unknown = sorted(set(self.formats) - set(IMAGE_FORMATS))
+        _require(not unknown, "limits.formats", f"unknown formats {unknown}; known: {list(IMAGE_FORMATS)}")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the network comes from: a state_dict (with an architecture) or a TorchScript file."""
+
+    file: str = "model.pt"
+    format: Literal["state_dict", "torchscript"] = "state_dict"
+    architecture: str | None = None
+    model_file: str | None = None
+    model_class: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.format == "state_dict":
+            has_arch = self.architecture is not None
+            has_file = self.model_file is not None
+            _require(
+                has_arch != has_file,
+                "model",
+                "a state_dict needs exactly one of 'architecture' (a torchvision name) "
+                "or 'model_file' (a Python file) with 'model_class'",
+            )
+            _require(
+                not has_file or self.model_class is not None,
+                "model.model_class",
+                "is required with 'model_file'",
+            )
+        else:
+            _require(
+                self.architecture is None and self.model_file is None,
+                "model",
+                f"'architecture' and 'model_file' apply to state_dicts, not to format '{self.format}'",
+            )
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """Settings of an image classifier."""
+
+    task: Literal["classification"]
+    model: ModelSource = field(default_factory=ModelSource)
+    labels: str = "labels.json"
+    resize: int = 256
+    crop: int = 224
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    topk: int = 5
+    threads: int = 0
+    limits: ImageLimits = field(default_factory=ImageLimits)
+
+    def __post_init__(self) -> None:
+        _require(self.resize > 0, "resize", "must be > 0")
+        _require(0 < self.crop <= self.resize, "crop", "must be > 0 and <= resize")
+        _require(len(self.mean) == 3, "mean", "needs 3 values (R, G, B)")
+        _require(len(self.std) == 3 and min(self.std) > 0, "std", "needs 3 values > 0")
+        _require(self.topk >= 1, "topk", "must be >= 1")
+        _require(self.threads >= 0, "threads", "must be >= 0 (0: cores / workers)")
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Settings of an object detector."""
+
+    task: Literal["detection"]
+    model: ModelSource = field(default_factory=ModelSource)
+    labels: str = "labels.json"
+    score_threshold: float = 0.5
+    max_detections: int = 100
+    threads: int = 0
+    limits: ImageLimits = field(default_factory=ImageLimits)
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.score_threshold <= 1.0, "score_threshold", "must be within [0, 1]")
+        _require(self.max_detections >= 1, "max_detections", "must be >= 1")
+        _require(self.threads >= 0, "threads", "must be >= 0 (0: cores / workers)")
+
+
+HandlerConfig = Union[ClassifierConfig, DetectorConfig]
+_TASKS: dict[str, type[ClassifierConfig] | type[DetectorConfig]] = {
+    "classification": ClassifierConfig,
+    "detection": DetectorConfig,
+}
+
+
+def parse_handler_config(section: Mapping[str, Any] | None) -> HandlerConfig:
+    """Build the typed config of one model from its ``handler:`` mapping.
+
+    Raises:
+        ConfigError: naming the first unknown, missing or invalid key.
+    """
+    if not isinstance(section, Mapping):
+        raise ConfigError("model-config.yaml: 'handler' must be a mapping with at least 'task'")
+    task = section.get("task")
+    if task not in _TASKS:
+        raise ConfigError(f"model-config.yaml: handler.task must be one of {sorted(_TASKS)}, got {task!r}")
+    try:
+        return _build(_TASKS[task], section, "handler")
+    except ConfigError as exc:
+        raise ConfigError(f"model-config.yaml: {exc}") from None
+
+
+def _require(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"handler.{key} {why}")
+
+
+def _build(cls: type, mapping: Mapping[str, Any], path: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(mapping) - names)
+    if unknown:
+        raise ConfigError(f"unknown key '{path}.{unknown[0]}' (known: {sorted(names)})")
+    kwargs = {name: _coerce(hints[name], value, f"{path}.{name}") for name, value in mapping.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required key is missing
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"'{path}' must be a mapping, got {type(value).__name__}")
+        return _build(hint, value, path)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _coerce(next(a for a in args if a is not type(None)), value, path)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"'{path}' must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{path}' must be a list, got {type(value).__name__}")
+        return tuple(_coerce(args[0], item, f"{path}[{i}]") for i, item in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"'{path}' must be a mapping, got {type(value).__name__}")
+        return dict(value)
+    return _scalar(hint, value, path)
+
+
+def _scalar(hint: type, value: Any, path: str) -> Any:
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"'{path}' must be {hint.__name__}, got {value!r}")

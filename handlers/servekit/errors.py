@@ -1,0 +1,68 @@
+"""Errors a request can end in, each carrying its HTTP status, and their one JSON form.
+
+The status lives on the class (as BentoML and KServe do); :func:`error_body` is the one place
+that turns any exception into the JSON a client sees, so REST, gRPC and Triton answer alike.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any, ClassVar
+
+
+class KitError(Exception):
+    """Base of every error the kit answers a request with."""
+
+    status: ClassVar[int] = HTTPStatus.INTERNAL_SERVER_ERROR
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadInput(KitError):
+    """The request is malformed: not an image, bad JSON, bad base64, missing field."""
+
+    status = HTTPStatus.BAD_REQUEST
+
+
+class PayloadTooLarge(KitError):
+    """The image is over the byte or pixel limit of the model."""
+
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+class UnsupportedMediaType(KitError):
+    """The bytes are an image, but of a format this model does not accept."""
+
+    status = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+
+
+class NotReady(KitError):
+    """The model cannot answer now (not loaded yet)."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+
+
+class ConfigError(ValueError):
+    """A model's configuration is invalid; raised when an archive is built or loaded."""
+
+
+INTERNAL_MESSAGE = "internal error while running the model; the server log has the details"
+
+
+def status_of(exc: BaseException) -> int:
+    """Return the HTTP status a request that failed with ``exc`` is answered with."""
+    return int(exc.status) if isinstance(exc, KitError) else int(HTTPStatus.INTERNAL_SERVER_ERROR)
+
+
+def error_body(exc: BaseException) -> dict[str, Any]:
+    """Return the JSON body ``{"error": ..., "code": ...}`` for a failed request.
+
+    5xx bodies never carry the exception's text, which may hold internals; the log does.
+    """
+    code = status_of(exc)
+    message = exc.message if isinstance(exc, KitError) and code < 500 else INTERNAL_MESSAGE
+    if isinstance(exc, NotReady):
+        message = exc.message
+    return {"error": message, "code": code}

@@ -1,0 +1,57 @@
+"""Model outputs to the JSON answers clients see (the schemas are written in the README)."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+
+
+def topk_to_json(logits: torch.Tensor, labels: Sequence[str], k: int) -> list[list[dict[str, Any]]]:
+    """Softmax each row of ``logits`` and return its top ``k`` as ``{label, index, score}``, best first."""
+    probs = torch.softmax(logits.to(torch.float32), dim=1)
+    k = min(k, probs.shape[1])
+    scores, indices = torch.topk(probs, k, dim=1)
+    return [
+        [
+            {"label": label_of(labels, int(i)), "index": int(i), "score": float(s)}
+            for s, i in zip(row_scores.tolist(), row_indices.tolist())
+        ]
+        for row_scores, row_indices in zip(scores, indices)
+    ]
+
+
+def detections_to_json(
+    output: Mapping[str, torch.Tensor],
+    labels: Sequence[str],
+    size: tuple[int, int],
+    score_threshold: float,
+    max_detections: int,
+) -> list[dict[str, Any]]:
+    """One detector output to ``{label, index, score, box}`` items, best first.
+
+    ``box`` is ``[x1, y1, x2, y2]`` in the pixels of the image as sent (``size`` is its width and
+    height), clipped to it.
+    """
+    width, height = size
+    scores = output["scores"].detach().to("cpu", torch.float32)
+    keep = torch.nonzero(scores >= score_threshold).flatten()
+    keep = keep[torch.argsort(scores[keep], descending=True, stable=True)][:max_detections]
+    boxes = output["boxes"].detach().to("cpu", torch.float32)[keep]
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    classes = output["labels"].detach().to("cpu")[keep]
+    return [
+        {
+            "label": label_of(labels, int(c)),
+            "index": int(c),
+            "score": float(s),
+            "box": [round(float(v), 2) for v in box],
+        }
+        for c, s, box in zip(classes.tolist(), scores[keep].tolist(), boxes)
+    ]
+
+
+def label_of(labels: Sequence[str], index: int) -> str:
+    """Return the name of class ``index``, or its number when the label list has none."""
+    return labels[index] if 0 <= index < len(labels) else str(index)

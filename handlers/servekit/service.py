@@ -1,0 +1,172 @@
+"""The serving pipeline, free of TorchServe: decode each item alone, run the good ones as one batch.
+
+A service takes the raw request rows of one batch and returns exactly one answer per row: a JSON-able
+result, or the :class:`KitError` (or unexpected exception) that row ended in. The TorchServe adapter
+and the Triton python backend both call it, so both servers share one tested implementation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Generic, Mapping, Sequence, TypeVar
+
+import torch
+
+from servekit.config import ClassifierConfig, DetectorConfig, HandlerConfig, ImageLimits
+from servekit.decode import DecodedImage, decode_image, request_image_bytes
+from servekit.errors import KitError
+from servekit.loading import load_labels, load_model
+from servekit.postprocess import detections_to_json, topk_to_json
+from servekit.transforms import classifier_batch, classifier_crop, detector_inputs
+
+logger = logging.getLogger(__name__)
+
+Prepared = TypeVar("Prepared")
+Answer = Any  # JSON-able result, or the exception the request ended in
+
+
+@dataclass
+class StageTimes:
+    """Wall time of each stage of one batch, in milliseconds."""
+
+    preprocess_ms: float = 0.0
+    inference_ms: float = 0.0
+    postprocess_ms: float = 0.0
+
+
+@dataclass
+class BatchOutcome:
+    """One answer per request row, in order, and how long each stage took."""
+
+    answers: list[Answer]
+    times: StageTimes = field(default_factory=StageTimes)
+
+    @property
+    def good(self) -> int:
+        """How many rows got a result rather than an error."""
+        return sum(not isinstance(a, BaseException) for a in self.answers)
+
+
+def run_batch(
+    rows: Sequence[Any],
+    prepare: Callable[[Any], Prepared],
+    infer: Callable[[list[Prepared]], list[Any]],
+    finish: Callable[[list[Any], list[Prepared]], list[Any]],
+) -> BatchOutcome:
+    """Prepare each row alone, run the good ones together, and scatter results back in order.
+
+    A :class:`KitError` from ``prepare`` fails its row alone. An exception from ``infer`` or
+    ``finish`` fails the rows that were in the model's batch, each with its own answer.
+    """
+    times = StageTimes()
+    answers: list[Answer] = [None] * len(rows)
+    good_idx: list[int] = []
+    prepared: list[Prepared] = []
+    start = time.perf_counter()
+    for i, row in enumerate(rows):
+        try:
+            prepared.append(prepare(row))
+            good_idx.append(i)
+        except KitError as exc:
+            answers[i] = exc
+        except Exception as exc:  # noqa: BLE001 - one odd input must not fail its batch-mates
+            logger.exception("unexpected error while decoding request %d", i)
+            answers[i] = exc
+    times.preprocess_ms = (time.perf_counter() - start) * 1000
+    if not prepared:
+        return BatchOutcome(answers, times)
+    try:
+        start = time.perf_counter()
+        raw = infer(prepared)
+        times.inference_ms = (time.perf_counter() - start) * 1000
+        start = time.perf_counter()
+        results = finish(raw, prepared)
+        times.postprocess_ms = (time.perf_counter() - start) * 1000
+    except Exception as exc:  # noqa: BLE001 - answered per request, logged in full
+        logger.exception("model failed on a batch of %d", len(prepared))
+        results = [exc] * len(prepared)
+    for i, result in zip(good_idx, results):
+        answers[i] = result
+    return BatchOutcome(answers, times)
+
+
+class VisionService(Generic[Prepared]):
+    """What both tasks share: the model, its labels, its device and its input limits."""
+
+    def __init__(self, model: torch.nn.Module, labels: list[str], limits: ImageLimits, device: torch.device) -> None:
+        self.model = model
+        self.labels = labels
+        self.limits = limits
+        self.device = device
+
+    def decode(self, row: Any) -> DecodedImage:
+        """Extract and decode the image of one request row."""
+        return decode_image(request_image_bytes(row, self.limits), self.limits)
+
+    def handle(self, rows: Sequence[Any]) -> BatchOutcome:
+        """Answer one batch of request rows."""
+        return run_batch(rows, self.prepare, self.infer, self.finish)
+
+    def prepare(self, row: Any) -> Prepared:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def infer(self, items: list[Prepared]) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def finish(self, raw: Any, items: list[Prepared]) -> list[Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class ClassifierService(VisionService[torch.Tensor]):
+    """Top-k classification: uint8 crops per item, one normalized float batch through the model."""
+
+    def __init__(self, config: ClassifierConfig, model: torch.nn.Module, labels: list[str], device: torch.device) -> None:
+        super().__init__(model, labels, config.limits, device)
+        self.config = config
+
+    def prepare(self, row: Any) -> torch.Tensor:
+        return classifier_crop(self.decode(row).pixels, self.config.resize, self.config.crop)
+
+    def infer(self, items: list[torch.Tensor]) -> torch.Tensor:
+        batch = classifier_batch(items, self.config).to(self.device)
+        with torch.inference_mode():
+            return self.model(batch).float().cpu()
+
+    def finish(self, raw: torch.Tensor, items: list[torch.Tensor]) -> list[Any]:
+        return topk_to_json(raw, self.labels, self.config.topk)
+
+
+class DetectorService(VisionService[DecodedImage]):
+    """Detection over images of any sizes in one batch (torchvision detectors take a list)."""
+
+    def __init__(self, config: DetectorConfig, model: torch.nn.Module, labels: list[str], device: torch.device) -> None:
+        super().__init__(model, labels, config.limits, device)
+        self.config = config
+
+    def prepare(self, row: Any) -> DecodedImage:
+        return self.decode(row)
+
+    def infer(self, items: list[DecodedImage]) -> list[Mapping[str, torch.Tensor]]:
+        inputs = [t.to(self.device) for t in detector_inputs([item.pixels for item in items])]
+        with torch.inference_mode():
+            return list(self.model(inputs))
+
+    def finish(self, raw: list[Mapping[str, torch.Tensor]], items: list[DecodedImage]) -> list[Any]:
+        return [
+            detections_to_json(
+                out, self.labels, (item.width, item.height), self.config.score_threshold, self.config.max_detections
+            )
+            for out, item in zip(raw, items)
+        ]
+
+
+def build_service(config: HandlerConfig, model_dir: Path, device: torch.device) -> ClassifierService | DetectorService:
+    """Load the model folder's network and labels and return the service for its task."""
+    model = load_model(model_dir, config.model, device)
+    labels = load_labels(model_dir / config.labels)
+    if isinstance(config, ClassifierConfig):
+        return ClassifierService(config, model, labels, device)
+    return DetectorService(config, model, labels, device)

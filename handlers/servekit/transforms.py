@@ -1,0 +1,29 @@
+"""Image tensors to model inputs: work on uint8 until the batch is built, then normalize once."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torchvision.transforms.v2 import functional as F
+
+from servekit.config import ClassifierConfig
+
+
+def classifier_crop(pixels: torch.Tensor, resize: int, crop: int) -> torch.Tensor:
+    """Resize the short side to ``resize`` (antialiased) and center-crop ``crop`` x ``crop``, in uint8."""
+    resized = F.resize(pixels, [resize], antialias=True)
+    return F.center_crop(resized, [crop, crop])
+
+
+def classifier_batch(crops: Sequence[torch.Tensor], config: ClassifierConfig) -> torch.Tensor:
+    """Stack uint8 crops into one float batch normalized by the config's mean and std."""
+    batch = torch.stack(list(crops)).to(torch.float32).div_(255.0)
+    mean = torch.tensor(config.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(config.std, dtype=torch.float32).view(1, 3, 1, 1)
+    return batch.sub_(mean).div_(std)
+
+
+def detector_inputs(images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Turn uint8 images of any sizes into the float [0, 1] list torchvision detectors take."""
+    return [image.to(torch.float32).div_(255.0) for image in images]

@@ -1,0 +1,102 @@
+"""The thin TorchServe glue: context to typed config once, batch answers to per-request statuses.
+
+Entry files (``servekit_classifier.py``, ``servekit_detector.py``) subclass :class:`TorchServeAdapter`
+and set ``task``. All logic lives in TorchServe-free modules; this file only reads the context,
+emits metrics and maps each answer to its status in one place (:func:`encode_answers`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import torch
+
+from servekit.config import parse_handler_config
+from servekit.errors import ConfigError, NotReady, error_body, status_of
+from servekit.loading import choose_device, intra_op_threads
+from servekit.service import BatchOutcome, ClassifierService, DetectorService, build_service
+
+logger = logging.getLogger(__name__)
+
+JSON = "application/json"
+METRIC_PREFIX = "Servekit"
+
+
+class TorchServeAdapter:
+    """A TorchServe custom handler (``initialize`` + ``handle``) over a kit service."""
+
+    task: ClassVar[str] = ""
+
+    def __init__(self) -> None:
+        self.service: ClassifierService | DetectorService | None = None
+        self.model_name = ""
+        self.initialized = False
+
+    def initialize(self, context: Any) -> None:
+        """Parse the archive's config once, pick device and threads, and load the model."""
+        properties = context.system_properties
+        model_dir = Path(properties.get("model_dir", "."))
+        yaml_config = getattr(context, "model_yaml_config", None) or {}
+        config = parse_handler_config(yaml_config.get("handler"))
+        if config.task != self.task:
+            raise ConfigError(f"handler.task is {config.task!r} but this archive's handler serves {self.task!r}")
+        workers = int(yaml_config.get("maxWorkers", yaml_config.get("minWorkers", 1)))
+        threads = intra_op_threads(config.threads, workers, os.cpu_count() or 1)
+        torch.set_num_threads(threads)
+        gpu_id = properties.get("gpu_id")
+        device = choose_device(int(gpu_id) if gpu_id is not None else None)
+        self.model_name = str(getattr(context, "model_name", model_dir.name))
+        self.service = build_service(config, model_dir, device)
+        self.initialized = True
+        logger.info("servekit %s model %s loaded on %s with %d threads", self.task, self.model_name, device, threads)
+
+    def handle(self, data: Sequence[Any], context: Any) -> list[bytes]:
+        """Answer a batch: one JSON body per request, errors with their own status."""
+        if self.service is None:
+            outcome = BatchOutcome([NotReady("model is not loaded yet")] * len(data))
+        else:
+            outcome = self.service.handle(data)
+        emit_metrics(context, self.model_name, outcome)
+        return encode_answers(outcome.answers, context)
+
+
+def encode_answers(answers: Sequence[Any], context: Any) -> list[bytes]:
+    """Turn each answer into a JSON body, setting a failed request's status on the context.
+
+    This is the one place where errors become HTTP statuses. Over gRPC, TorchServe 0.12 drops the
+    per-request status, so the body (``{"error": ..., "code": ...}``) carries it as well.
+    """
+    bodies: list[bytes] = []
+    for idx, answer in enumerate(answers):
+        context.set_response_content_type(idx, JSON)
+        if isinstance(answer, BaseException):
+            body = error_body(answer)
+            context.set_response_status(status_of(answer), body["error"][:200], idx)
+        else:
+            body = answer
+        bodies.append(json.dumps(body).encode("utf-8"))
+    return bodies
+
+
+def emit_metrics(context: Any, model_name: str, outcome: BatchOutcome) -> None:
+    """Counters for batches, requests, rejected requests and per-stage milliseconds (Prometheus)."""
+    metrics = getattr(context, "metrics", None)
+    if metrics is None:
+        return
+    from ts.metrics.dimension import Dimension  # TorchServe's own type; only the glue imports ts
+
+    values = {
+        "Batches": 1,
+        "Requests": len(outcome.answers),
+        "RejectedRequests": len(outcome.answers) - outcome.good,
+        "PreprocessMs": outcome.times.preprocess_ms,
+        "InferenceMs": outcome.times.inference_ms,
+        "PostprocessMs": outcome.times.postprocess_ms,
+    }
+    for name, value in values.items():
+        dims = [Dimension("ModelName", model_name), Dimension("Level", "Model")]
+        metrics.add_counter(f"{METRIC_PREFIX}{name}", value, None, dims)

@@ -1,0 +1,163 @@
+"""The kit's demo models and images, all made here: nothing is downloaded.
+
+- ``digits``: a small CNN trained on scikit-learn's bundled digits (rendered as 32x32 RGB images).
+- ``resnet18``: torchvision's resnet18 with seeded weights and ImageNet names (state_dict).
+- ``mobilenet_v3_small``: the same idea, saved as TorchScript to show that format.
+- ``fasterrcnn``: ``fasterrcnn_mobilenet_v3_large_320_fpn`` with seeded weights and COCO names.
+
+Seeded weights give outputs of no meaning, so BatchNorm statistics are recalibrated on real photos
+and the detector's class logits are spread, which makes scores distinct and comparable in tests.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+
+from servekit.config import ClassifierConfig, parse_handler_config
+from servekit.transforms import classifier_batch, classifier_crop
+
+logger = logging.getLogger(__name__)
+
+PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "colorwheel", "hubble_deep_field")
+DIGIT_SIZE = 32
+SEED = 0
+
+
+def sample_photos(names: Sequence[str] = PHOTO_NAMES) -> dict[str, np.ndarray]:
+    """RGB uint8 photos that scikit-image ships (no download)."""
+    import skimage.data
+
+    return {name: np.ascontiguousarray(getattr(skimage.data, name)()[..., :3]) for name in names}
+
+
+def encode(image: np.ndarray, fmt: str = "JPEG", **params: object) -> bytes:
+    """Encode an HxWx3 (or HxW) uint8 array as image bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def digit_images(split: str) -> tuple[list[np.ndarray], list[int]]:
+    """scikit-learn's digits as 32x32 RGB uint8 images, split 75/25 (seeded, stratified)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    indices = np.arange(len(digits.target))
+    train, test = train_test_split(indices, test_size=0.25, random_state=SEED, stratify=digits.target)
+    chosen = train if split == "train" else test
+    images = [render_digit(digits.images[i]) for i in chosen]
+    return images, [int(digits.target[i]) for i in chosen]
+
+
+def render_digit(grid: np.ndarray) -> np.ndarray:
+    """An 8x8 digit (values 0..16) to a 32x32 RGB uint8 image, white on black."""
+    gray = Image.fromarray(np.clip(grid * 16, 0, 255).astype(np.uint8), mode="L")
+    return np.asarray(gray.resize((DIGIT_SIZE, DIGIT_SIZE), Image.BILINEAR).convert("RGB"))
+
+
+def classifier_inputs(images: Iterable[np.ndarray], config: ClassifierConfig) -> torch.Tensor:
+    """The exact float batch the served handler builds for these images."""
+    crops = [classifier_crop(torch.from_numpy(np.array(img)).permute(2, 0, 1), config.resize, config.crop) for img in images]
+    return classifier_batch(crops, config)
+
+
+def read_config(model_dir: Path) -> ClassifierConfig:
+    import yaml
+
+    section = yaml.safe_load((model_dir / "model-config.yaml").read_text())["handler"]
+    config = parse_handler_config(section)
+    assert isinstance(config, ClassifierConfig)
+    return config
+
+
+def train_digits(model_dir: Path, epochs: int = 20) -> float:
+    """Train DigitsNet on the training split; save its state_dict; return held-out accuracy."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("digits_model", model_dir / "model.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = read_config(model_dir)
+    torch.manual_seed(SEED)
+    model = module.DigitsNet(num_classes=10)
+    images, labels = digit_images("train")
+    x, y = classifier_inputs(images, config), torch.tensor(labels)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(y)).split(64):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    test_images, test_labels = digit_images("test")
+    with torch.inference_mode():
+        predicted = model(classifier_inputs(test_images, config)).argmax(1)
+    accuracy = float((predicted == torch.tensor(test_labels)).float().mean())
+    torch.save(model.state_dict(), model_dir / "model.pt")
+    _write_labels(model_dir, [str(d) for d in range(10)])
+    return accuracy
+
+
+def recalibrate_batchnorm(model: torch.nn.Module, run: callable) -> None:
+    """Reset BatchNorm statistics and re-estimate them by running ``run()`` in train mode."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        run()
+    model.eval()
+
+
+def make_classifier(name: str, model_dir: Path, torchscript: bool = False) -> None:
+    """A torchvision classifier with seeded weights and recalibrated BatchNorm, with ImageNet names."""
+    config = read_config(model_dir)
+    torch.manual_seed(SEED)
+    model = torchvision.models.get_model(name, weights=None, num_classes=1000)
+    photos = list(sample_photos().values())
+    batch = classifier_inputs(photos, config)
+    recalibrate_batchnorm(model, lambda: model(batch))
+    if torchscript:
+        torch.jit.save(torch.jit.script(model), str(model_dir / "model.pt"))
+    else:
+        torch.save(model.state_dict(), model_dir / "model.pt")
+    categories = torchvision.models.get_model_weights(name).DEFAULT.meta["categories"]
+    _write_labels(model_dir, list(categories))
+
+
+def make_detector(model_dir: Path) -> None:
+    """``fasterrcnn_mobilenet_v3_large_320_fpn`` with seeded weights, distinct scores and COCO names."""
+    from torchvision.models import detection
+
+    torch.manual_seed(SEED)
+    model = detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=91, box_score_thresh=0.05
+    )
+    photos = [torch.from_numpy(p).permute(2, 0, 1).float() / 255 for p in sample_photos().values()]
+    images, _ = model.transform(photos)
+    recalibrate_batchnorm(model.backbone, lambda: model.backbone(images.tensors))
+    with torch.no_grad():  # spread the class logits so scores differ and some pass a threshold
+        model.roi_heads.box_predictor.cls_score.weight.mul_(8.0)
+        model.roi_heads.box_predictor.cls_score.bias[0] = -1.0
+    model.eval()
+    torch.save(model.state_dict(), model_dir / "model.pt")
+    categories = detection.FasterRCNN_MobileNet_V3_Large_320_FPN_Weights.DEFAULT.meta["categories"]
+    _write_labels(model_dir, list(categories))
+
+
+def _write_labels(model_dir: Path, labels: list[str]) -> None:
+    (model_dir / "labels.json").write_text(json.dumps(labels, indent=0) + "\n", encoding="utf-8")

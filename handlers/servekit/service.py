@@ -20,7 +20,13 @@ from servekit.decode import DecodedImage, decode_image, request_image_bytes
 from servekit.errors import KitError
 from servekit.loading import load_labels, load_model
 from servekit.postprocess import detections_to_json, topk_to_json
-from servekit.transforms import classifier_batch, classifier_crop, detector_inputs
+from servekit.transforms import (
+    classifier_batch,
+    classifier_crop,
+    detector_inputs,
+    detector_padded_shape,
+    group_by_key,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -150,9 +156,23 @@ class DetectorService(VisionService[DecodedImage]):
         return self.decode(row)
 
     def infer(self, items: list[DecodedImage]) -> list[Mapping[str, torch.Tensor]]:
+        """Run images of equal padded shape together, so no answer depends on its batch-mates."""
         inputs = [t.to(self.device) for t in detector_inputs([item.pixels for item in items])]
+        outputs: list[Mapping[str, torch.Tensor]] = [{}] * len(items)
         with torch.inference_mode():
-            return list(self.model(inputs))
+            for group in group_by_key([self.batch_key(item) for item in items]):
+                for index, output in zip(group, self.model([inputs[i] for i in group])):
+                    outputs[index] = output
+        return outputs
+
+    def batch_key(self, item: DecodedImage) -> tuple[int, int]:
+        """The model's padded input shape for this image (one group for detectors of other kinds)."""
+        transform = getattr(self.model, "transform", None)
+        if transform is None or getattr(transform, "fixed_size", None) or not hasattr(transform, "min_size"):
+            return (0, 0)
+        return detector_padded_shape(
+            item.height, item.width, transform.min_size[-1], transform.max_size, transform.size_divisible
+        )
 
     def finish(self, raw: list[Mapping[str, torch.Tensor]], items: list[DecodedImage]) -> list[Any]:
         return [

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Hashable, Sequence
 
 import torch
 from torchvision.transforms.v2 import functional as F
@@ -27,3 +28,23 @@ def classifier_batch(crops: Sequence[torch.Tensor], config: ClassifierConfig) ->
 def detector_inputs(images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Turn uint8 images of any sizes into the float [0, 1] list torchvision detectors take."""
     return [image.to(torch.float32).div_(255.0) for image in images]
+
+
+def detector_padded_shape(height: int, width: int, min_size: int, max_size: int, divisible: int) -> tuple[int, int]:
+    """The padded input shape a torchvision R-CNN transform gives an image of this size.
+
+    It resizes so the short side is ``min_size`` (the long side at most ``max_size``), floors, then
+    pads up to a multiple of ``divisible``. Images with the same padded shape are padded identically
+    alone or together, so running them as one batch cannot change any image's answer.
+    """
+    scale = min(min_size / min(height, width), max_size / max(height, width))
+    resized = (math.floor(height * scale), math.floor(width * scale))
+    return tuple(int(math.ceil(side / divisible) * divisible) for side in resized)  # type: ignore[return-value]
+
+
+def group_by_key(keys: Sequence[Hashable]) -> list[list[int]]:
+    """Indices grouped by equal key, groups in order of first appearance."""
+    groups: dict[Hashable, list[int]] = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(key, []).append(index)
+    return list(groups.values())

@@ -1,0 +1,301 @@
+"""Start, wait for, and stop a TorchServe instance; used by ``make serve/stop``, the demo and the tests.
+
+Each instance gets its own work directory: ``key_file.json`` is written there (TorchServe writes it
+to its working directory), ``tmp/`` holds its pid file (TorchServe keeps one in ``$TMPDIR``, so two
+instances with separate ``TMPDIR`` never collide), and ``logs/`` its logs. The process runs in its own
+session, and :meth:`TorchServe.stop` ends the whole process group, workers included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import requests
+
+logger = logging.getLogger("tsctl")
+
+PORT_KEYS = (
+    "inference_address",
+    "management_address",
+    "metrics_address",
+    "grpc_inference_port",
+    "grpc_management_port",
+)
+PGID_FILE = "torchserve.pgid"
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """The five loopback ports of one TorchServe instance."""
+
+    inference: int
+    management: int
+    metrics: int
+    grpc_inference: int
+    grpc_management: int
+    host: str = "127.0.0.1"
+
+    def url(self, which: str) -> str:
+        """``http://host:port`` of ``inference``, ``management`` or ``metrics``."""
+        return f"http://{self.host}:{getattr(self, which)}"
+
+    def grpc(self, which: str) -> str:
+        """``host:port`` of ``inference`` or ``management`` gRPC."""
+        return f"{self.host}:{getattr(self, 'grpc_' + which)}"
+
+    def properties(self) -> dict[str, str]:
+        """These ports as config.properties entries."""
+        return {
+            "inference_address": self.url("inference"),
+            "management_address": self.url("management"),
+            "metrics_address": self.url("metrics"),
+            "grpc_inference_port": str(self.grpc_inference),
+            "grpc_management_port": str(self.grpc_management),
+        }
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The three keys TorchServe's token authorization writes to ``key_file.json``."""
+
+    inference: str
+    management: str
+    api: str
+
+    @classmethod
+    def read(cls, path: Path) -> "Keys":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return cls(data["inference"]["key"], data["management"]["key"], data["API"]["key"])
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    """Parse a config.properties file (``key=value`` lines; ``#`` comments)."""
+    result: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        stripped = line.strip()
+        if stripped and not stripped.startswith(("#", "!")) and "=" in stripped:
+            key, _, value = stripped.partition("=")
+            result[key.strip()] = value.strip()
+    return result
+
+
+def endpoints_of(path: Path) -> Endpoints:
+    """The ports a config.properties file sets."""
+    props = read_properties(path)
+
+    def port(key: str) -> int:
+        return int(props[key].rsplit(":", 1)[-1])
+
+    return Endpoints(
+        inference=port("inference_address"),
+        management=port("management_address"),
+        metrics=port("metrics_address"),
+        grpc_inference=int(props["grpc_inference_port"]),
+        grpc_management=int(props["grpc_management_port"]),
+    )
+
+
+def derive_config(base: Path, dest: Path, overrides: Mapping[str, str]) -> Path:
+    """Copy ``base`` to ``dest`` with some keys replaced (or added); every other key is kept as shipped."""
+    left = dict(overrides)
+    lines = []
+    for line in base.read_text(encoding="utf-8").splitlines():
+        key = line.partition("=")[0].strip()
+        if "=" in line and not line.lstrip().startswith("#") and key in left:
+            line = f"{key}={left.pop(key)}"
+        lines.append(line)
+    lines.extend(f"{k}={v}" for k, v in left.items())
+    dest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return dest
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free TCP ports on loopback."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def random_endpoints() -> Endpoints:
+    """Five free loopback ports."""
+    return Endpoints(*free_ports(5))
+
+
+class TorchServe:
+    """One TorchServe process tree in its own work directory."""
+
+    def __init__(self, workdir: Path, config: Path, model_store: Path, models: Iterable[str] = ("all",)) -> None:
+        self.workdir = workdir.resolve()
+        self.config = config.resolve()
+        self.model_store = model_store.resolve()
+        self.models = list(models)
+        self.endpoints = endpoints_of(self.config)
+        self.pgid_file = self.workdir / "tmp" / PGID_FILE
+
+    @property
+    def log_dir(self) -> Path:
+        return self.workdir / "logs"
+
+    def start(self) -> None:
+        """Launch ``torchserve --foreground`` detached in its own session; returns at once."""
+        (self.workdir / "tmp").mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "key_file.json").unlink(missing_ok=True)  # a killed server leaves its old keys
+        env = dict(os.environ)
+        tmp = str(self.workdir / "tmp")
+        env.update(TMPDIR=tmp, TEMP=tmp, LOG_LOCATION=str(self.log_dir), METRICS_LOCATION=str(self.log_dir))
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        command = [
+            str(Path(sys.executable).parent / "torchserve"),
+            "--start", "--foreground", "--ncs",
+            "--ts-config", str(self.config),
+            "--model-store", str(self.model_store),
+            "--models", *self.models,
+        ]
+        with open(self.log_dir / "torchserve.out", "ab") as out:
+            process = subprocess.Popen(
+                command, cwd=self.workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        self.pgid_file.write_text(str(process.pid))
+        logger.info("torchserve started (process group %d) in %s", process.pid, self.workdir)
+
+    def keys(self, timeout: float = 60.0) -> Keys:
+        """The current keys, waiting for TorchServe to write ``key_file.json``."""
+        path = self.workdir / "key_file.json"
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return Keys.read(path)
+            except (OSError, ValueError, KeyError):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{path} did not appear within {timeout:.0f} s") from None
+                self._check_alive()
+                time.sleep(0.3)
+
+    def wait_ready(self, models: Iterable[str], timeout: float = 180.0) -> Keys:
+        """Wait until every model has a READY worker; return the keys."""
+        keys = self.keys(timeout)
+        headers = {"Authorization": f"Bearer {keys.management}"}
+        deadline = time.monotonic() + timeout
+        pending = set(models)
+        while pending:
+            for name in sorted(pending):
+                try:
+                    reply = requests.get(f"{self.endpoints.url('management')}/models/{name}", headers=headers, timeout=5)
+                    workers = reply.json()[0].get("workers", []) if reply.status_code == 200 else []
+                except (requests.RequestException, ValueError, IndexError):
+                    workers = []
+                if any(w.get("status") == "READY" for w in workers):
+                    pending.discard(name)
+            if pending:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"models not ready within {timeout:.0f} s: {sorted(pending)}; see {self.log_dir}")
+                self._check_alive()
+                time.sleep(0.5)
+        return keys
+
+    def pgid(self) -> int | None:
+        try:
+            return int(self.pgid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def processes(self) -> list[int]:
+        """PIDs of every process still in this instance's process group."""
+        import psutil
+
+        pgid = self.pgid()
+        if pgid is None:
+            return []
+        found = []
+        for proc in psutil.process_iter(["pid"]):
+            try:
+                if os.getpgid(proc.pid) == pgid:
+                    found.append(proc.pid)
+            except (ProcessLookupError, PermissionError):
+                continue
+        return found
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the whole process group (frontend and workers): SIGTERM, then SIGKILL."""
+        pgid = self.pgid()
+        if pgid is None:
+            return
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            while self.processes() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if not self.processes():
+                break
+        try:  # reap our direct child if we are its parent (tests); harmless otherwise
+            os.waitpid(pgid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        self.pgid_file.unlink(missing_ok=True)
+        logger.info("torchserve stopped (process group %d)", pgid)
+
+    def _check_alive(self) -> None:
+        if not self.processes():
+            tail = (self.log_dir / "torchserve.out").read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"torchserve exited during start-up; last output:\n{tail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("action", choices=("start", "stop"))
+    parser.add_argument("--workdir", type=Path, default=Path("."))
+    parser.add_argument("--config", type=Path, default=Path("config.properties"))
+    parser.add_argument("--model-store", type=Path, default=Path("model_store"))
+    parser.add_argument("--models", nargs="*", default=None, help="archive names (default: every .mar)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    names = args.models or sorted(p.stem for p in args.model_store.glob("*.mar"))
+    server = TorchServe(args.workdir, args.config, args.model_store, [f"{n}={n}.mar" for n in names])
+    if args.action == "stop":
+        server.stop()
+        return 0
+    if server.processes():
+        logger.info("torchserve is already running in %s; `make stop` first", server.workdir)
+        return 1
+    server.start()
+    try:
+        server.wait_ready(names)
+    except (TimeoutError, RuntimeError):
+        server.stop()
+        raise
+    ep = server.endpoints
+    logger.info("TorchServe is ready with models: %s", ", ".join(names))
+    logger.info("  REST inference   %s/predictions/<model>", ep.url("inference"))
+    logger.info("  REST management  %s/models", ep.url("management"))
+    logger.info("  metrics          %s/metrics", ep.url("metrics"))
+    logger.info("  gRPC inference   %s   management %s", ep.grpc("inference"), ep.grpc("management"))
+    logger.info("  keys             %s (Authorization: Bearer <key>)", server.workdir / "key_file.json")
+    logger.info("  logs             %s", server.log_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

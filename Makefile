@@ -1,0 +1,80 @@
+# TorchServe handler and model-archive kit. `make help` lists the targets.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+PY := PYTHONPATH=handlers:scripts $(VENV)/bin/python
+ARCHIVER := $(VENV)/bin/torch-model-archiver
+DEMOS := digits resnet18 mobilenet_v3_small fasterrcnn
+HANDLER_SRC := $(wildcard handlers/*.py handlers/servekit/*.py)
+ALL_MARS := $(patsubst models/%/model-config.yaml,model_store/%.mar,$(wildcard models/*/model-config.yaml))
+GRPC_STUBS := scripts/ts_grpc/inference_pb2_grpc.py
+PYTEST_ARGS ?=
+
+.PHONY: help
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+.PHONY: install
+install: $(STAMP) $(GRPC_STUBS) ## Create .venv with the exact pins and check for Java >= 11
+
+$(STAMP): requirements.txt scripts/check_java.sh
+	@bash scripts/check_java.sh
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(GRPC_STUBS): $(STAMP) scripts/gen_grpc.py
+	$(PY) scripts/gen_grpc.py
+
+.PHONY: grpc-stubs
+grpc-stubs: $(GRPC_STUBS) ## Generate gRPC stubs from the protos inside TorchServe's frontend jar
+
+.PHONY: models
+models: $(foreach m,$(DEMOS),models/$(m)/model.pt) ## Build the demo models (trained digits CNN, seeded torchvision nets)
+
+models/%/model.pt: | $(STAMP)
+	$(PY) scripts/make_models.py $*
+
+models/digits/model.pt: models/digits/model.py scripts/demo_models.py
+
+.PHONY: archive
+archive: $(if $(MODEL),model_store/$(MODEL).mar,$(ALL_MARS)) ## Build .mar archives (all, or MODEL=<name>)
+
+# Each demo archive also needs its generated weights.
+$(foreach m,$(DEMOS),$(eval model_store/$(m).mar: models/$(m)/model.pt))
+
+.SECONDEXPANSION:
+model_store/%.mar: models/%/model-config.yaml $$(filter-out %/__pycache__,$$(wildcard models/%/*)) $(HANDLER_SRC) scripts/archive_args.py | $(STAMP)
+	@mkdir -p build model_store
+	$(PY) scripts/archive_args.py $* > build/$*.args
+	$(ARCHIVER) $$(cat build/$*.args)
+
+.PHONY: scaffold
+scaffold: | $(STAMP) ## New model folder: NAME=<name> TASK=classification|detection PT=<file.pt> [ARCH=<torchvision name>|MODEL_FILE=<py> CLASS=<name>|TORCHSCRIPT=1]
+	$(PY) scripts/scaffold_model.py --name "$(NAME)" --task "$(TASK)" --pt "$(PT)" \
+		$(if $(ARCH),--architecture "$(ARCH)") $(if $(MODEL_FILE),--model-file "$(MODEL_FILE)" --model-class "$(CLASS)") \
+		$(if $(TORCHSCRIPT),--torchscript) $(if $(LABELS),--labels "$(LABELS)")
+
+.PHONY: serve
+serve: archive ## Start TorchServe on loopback with every archive, wait until healthy, print endpoints
+	$(PY) scripts/tsctl.py start
+
+.PHONY: stop
+stop: ## Stop the TorchServe started by `make serve`, workers included
+	$(PY) scripts/tsctl.py stop
+
+.PHONY: demo
+demo: archive $(GRPC_STUBS) ## Build everything, serve, send real requests over REST and gRPC, print answers, stop
+	$(PY) scripts/demo.py
+
+.PHONY: test
+test: archive $(GRPC_STUBS) ## Set up and run all tests (unit, in-process handler, real TorchServe end to end)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+.PHONY: clean
+clean: ## Remove archives, build files and logs (keeps .venv and the models)
+	rm -rf build logs model_store/*.mar key_file.json scripts/ts_grpc

@@ -159,7 +159,7 @@ class TorchServe:
         (self.workdir / "tmp").mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "key_file.json").unlink(missing_ok=True)  # a killed server leaves its old keys
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # archives must be self-contained
         tmp = str(self.workdir / "tmp")
         env.update(TMPDIR=tmp, TEMP=tmp, LOG_LOCATION=str(self.log_dir), METRICS_LOCATION=str(self.log_dir))
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"

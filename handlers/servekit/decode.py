@@ -85,7 +85,7 @@ def decode_base64(text: str, name: str, limits: ImageLimits) -> bytes:
         data = base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError) as exc:
         bad = next((i for i, c in enumerate(compact) if not (c.isalnum() or c in "+/=")), None)
-        where = f" at character {bad} ({compact[bad]!r})" if bad is not None else f": {exc}"
+        where = f" at character {bad + 1} ({compact[bad]!r})" if bad is not None else f": {exc}"
         raise BadInput(f"base64 in field '{name}' is invalid{where}") from None
     if not data:
         raise BadInput(f"field '{name}' is empty: expected a base64 image")
@@ -130,7 +130,7 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
             f"{list(limits.formats)}"
         ) from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise BadInput(f"not a readable image: {exc}") from None
+        raise BadInput(f"image data is corrupt or truncated: {exc}") from None
     if image.format not in limits.formats:
         raise UnsupportedMediaType(
             f"image format {image.format} is not accepted; accepted: {list(limits.formats)}"

@@ -45,8 +45,8 @@ def load_labels(path: Path) -> list[str]:
             indexed = {int(k): v for k, v in data.items()}
         except ValueError:
             raise ConfigError(f"labels file {path.name}: keys must be class indices") from None
-        names = [str(indexed.get(i, i)) for i in range(max(indexed, default=-1) + 1)]
-        return [n[-1] if isinstance(n, list) else n for n in names]
+        names = [indexed.get(i, i) for i in range(max(indexed, default=-1) + 1)]
+        return [str(n[-1]) if isinstance(n, list) and n else str(n) for n in names]
     raise ConfigError(f"labels file {path.name} must hold a JSON list or an index->name mapping")
 
 

@@ -1,0 +1,87 @@
+"""Reference outputs computed without the kit: torchvision presets and the raw .pt, to compare against."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision
+import yaml
+from torchvision.transforms import v2
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def handler_section(name: str) -> dict[str, Any]:
+    return yaml.safe_load((REPO / "models" / name / "model-config.yaml").read_text())["handler"]
+
+
+@functools.lru_cache(maxsize=None)
+def raw_model(name: str) -> torch.nn.Module:
+    """The model of ``models/<name>`` loaded directly with torch/torchvision."""
+    folder = REPO / "models" / name
+    source = handler_section(name)["model"]
+    if source.get("format") == "torchscript":
+        return torch.jit.load(str(folder / source["file"])).eval()
+    if "architecture" in source:
+        model = torchvision.models.get_model(
+            source["architecture"], weights=None, **({"weights_backbone": None} if "rcnn" in source["architecture"] else {}),
+            **source.get("kwargs", {}),
+        )
+    else:
+        spec = importlib.util.spec_from_file_location("ref_model", folder / source["model_file"])
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        model = getattr(module, source["model_class"])(**source.get("kwargs", {}))
+    model.load_state_dict(torch.load(folder / source["file"], weights_only=True))
+    return model.eval()
+
+
+def class_probabilities(name: str, image: np.ndarray) -> torch.Tensor:
+    """Softmax probabilities of a classifier on an HxWx3 uint8 image, via torchvision's v2 preset."""
+    section = handler_section(name)
+    preset = v2.Compose([
+        v2.Resize(section.get("resize", 256), antialias=True),
+        v2.CenterCrop(section.get("crop", 224)),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(section.get("mean", [0.485, 0.456, 0.406]), section.get("std", [0.229, 0.224, 0.225])),
+    ])
+    x = preset(torch.from_numpy(np.array(image)).permute(2, 0, 1))[None]
+    with torch.inference_mode():
+        return torch.softmax(raw_model(name)(x), dim=1)[0]
+
+
+def detections(name: str, image: np.ndarray) -> list[dict[str, Any]]:
+    """Detections above the configured threshold, best first, on one image alone."""
+    section = handler_section(name)
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
+    with torch.inference_mode():
+        out = raw_model(name)([x])[0]
+    keep = out["scores"] >= section.get("score_threshold", 0.5)
+    order = torch.argsort(out["scores"][keep], descending=True, stable=True)[: section.get("max_detections", 100)]
+    return [
+        {"index": int(c), "score": float(s), "box": b.tolist()}
+        for c, s, b in zip(out["labels"][keep][order], out["scores"][keep][order], out["boxes"][keep][order])
+    ]
+
+
+def assert_classification_matches(answer: list[dict[str, Any]], probs: torch.Tensor, atol: float = 1e-4) -> None:
+    """Every served {index, score} equals the reference probability of that index, ranked alike."""
+    assert answer, "empty classification"
+    for item in answer:
+        assert abs(item["score"] - float(probs[item["index"]])) <= atol, item
+    top = torch.topk(probs, len(answer)).values
+    assert [round(i["score"], 4) for i in answer] == [round(float(v), 4) for v in top]
+
+
+def assert_detections_match(answer: list[dict[str, Any]], expected: list[dict[str, Any]], box_tol: float = 0.5) -> None:
+    """Same detections in the same order: labels equal, scores within 1e-4, boxes within ``box_tol`` px."""
+    assert len(answer) == len(expected)
+    for got, want in zip(answer, expected):
+        assert got["index"] == want["index"]
+        assert abs(got["score"] - want["score"]) <= 1e-4
+        assert max(abs(a - b) for a, b in zip(got["box"], want["box"])) <= box_tol

@@ -135,7 +135,7 @@ class GrpcClient:
 
 def _key_refused(reply: Reply) -> bool:
     text = json.dumps(reply.body) if not isinstance(reply.body, str) else reply.body
-    return reply.status in (400, 401) and ("InvalidKeyException" in text or "Token Authorization failed" in text)
+    return reply.status in (400, 401, 403) and ("InvalidKeyException" in text or "Token Authorization failed" in text)
 
 
 def predict_many(client: Predictor, model: str, images: Sequence[bytes], concurrency: int = 1) -> list[Reply]:

@@ -1,0 +1,98 @@
+"""``make demo``: serve every archive with the shipped config, send real requests, print the answers, stop.
+
+The server runs from ``build/demo/`` on free loopback ports (so it never collides with ``make serve``);
+every other setting is the shipped ``config.properties``, token authorization included.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import requests
+
+import demo_models
+from client import GrpcClient, KeyRing, Reply, RestClient, predict_many
+from tsctl import TorchServe, derive_config, random_endpoints
+
+logger = logging.getLogger("demo")
+MODELS = ("digits", "resnet18", "mobilenet_v3_small", "fasterrcnn")
+
+
+def show(title: str, reply: Reply, top: int = 3) -> None:
+    """Log one reply compactly: status and its first ``top`` items."""
+    body = reply.body[:top] if isinstance(reply.body, list) else reply.body
+    logger.info("  %-28s %d %s", title, reply.status, json.dumps(body))
+
+
+def batch_counters(metrics_url: str) -> dict[str, dict[str, float]]:
+    """Servekit* counters per model from the Prometheus endpoint."""
+    text = requests.get(f"{metrics_url}/metrics", timeout=10).text
+    found: dict[str, dict[str, float]] = {}
+    for name, model, value in re.findall(r'^Servekit(\w+)\{ModelName="([^"]+)"[^}]*\} ([0-9.eE+-]+)$', text, re.M):
+        found.setdefault(model, {})[name] = float(value)
+    return found
+
+
+def run(workdir: Path) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = derive_config(Path("config.properties"), workdir / "config.properties", random_endpoints().properties())
+    server = TorchServe(workdir, config, Path("model_store"), [f"{m}={m}.mar" for m in MODELS])
+    server.start()
+    try:
+        server.wait_ready(MODELS)
+        ep = server.endpoints
+        logger.info("TorchServe ready: REST %s, gRPC %s, keys in %s", ep.url("inference"), ep.grpc("inference"), workdir / "key_file.json")
+        keys = KeyRing(workdir / "key_file.json")
+        rest, grpc_client = RestClient(ep, keys), GrpcClient(ep, keys)
+        photos = demo_models.sample_photos()
+        jpegs = {name: demo_models.encode(img, "JPEG", quality=90) for name, img in photos.items()}
+
+        logger.info("Classification (seeded weights: labels are real ImageNet names, not real predictions)")
+        for name in ("chelsea", "coffee", "rocket"):
+            show(f"resnet18 REST {name}.jpg", rest.predict("resnet18", jpegs[name]))
+            show(f"mobilenet gRPC {name}.jpg", grpc_client.predict("mobilenet_v3_small", jpegs[name]))
+
+        logger.info("Digits (a CNN trained here on scikit-learn's digits; held-out images)")
+        images, labels = demo_models.digit_images("test")
+        pngs = [demo_models.encode(img, "PNG") for img in images]
+        replies = predict_many(rest, "digits", pngs, concurrency=8)
+        for reply, label in list(zip(replies, labels))[:5]:
+            show(f"digits REST (true {label})", reply, top=1)
+        correct = sum(r.status == 200 and r.body[0]["index"] == y for r, y in zip(replies, labels))
+        logger.info("  held-out accuracy served: %d/%d = %.1f %%", correct, len(labels), 100 * correct / len(labels))
+
+        logger.info("Detection (seeded weights, COCO names; boxes in the pixels of the image sent)")
+        for name in ("astronaut", "rocket"):
+            show(f"fasterrcnn gRPC {name}.jpg", grpc_client.predict("fasterrcnn", jpegs[name]))
+
+        logger.info("One corrupt image among 7 good ones, sent concurrently")
+        batch = pngs[:3] + [pngs[3][:200]] + pngs[4:8]
+        for i, reply in enumerate(predict_many(rest, "digits", batch, concurrency=8)):
+            show(f"digits request {i}", reply, top=1)
+
+        for model, values in sorted(batch_counters(ep.url("metrics")).items()):
+            logger.info(
+                "  %-20s %4.0f requests in %4.0f batches (mean %.2f), %3.0f rejected",
+                model, values.get("Requests", 0), values.get("Batches", 0),
+                values.get("Requests", 0) / max(values.get("Batches", 1), 1), values.get("RejectedRequests", 0),
+            )
+        grpc_client.close()
+    finally:
+        server.stop()
+        logger.info("TorchServe stopped; no process left: %s", not server.processes())
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    np.set_printoptions(precision=3)
+    run(Path("build/demo"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -71,8 +71,13 @@ stop: ## Stop the TorchServe started by `make serve`, workers included
 demo: archive $(GRPC_STUBS) ## Build everything, serve, send real requests over REST and gRPC, print answers, stop
 	$(PY) scripts/demo.py
 
+.PHONY: lint
+lint: | $(STAMP) ## ruff: lint (with a complexity limit) and format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
 .PHONY: test
-test: archive $(GRPC_STUBS) ## Set up and run all tests (unit, in-process handler, real TorchServe end to end)
+test: lint archive $(GRPC_STUBS) ## Set up and run all tests (lint, unit, in-process handler, real TorchServe end to end)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 .PHONY: clean

@@ -41,13 +41,20 @@ def archiver_args(name: str, models: Path, handlers: Path, stage_root: Path, exp
     extra = [str(stage), *(str(model_dir / f) for f in needed[1:])]
     task = "classification" if isinstance(config, ClassifierConfig) else "detection"
     return [
-        "--model-name", name,
-        "--version", str(document.get("version", "1.0")),
-        "--serialized-file", str(model_dir / config.model.file),
-        "--handler", str(handlers / HANDLER_FILES[task]),
-        "--extra-files", ",".join(extra),
-        "--config-file", str(config_file),
-        "--export-path", str(export),
+        "--model-name",
+        name,
+        "--version",
+        str(document.get("version", "1.0")),
+        "--serialized-file",
+        str(model_dir / config.model.file),
+        "--handler",
+        str(handlers / HANDLER_FILES[task]),
+        "--extra-files",
+        ",".join(extra),
+        "--config-file",
+        str(config_file),
+        "--export-path",
+        str(export),
         "--force",
     ]
 

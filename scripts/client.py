@@ -15,19 +15,28 @@ import argparse
 import json
 import sys
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import requests
 
 from tsctl import Endpoints, Keys, endpoints_of
 
 GRPC_TO_HTTP = {
-    "OK": 200, "INVALID_ARGUMENT": 400, "CANCELLED": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403,
-    "NOT_FOUND": 404, "DEADLINE_EXCEEDED": 408, "RESOURCE_EXHAUSTED": 507, "INTERNAL": 500,
-    "UNAVAILABLE": 503, "UNIMPLEMENTED": 501,
+    "OK": 200,
+    "INVALID_ARGUMENT": 400,
+    "CANCELLED": 400,
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
+    "NOT_FOUND": 404,
+    "DEADLINE_EXCEEDED": 408,
+    "RESOURCE_EXHAUSTED": 507,
+    "INTERNAL": 500,
+    "UNAVAILABLE": 503,
+    "UNIMPLEMENTED": 501,
 }
 
 
@@ -83,7 +92,9 @@ class RestClient:
         if session is None:
             session = self._local.session = requests.Session()
         response = session.post(
-            f"{self.base}/predictions/{model}", data=data, timeout=self.timeout,
+            f"{self.base}/predictions/{model}",
+            data=data,
+            timeout=self.timeout,
             headers={"Authorization": f"Bearer {self.keys.inference}", "Content-Type": "application/octet-stream"},
         )
         try:
@@ -124,7 +135,9 @@ class GrpcClient:
             )
         except self._grpc.RpcError as exc:
             code = exc.code().name
-            return Reply(GRPC_TO_HTTP.get(code, 500), {"error": exc.details(), "code": GRPC_TO_HTTP.get(code, 500), "grpc": code})
+            return Reply(
+                GRPC_TO_HTTP.get(code, 500), {"error": exc.details(), "code": GRPC_TO_HTTP.get(code, 500), "grpc": code}
+            )
         body = json.loads(response.prediction)
         status = body["code"] if isinstance(body, dict) and "error" in body and "code" in body else 200
         return Reply(int(status), body)

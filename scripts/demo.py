@@ -46,7 +46,12 @@ def run(workdir: Path) -> None:
     try:
         server.wait_ready(MODELS)
         ep = server.endpoints
-        logger.info("TorchServe ready: REST %s, gRPC %s, keys in %s", ep.url("inference"), ep.grpc("inference"), workdir / "key_file.json")
+        logger.info(
+            "TorchServe ready: REST %s, gRPC %s, keys in %s",
+            ep.url("inference"),
+            ep.grpc("inference"),
+            workdir / "key_file.json",
+        )
         keys = KeyRing(workdir / "key_file.json")
         rest, grpc_client = RestClient(ep, keys), GrpcClient(ep, keys)
         photos = demo_models.sample_photos()
@@ -71,15 +76,18 @@ def run(workdir: Path) -> None:
             show(f"fasterrcnn gRPC {name}.jpg", grpc_client.predict("fasterrcnn", jpegs[name]))
 
         logger.info("One corrupt image among 7 good ones, sent concurrently")
-        batch = pngs[:3] + [pngs[3][:200]] + pngs[4:8]
+        batch = [*pngs[:3], pngs[3][:200], *pngs[4:8]]
         for i, reply in enumerate(predict_many(rest, "digits", batch, concurrency=8)):
             show(f"digits request {i}", reply, top=1)
 
         for model, values in sorted(batch_counters(ep.url("metrics")).items()):
             logger.info(
                 "  %-20s %4.0f requests in %4.0f batches (mean %.2f), %3.0f rejected",
-                model, values.get("Requests", 0), values.get("Batches", 0),
-                values.get("Requests", 0) / max(values.get("Batches", 1), 1), values.get("RejectedRequests", 0),
+                model,
+                values.get("Requests", 0),
+                values.get("Batches", 0),
+                values.get("Requests", 0) / max(values.get("Batches", 1), 1),
+                values.get("RejectedRequests", 0),
             )
         grpc_client.close()
     finally:

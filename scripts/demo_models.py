@@ -14,8 +14,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -67,7 +67,9 @@ def render_digit(grid: np.ndarray) -> np.ndarray:
 
 def classifier_inputs(images: Iterable[np.ndarray], config: ClassifierConfig) -> torch.Tensor:
     """The exact float batch the served handler builds for these images."""
-    crops = [classifier_crop(torch.from_numpy(np.array(img)).permute(2, 0, 1), config.resize, config.crop) for img in images]
+    crops = [
+        classifier_crop(torch.from_numpy(np.array(img)).permute(2, 0, 1), config.resize, config.crop) for img in images
+    ]
     return classifier_batch(crops, config)
 
 

@@ -17,9 +17,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import requests
 
@@ -74,7 +74,7 @@ class Keys:
     api: str
 
     @classmethod
-    def read(cls, path: Path) -> "Keys":
+    def read(cls, path: Path) -> Keys:
         data = json.loads(path.read_text(encoding="utf-8"))
         return cls(data["inference"]["key"], data["management"]["key"], data["API"]["key"])
 
@@ -112,9 +112,8 @@ def derive_config(base: Path, dest: Path, overrides: Mapping[str, str]) -> Path:
     lines = []
     for line in base.read_text(encoding="utf-8").splitlines():
         key = line.partition("=")[0].strip()
-        if "=" in line and not line.lstrip().startswith("#") and key in left:
-            line = f"{key}={left.pop(key)}"
-        lines.append(line)
+        replace = "=" in line and not line.lstrip().startswith("#") and key in left
+        lines.append(f"{key}={left.pop(key)}" if replace else line)
     lines.extend(f"{k}={v}" for k, v in left.items())
     dest.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return dest
@@ -165,15 +164,25 @@ class TorchServe:
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         command = [
             str(Path(sys.executable).parent / "torchserve"),
-            "--start", "--foreground", "--ncs",
-            "--ts-config", str(self.config),
-            "--model-store", str(self.model_store),
-            "--models", *self.models,
+            "--start",
+            "--foreground",
+            "--ncs",
+            "--ts-config",
+            str(self.config),
+            "--model-store",
+            str(self.model_store),
+            "--models",
+            *self.models,
         ]
         with open(self.log_dir / "torchserve.out", "ab") as out:
             process = subprocess.Popen(
-                command, cwd=self.workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                command,
+                cwd=self.workdir,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         self.pgid_file.write_text(str(process.pid))
         logger.info("torchserve started (process group %d) in %s", process.pid, self.workdir)
@@ -200,7 +209,9 @@ class TorchServe:
         while pending:
             for name in sorted(pending):
                 try:
-                    reply = requests.get(f"{self.endpoints.url('management')}/models/{name}", headers=headers, timeout=5)
+                    reply = requests.get(
+                        f"{self.endpoints.url('management')}/models/{name}", headers=headers, timeout=5
+                    )
                     workers = reply.json()[0].get("workers", []) if reply.status_code == 200 else []
                 except (requests.RequestException, ValueError, IndexError):
                     workers = []
@@ -208,7 +219,9 @@ class TorchServe:
                     pending.discard(name)
             if pending:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"models not ready within {timeout:.0f} s: {sorted(pending)}; see {self.log_dir}")
+                    raise TimeoutError(
+                        f"models not ready within {timeout:.0f} s: {sorted(pending)}; see {self.log_dir}"
+                    )
                 self._check_alive()
                 time.sleep(0.5)
         return keys

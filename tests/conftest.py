@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -83,10 +84,10 @@ class LoadedHandler:
 @pytest.fixture(scope="session")
 def load_handler(extracted: Any) -> Any:
     """Load an archive's handler through ``ts.model_loader.TsModelLoader`` with a real metrics cache."""
+    import ts
     import yaml
     from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
     from ts.model_loader import TsModelLoader
-    import ts
 
     cache: dict[str, LoadedHandler] = {}
 

@@ -20,7 +20,7 @@ def handler_section(name: str) -> dict[str, Any]:
     return yaml.safe_load((REPO / "models" / name / "model-config.yaml").read_text())["handler"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def raw_model(name: str) -> torch.nn.Module:
     """The model of ``models/<name>`` loaded directly with torch/torchvision."""
     folder = REPO / "models" / name
@@ -29,7 +29,9 @@ def raw_model(name: str) -> torch.nn.Module:
         return torch.jit.load(str(folder / source["file"])).eval()
     if "architecture" in source:
         model = torchvision.models.get_model(
-            source["architecture"], weights=None, **({"weights_backbone": None} if "rcnn" in source["architecture"] else {}),
+            source["architecture"],
+            weights=None,
+            **({"weights_backbone": None} if "rcnn" in source["architecture"] else {}),
             **source.get("kwargs", {}),
         )
     else:
@@ -44,12 +46,14 @@ def raw_model(name: str) -> torch.nn.Module:
 def class_probabilities(name: str, image: np.ndarray) -> torch.Tensor:
     """Softmax probabilities of a classifier on an HxWx3 uint8 image, via torchvision's v2 preset."""
     section = handler_section(name)
-    preset = v2.Compose([
-        v2.Resize(section.get("resize", 256), antialias=True),
-        v2.CenterCrop(section.get("crop", 224)),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(section.get("mean", [0.485, 0.456, 0.406]), section.get("std", [0.229, 0.224, 0.225])),
-    ])
+    preset = v2.Compose(
+        [
+            v2.Resize(section.get("resize", 256), antialias=True),
+            v2.CenterCrop(section.get("crop", 224)),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(section.get("mean", [0.485, 0.456, 0.406]), section.get("std", [0.229, 0.224, 0.225])),
+        ]
+    )
     x = preset(torch.from_numpy(np.array(image)).permute(2, 0, 1))[None]
     with torch.inference_mode():
         return torch.softmax(raw_model(name)(x), dim=1)[0]

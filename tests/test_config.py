@@ -31,8 +31,12 @@ def test_classifier_defaults_and_types() -> None:
 
 def test_detector_config() -> None:
     config = parse_handler_config(
-        {"task": "detection", "model": {"architecture": "fasterrcnn_resnet50_fpn", "kwargs": {"num_classes": 3}},
-         "score_threshold": 0.25, "limits": {"max_pixels": 1000, "formats": ["PNG"]}}
+        {
+            "task": "detection",
+            "model": {"architecture": "fasterrcnn_resnet50_fpn", "kwargs": {"num_classes": 3}},
+            "score_threshold": 0.25,
+            "limits": {"max_pixels": 1000, "formats": ["PNG"]},
+        }
     )
     assert isinstance(config, DetectorConfig)
     assert config.score_threshold == 0.25 and config.limits.formats == ("PNG",)
@@ -45,20 +49,50 @@ def test_detector_config() -> None:
         (None, "'handler' must be a mapping"),
         ({"task": "segmentation"}, "handler.task must be one of"),
         ({"task": "classification", "model": {"architecture": "resnet18"}, "topK": 3}, "unknown key 'handler.topK'"),
-        ({"task": "classification", "model": {"architecture": "resnet18", "wieghts": 1}}, "unknown key 'handler.model.wieghts'"),
-        ({"task": "classification", "model": {"architecture": "resnet18"}, "crop": "224"}, "'handler.crop' must be int"),
+        (
+            {"task": "classification", "model": {"architecture": "resnet18", "wieghts": 1}},
+            "unknown key 'handler.model.wieghts'",
+        ),
+        (
+            {"task": "classification", "model": {"architecture": "resnet18"}, "crop": "224"},
+            "'handler.crop' must be int",
+        ),
         ({"task": "classification", "model": {"architecture": "resnet18"}, "topk": True}, "'handler.topk' must be int"),
-        ({"task": "classification", "model": {"architecture": "resnet18"}, "crop": 300}, "handler.crop must be > 0 and <= resize"),
-        ({"task": "classification", "model": {"architecture": "resnet18"}, "std": [1, 0, 1]}, "handler.std needs 3 values > 0"),
-        ({"task": "classification", "model": {"architecture": "resnet18"}, "mean": [0.5]}, "handler.mean needs 3 values"),
+        (
+            {"task": "classification", "model": {"architecture": "resnet18"}, "crop": 300},
+            "handler.crop must be > 0 and <= resize",
+        ),
+        (
+            {"task": "classification", "model": {"architecture": "resnet18"}, "std": [1, 0, 1]},
+            "handler.std needs 3 values > 0",
+        ),
+        (
+            {"task": "classification", "model": {"architecture": "resnet18"}, "mean": [0.5]},
+            "handler.mean needs 3 values",
+        ),
         ({"task": "classification", "model": {}}, "exactly one of 'architecture'"),
-        ({"task": "classification", "model": {"architecture": "a", "model_file": "m.py", "model_class": "M"}}, "exactly one of"),
+        (
+            {"task": "classification", "model": {"architecture": "a", "model_file": "m.py", "model_class": "M"}},
+            "exactly one of",
+        ),
         ({"task": "classification", "model": {"model_file": "m.py"}}, "handler.model.model_class is required"),
         ({"task": "classification", "model": {"format": "onnxx"}}, "'handler.model.format' must be one of"),
-        ({"task": "classification", "model": {"format": "torchscript", "architecture": "resnet18"}}, "apply to state_dicts"),
-        ({"task": "detection", "model": {"architecture": "x"}, "score_threshold": 1.5}, "handler.score_threshold must be within"),
-        ({"task": "detection", "model": {"architecture": "x"}, "limits": {"formats": ["TIFF"]}}, "handler.limits.formats unknown"),
-        ({"task": "detection", "model": {"architecture": "x"}, "limits": {"max_bytes": 0}}, "handler.limits.max_bytes must be > 0"),
+        (
+            {"task": "classification", "model": {"format": "torchscript", "architecture": "resnet18"}},
+            "apply to state_dicts",
+        ),
+        (
+            {"task": "detection", "model": {"architecture": "x"}, "score_threshold": 1.5},
+            "handler.score_threshold must be within",
+        ),
+        (
+            {"task": "detection", "model": {"architecture": "x"}, "limits": {"formats": ["TIFF"]}},
+            "handler.limits.formats unknown",
+        ),
+        (
+            {"task": "detection", "model": {"architecture": "x"}, "limits": {"max_bytes": 0}},
+            "handler.limits.max_bytes must be > 0",
+        ),
         ({"task": "detection", "model": {"architecture": "x"}, "limits": 5}, "'handler.limits' must be a mapping"),
     ],
 )

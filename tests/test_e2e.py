@@ -16,7 +16,7 @@ import requests
 
 import demo_models
 import reference
-from client import GrpcClient, KeyRing, Reply, RestClient, predict_many
+from client import GrpcClient, KeyRing, RestClient, predict_many
 from conftest import Server
 
 pytestmark = pytest.mark.e2e
@@ -61,8 +61,12 @@ def assert_same_answer(a: Any, b: Any, tol: float = 1e-5) -> None:
         assert a == b
 
 
-@pytest.mark.parametrize(("model", "photo"), [("resnet18", "chelsea"), ("mobilenet_v3_small", "coffee"), ("fasterrcnn", "astronaut")])
-def test_rest_and_grpc_give_the_same_answers(model: str, photo: str, rest: RestClient, grpc_client: GrpcClient, jpegs: dict[str, bytes]) -> None:
+@pytest.mark.parametrize(
+    ("model", "photo"), [("resnet18", "chelsea"), ("mobilenet_v3_small", "coffee"), ("fasterrcnn", "astronaut")]
+)
+def test_rest_and_grpc_give_the_same_answers(
+    model: str, photo: str, rest: RestClient, grpc_client: GrpcClient, jpegs: dict[str, bytes]
+) -> None:
     over_rest = rest.predict(model, jpegs[photo])
     over_grpc = grpc_client.predict(model, jpegs[photo])
     assert over_rest.status == over_grpc.status == 200
@@ -71,7 +75,9 @@ def test_rest_and_grpc_give_the_same_answers(model: str, photo: str, rest: RestC
 
 
 @pytest.mark.parametrize("model", ["resnet18", "mobilenet_v3_small", "digits"])
-def test_served_classifications_equal_the_raw_model(model: str, rest: RestClient, photos: dict[str, np.ndarray]) -> None:
+def test_served_classifications_equal_the_raw_model(
+    model: str, rest: RestClient, photos: dict[str, np.ndarray]
+) -> None:
     for name in ("chelsea", "rocket"):
         image = photos[name]
         reply = rest.predict(model, demo_models.encode(image, "PNG"))
@@ -80,7 +86,9 @@ def test_served_classifications_equal_the_raw_model(model: str, rest: RestClient
         reference.assert_classification_matches(reply.body, reference.class_probabilities(model, image))
 
 
-def test_served_detections_equal_the_raw_model(rest: RestClient, grpc_client: GrpcClient, photos: dict[str, np.ndarray]) -> None:
+def test_served_detections_equal_the_raw_model(
+    rest: RestClient, grpc_client: GrpcClient, photos: dict[str, np.ndarray]
+) -> None:
     for name in ("astronaut", "rocket", "coffee"):
         data = demo_models.encode(photos[name], "PNG")
         expected = reference.detections("fasterrcnn", photos[name])
@@ -139,12 +147,14 @@ def test_detection_batch_of_three_sizes(server: Server, rest: RestClient, photos
         reference.assert_detections_match(reply.body, reference.detections("fasterrcnn", image))
 
 
-def test_one_corrupt_image_fails_alone_in_its_batch(server: Server, rest: RestClient, digits_test: tuple[list[bytes], list[int]]) -> None:
+def test_one_corrupt_image_fails_alone_in_its_batch(
+    server: Server, rest: RestClient, digits_test: tuple[list[bytes], list[int]]
+) -> None:
     images = digits_test[0][16:23]
     expected = [reference.class_probabilities("digits", np.asarray(_decode(b))) for b in images]
     before = counters(server, "digits")
     for _round in range(5):
-        payloads = images[:3] + [CORRUPT] + images[3:]
+        payloads = [*images[:3], CORRUPT, *images[3:]]
         replies = predict_many(rest, "digits", payloads, concurrency=8)
         bad = replies.pop(3)
         assert bad.status == 400 and bad.body["code"] == 400
@@ -170,7 +180,9 @@ def test_requests_without_or_with_a_wrong_token_are_refused(server: Server, jpeg
             assert reply.status_code == 400, (url, headers, reply.text)
             assert reply.json()["type"] == "InvalidKeyException"
     # the inference key does not open management
-    reply = requests.get(f"{management}/models", headers={"Authorization": f"Bearer {server.keys.inference}"}, timeout=10)
+    reply = requests.get(
+        f"{management}/models", headers={"Authorization": f"Bearer {server.keys.inference}"}, timeout=10
+    )
     assert reply.status_code == 400
     ok = requests.get(f"{inference}/ping", headers={"Authorization": f"Bearer {server.keys.inference}"}, timeout=10)
     assert ok.status_code == 200 and ok.json()["status"] == "Healthy"
@@ -189,14 +201,19 @@ def test_requests_without_or_with_a_wrong_token_are_refused(server: Server, jpeg
 def test_every_listener_is_on_loopback_and_model_api_is_off(server: Server) -> None:
     pids = server.process.processes()
     listening = [
-        c.laddr for pid in pids for c in psutil.Process(pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
+        c.laddr
+        for pid in pids
+        for c in psutil.Process(pid).net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN
     ]
     ports = {a.port for a in listening}
     ep = server.endpoints
     assert {ep.inference, ep.management, ep.metrics, ep.grpc_inference, ep.grpc_management} <= ports
     assert all(_is_loopback(a.ip) for a in listening), listening
     headers = {"Authorization": f"Bearer {server.keys.management}"}
-    reply = requests.post(f"{ep.url('management')}/models", params={"url": "https://example.com/x.mar"}, headers=headers, timeout=10)
+    reply = requests.post(
+        f"{ep.url('management')}/models", params={"url": "https://example.com/x.mar"}, headers=headers, timeout=10
+    )
     assert reply.status_code == 405 and reply.json()["type"] == "MethodNotAllowedException"
 
 

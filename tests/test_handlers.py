@@ -39,16 +39,20 @@ def test_archive_is_self_contained(name: str) -> None:
 @pytest.mark.parametrize("name", ["digits", "resnet18", "mobilenet_v3_small"])
 def test_classifier_batch_with_a_corrupt_image(name: str, load_handler: Any, photos: dict[str, np.ndarray]) -> None:
     images = [photos["chelsea"], photos["astronaut"], photos["coffee"]]
-    rows = [{"body": bytearray(demo_models.encode(images[0]))}, {"body": CORRUPT},
-            {"data": demo_models.encode(images[1], "PNG")}, {"body": b"not an image"},
-            {"body": {"data": base64.b64encode(demo_models.encode(images[2], "WEBP", lossless=True)).decode()}}]
+    rows = [
+        {"body": bytearray(demo_models.encode(images[0]))},
+        {"body": CORRUPT},
+        {"data": demo_models.encode(images[1], "PNG")},
+        {"body": b"not an image"},
+        {"body": {"data": base64.b64encode(demo_models.encode(images[2], "WEBP", lossless=True)).decode()}},
+    ]
     results = load_handler(name).handle(rows)
     assert [status for status, _ in results] == [200, 400, 200, 400, 200]
     assert "corrupt or truncated" in results[1][1]["error"] and results[1][1]["code"] == 400
     assert "not an image" in results[3][1]["error"]
     as_decoded_jpeg = np.asarray(Image.open(io.BytesIO(demo_models.encode(images[0]))).convert("RGB"))
     decoded = [as_decoded_jpeg, images[1], images[2]]
-    for (status, answer), image in zip([results[0], results[2], results[4]], decoded):
+    for (_status, answer), image in zip([results[0], results[2], results[4]], decoded):
         reference.assert_classification_matches(answer, reference.class_probabilities(name, image))
 
 
@@ -57,7 +61,9 @@ def test_digits_accuracy_in_process(load_handler: Any, digits_test: tuple[list[b
     handler = load_handler("digits")
     predicted = []
     for start in range(0, len(images), 8):
-        predicted += [answer[0]["index"] for _, answer in handler.handle([{"body": b} for b in images[start:start + 8]])]
+        predicted += [
+            answer[0]["index"] for _, answer in handler.handle([{"body": b} for b in images[start : start + 8]])
+        ]
     accuracy = np.mean(np.array(predicted) == np.array(labels))
     assert accuracy >= 0.95, accuracy
 
@@ -85,8 +91,19 @@ def test_archive_builder_rejects_bad_folders(tmp_path: Path) -> None:
     shutil.copy(REPO / "models" / "resnet18" / "model-config.yaml", folder)
     text = (folder / "model-config.yaml").read_text().replace("topk: 5", "top_k: 5")
     (folder / "model-config.yaml").write_text(text)
-    command = [sys.executable, str(REPO / "scripts" / "archive_args.py"), "broken", "--models", str(tmp_path / "models"),
-               "--handlers", str(REPO / "handlers"), "--stage", str(tmp_path / "stage"), "--export", str(tmp_path)]
+    command = [
+        sys.executable,
+        str(REPO / "scripts" / "archive_args.py"),
+        "broken",
+        "--models",
+        str(tmp_path / "models"),
+        "--handlers",
+        str(REPO / "handlers"),
+        "--stage",
+        str(tmp_path / "stage"),
+        "--export",
+        str(tmp_path),
+    ]
     env = {"PYTHONPATH": f"{REPO / 'handlers'}:{REPO / 'scripts'}"}
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     assert result.returncode == 2 and "unknown key 'handler.top_k'" in result.stderr

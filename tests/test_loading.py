@@ -70,6 +70,9 @@ def test_labels_list_and_torchserve_mapping(tmp_path: Path) -> None:
         load_labels(tmp_path / "c.json")
 
 
-@pytest.mark.parametrize(("requested", "workers", "cores", "expected"), [(0, 1, 2, 2), (0, 2, 2, 1), (0, 4, 2, 1), (3, 2, 2, 3), (0, 1, 16, 16)])
+@pytest.mark.parametrize(
+    ("requested", "workers", "cores", "expected"),
+    [(0, 1, 2, 2), (0, 2, 2, 1), (0, 4, 2, 1), (3, 2, 2, 3), (0, 1, 16, 16)],
+)
 def test_intra_op_threads(requested: int, workers: int, cores: int, expected: int) -> None:
     assert intra_op_threads(requested, workers, cores) == expected

@@ -26,10 +26,14 @@ CONFIG = parse_handler_config({"task": "classification", "model": {"architecture
 def test_classifier_batch_matches_torchvision_preset() -> None:
     torch.manual_seed(0)
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in ((300, 451), (512, 512), (240, 320))]
-    preset = v2.Compose([
-        v2.Resize(256, antialias=True), v2.CenterCrop(224), v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(CONFIG.mean, CONFIG.std),
-    ])
+    preset = v2.Compose(
+        [
+            v2.Resize(256, antialias=True),
+            v2.CenterCrop(224),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(CONFIG.mean, CONFIG.std),
+        ]
+    )
     ours = classifier_batch([classifier_crop(img, CONFIG.resize, CONFIG.crop) for img in images], CONFIG)
     theirs = torch.stack([preset(img) for img in images])
     assert ours.shape == (3, 3, 224, 224)
@@ -63,7 +67,9 @@ def test_padded_shape_matches_torchvision_transform(size: tuple[int, int]) -> No
     transform = model.eval().transform
     images = transform([torch.rand(3, *size)])[0]
     expected = tuple(images.tensors.shape[-2:])
-    assert detector_padded_shape(*size, transform.min_size[-1], transform.max_size, transform.size_divisible) == expected
+    assert (
+        detector_padded_shape(*size, transform.min_size[-1], transform.max_size, transform.size_divisible) == expected
+    )
 
 
 def test_group_by_key_keeps_first_appearance_order() -> None:

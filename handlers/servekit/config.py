@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Union
+from typing import Any, Literal, Union
 
 from servekit.errors import ConfigError
 
@@ -112,7 +113,7 @@ class DetectorConfig:
         _require(self.threads >= 0, "threads", "must be >= 0 (0: cores / workers)")
 
 
-HandlerConfig = Union[ClassifierConfig, DetectorConfig]
+HandlerConfig = ClassifierConfig | DetectorConfig
 _TASKS: dict[str, type[ClassifierConfig] | type[DetectorConfig]] = {
     "classification": ClassifierConfig,
     "detection": DetectorConfig,
@@ -158,13 +159,10 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"'{path}' must be a mapping, got {type(value).__name__}")
-        return _build(hint, value, path)
+        return _build(hint, _mapping(value, path), path)
     if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        return _coerce(next(a for a in args if a is not type(None)), value, path)
+        optional = value is None and type(None) in args
+        return None if optional else _coerce(next(a for a in args if a is not type(None)), value, path)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"'{path}' must be one of {list(args)}, got {value!r}")
@@ -174,10 +172,14 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"'{path}' must be a list, got {type(value).__name__}")
         return tuple(_coerce(args[0], item, f"{path}[{i}]") for i, item in enumerate(value))
     if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"'{path}' must be a mapping, got {type(value).__name__}")
-        return dict(value)
+        return dict(_mapping(value, path))
     return _scalar(hint, value, path)
+
+
+def _mapping(value: Any, path: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"'{path}' must be a mapping, got {type(value).__name__}")
+    return value
 
 
 def _scalar(hint: type, value: Any, path: str) -> Any:

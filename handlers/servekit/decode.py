@@ -11,8 +11,9 @@ import base64
 import binascii
 import io
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ def request_image_bytes(row: Mapping[str, Any], limits: ImageLimits) -> bytes:
     fields = sorted(str(k) for k in row)
     raise BadInput(
         f"no image in the request (fields: {fields}); send the image as the body, as a multipart "
-        f"field named one of {list(IMAGE_FIELDS)}, or as JSON {{\"data\": \"<base64>\"}}"
+        f'field named one of {list(IMAGE_FIELDS)}, or as JSON {{"data": "<base64>"}}'
     )
 
 
@@ -121,27 +122,20 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
-        raise PayloadTooLarge(
-            f"image declares far more pixels than the limit of {limits.max_pixels}"
-        ) from None
+        raise PayloadTooLarge(f"image declares far more pixels than the limit of {limits.max_pixels}") from None
     except UnidentifiedImageError:
         raise BadInput(
-            f"not an image: {len(data)} bytes starting {data[:8]!r} are none of "
-            f"{list(limits.formats)}"
+            f"not an image: {len(data)} bytes starting {data[:8]!r} are none of {list(limits.formats)}"
         ) from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise BadInput(f"image data is corrupt or truncated: {exc}") from None
     if image.format not in limits.formats:
-        raise UnsupportedMediaType(
-            f"image format {image.format} is not accepted; accepted: {list(limits.formats)}"
-        )
+        raise UnsupportedMediaType(f"image format {image.format} is not accepted; accepted: {list(limits.formats)}")
     width, height = image.size
     if width < 1 or height < 1:
         raise BadInput(f"image is {width}x{height} pixels: nothing to run the model on")
     if width * height > limits.max_pixels:
-        raise PayloadTooLarge(
-            f"image is {width}x{height} pixels ({width * height}), the limit is {limits.max_pixels}"
-        )
+        raise PayloadTooLarge(f"image is {width}x{height} pixels ({width * height}), the limit is {limits.max_pixels}")
     return image
 
 
@@ -172,7 +166,7 @@ def _parse_json(raw: bytes) -> Any:
 
 def _json_image(body: Any, limits: ImageLimits) -> bytes:
     if not isinstance(body, Mapping):
-        raise BadInput(f"JSON body must be an object like {{\"data\": \"<base64>\"}}, got {type(body).__name__}")
+        raise BadInput(f'JSON body must be an object like {{"data": "<base64>"}}, got {type(body).__name__}')
     for name in _BASE64_FIELDS:
         if name in body:
             value = body[name]

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Generic, Mapping, Sequence, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -78,7 +79,7 @@ def run_batch(
             good_idx.append(i)
         except KitError as exc:
             answers[i] = exc
-        except Exception as exc:  # noqa: BLE001 - one odd input must not fail its batch-mates
+        except Exception as exc:
             logger.exception("unexpected error while decoding request %d", i)
             answers[i] = exc
     times.preprocess_ms = (time.perf_counter() - start) * 1000
@@ -91,7 +92,7 @@ def run_batch(
         start = time.perf_counter()
         results = finish(raw, prepared)
         times.postprocess_ms = (time.perf_counter() - start) * 1000
-    except Exception as exc:  # noqa: BLE001 - answered per request, logged in full
+    except Exception as exc:
         logger.exception("model failed on a batch of %d", len(prepared))
         results = [exc] * len(prepared)
     for i, result in zip(good_idx, results):
@@ -129,7 +130,9 @@ class VisionService(Generic[Prepared]):
 class ClassifierService(VisionService[torch.Tensor]):
     """Top-k classification: uint8 crops per item, one normalized float batch through the model."""
 
-    def __init__(self, config: ClassifierConfig, model: torch.nn.Module, labels: list[str], device: torch.device) -> None:
+    def __init__(
+        self, config: ClassifierConfig, model: torch.nn.Module, labels: list[str], device: torch.device
+    ) -> None:
         super().__init__(model, labels, config.limits, device)
         self.config = config
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 import torch
 from torchvision.transforms.v2 import functional as F

@@ -61,7 +61,7 @@ def digit_images(split: str) -> tuple[list[np.ndarray], list[int]]:
 
 def render_digit(grid: np.ndarray) -> np.ndarray:
     """An 8x8 digit (values 0..16) to a 32x32 RGB uint8 image, white on black."""
-    gray = Image.fromarray(np.clip(grid * 16, 0, 255).astype(np.uint8), mode="L")
+    gray = Image.fromarray(np.clip(grid * 16, 0, 255).astype(np.uint8))
     return np.asarray(gray.resize((DIGIT_SIZE, DIGIT_SIZE), Image.BILINEAR).convert("RGB"))
 
 

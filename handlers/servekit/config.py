@@ -28,11 +28,13 @@ class ImageLimits:
 
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000
+    max_aspect_ratio: float = 50.0
     formats: tuple[str, ...] = IMAGE_FORMATS
 
     def __post_init__(self) -> None:
         _require(self.max_bytes > 0, "limits.max_bytes", "must be > 0")
         _require(self.max_pixels > 0, "limits.max_pixels", "must be > 0")
+        _require(self.max_aspect_ratio >= 1, "limits.max_aspect_ratio", "must be >= 1")
         unknown = sorted(set(self.formats) - set(IMAGE_FORMATS))
         _require(not unknown, "limits.formats", f"unknown formats {unknown}; known: {list(IMAGE_FORMATS)}")
 

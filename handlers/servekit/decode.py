@@ -70,7 +70,12 @@ def payload_bytes(value: Any, name: str, limits: ImageLimits) -> bytes:
         text = value.strip()
         if text.startswith("{"):
             return _json_image(_parse_json(text.encode("utf-8", "replace")), limits)
-        return decode_base64(text, name, limits)
+        if text.startswith("data:") or _looks_like_base64(text):
+            return decode_base64(text, name, limits)
+        raise BadInput(
+            f"not an image: field '{name}' is text ({len(text)} characters starting {text[:20]!r}); "
+            f'send image bytes, or base64 as JSON {{"data": "<base64>"}}'
+        )
     raise BadInput(f"field '{name}' holds JSON {type(value).__name__}; expected an image or base64 text")
 
 
@@ -91,6 +96,10 @@ def decode_base64(text: str, name: str, limits: ImageLimits) -> bytes:
     if not data:
         raise BadInput(f"field '{name}' is empty: expected a base64 image")
     return data
+
+
+def _looks_like_base64(text: str) -> bool:
+    return bool(text) and all(c.isascii() and (c.isalnum() or c in "+/=\r\n") for c in text)
 
 
 def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
@@ -124,6 +133,9 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
     except Image.DecompressionBombError:
         raise PayloadTooLarge(f"image declares far more pixels than the limit of {limits.max_pixels}") from None
     except UnidentifiedImageError:
+        sniffed = sniff_format(data)
+        if sniffed:
+            raise BadInput(f"image data is corrupt or truncated ({sniffed}): its header cannot be read") from None
         raise BadInput(
             f"not an image: {len(data)} bytes starting {data[:8]!r} are none of {list(limits.formats)}"
         ) from None
@@ -136,7 +148,29 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
         raise BadInput(f"image is {width}x{height} pixels: nothing to run the model on")
     if width * height > limits.max_pixels:
         raise PayloadTooLarge(f"image is {width}x{height} pixels ({width * height}), the limit is {limits.max_pixels}")
+    if max(width, height) > limits.max_aspect_ratio * min(width, height):
+        raise BadInput(
+            f"image is {width}x{height} pixels, an aspect ratio over the limit of {limits.max_aspect_ratio:g}:1"
+        )
     return image
+
+
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The image format that ``data``'s magic number announces, if any."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((fmt for magic, fmt in _SIGNATURES if data.startswith(magic)), None)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -144,7 +178,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         array = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
         gray = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
+        return Image.fromarray(gray).convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

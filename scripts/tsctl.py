@@ -200,20 +200,35 @@ class TorchServe:
                 self._check_alive()
                 time.sleep(0.3)
 
+    def renew(self, kind: str) -> Keys:
+        """Replace the ``inference`` or ``management`` key using the API key; return the new keys."""
+        keys = self.keys()
+        reply = requests.post(
+            f"{self.endpoints.url('management')}/token",
+            params={"type": kind},
+            headers={"Authorization": f"Bearer {keys.api}"},
+            timeout=10,
+        )
+        reply.raise_for_status()
+        return self.keys()
+
     def wait_ready(self, models: Iterable[str], timeout: float = 180.0) -> Keys:
-        """Wait until every model has a READY worker; return the keys."""
+        """Wait until every model has a READY worker (renewing an expired management key); return the keys."""
         keys = self.keys(timeout)
-        headers = {"Authorization": f"Bearer {keys.management}"}
         deadline = time.monotonic() + timeout
         pending = set(models)
         while pending:
             for name in sorted(pending):
                 try:
                     reply = requests.get(
-                        f"{self.endpoints.url('management')}/models/{name}", headers=headers, timeout=5
+                        f"{self.endpoints.url('management')}/models/{name}",
+                        headers={"Authorization": f"Bearer {keys.management}"},
+                        timeout=5,
                     )
+                    if reply.status_code == 400 and "InvalidKeyException" in reply.text:
+                        keys = self.renew("management")
                     workers = reply.json()[0].get("workers", []) if reply.status_code == 200 else []
-                except (requests.RequestException, ValueError, IndexError):
+                except (requests.RequestException, ValueError, IndexError, KeyError):
                     workers = []
                 if any(w.get("status") == "READY" for w in workers):
                     pending.discard(name)

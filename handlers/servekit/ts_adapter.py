@@ -11,6 +11,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -76,7 +77,10 @@ def encode_answers(answers: Sequence[Any], context: Any) -> list[bytes]:
         context.set_response_content_type(idx, JSON)
         if isinstance(answer, BaseException):
             body = error_body(answer)
-            context.set_response_status(status_of(answer), body["error"][:200], idx)
+            code = status_of(answer)
+            # The status line gets the standard ASCII phrase, never request-derived text: TorchServe
+            # 0.12 frames the phrase by its length in characters, so non-ASCII text kills the worker.
+            context.set_response_status(code, HTTPStatus(code).phrase, idx)
         else:
             body = answer
         bodies.append(json.dumps(body).encode("utf-8"))

@@ -53,6 +53,32 @@ model_store/%.mar: models/%/model-config.yaml $$(filter-out %/__pycache__,$$(wil
 	$(PY) scripts/archive_args.py $* > build/$*.args
 	$(ARCHIVER) $$(cat build/$*.args)
 
+# ONNX exports, int8 quantization, and archives that serve them with ONNX Runtime.
+ONNX_DIR := build/onnx
+CLASSIFIERS := digits resnet18 mobilenet_v3_small
+
+.PHONY: onnx
+onnx: $(foreach m,$(DEMOS),$(ONNX_DIR)/$(m)/model.onnx) ## Export every model to ONNX (named tensors, dynamic axes), checked against torch
+
+.PHONY: int8
+int8: $(foreach m,$(CLASSIFIERS),$(ONNX_DIR)/$(m)/model.int8.onnx) ## Static int8 quantization of the classifiers' ONNX graphs, with fidelity
+
+$(ONNX_DIR)/%/model.onnx: $$(filter-out %/__pycache__,$$(wildcard models/%/*)) scripts/export_onnx.py handlers/servekit/onnx_backend.py | $(STAMP)
+	$(PY) scripts/export_onnx.py $*
+
+$(ONNX_DIR)/%/model.int8.onnx: $(ONNX_DIR)/%/model.onnx scripts/quantize_onnx.py scripts/fidelity.py
+	$(PY) scripts/quantize_onnx.py $*
+
+model_store/%_onnx.mar: $(ONNX_DIR)/%/model.onnx $(HANDLER_SRC) scripts/archive_args.py
+	@mkdir -p build model_store
+	$(PY) scripts/archive_args.py $* --onnx $< > build/$*_onnx.args
+	$(ARCHIVER) $$(cat build/$*_onnx.args)
+
+model_store/%_int8.mar: $(ONNX_DIR)/%/model.int8.onnx $(HANDLER_SRC) scripts/archive_args.py
+	@mkdir -p build model_store
+	$(PY) scripts/archive_args.py $* --onnx $< > build/$*_int8.args
+	$(ARCHIVER) $$(cat build/$*_int8.args)
+
 .PHONY: scaffold
 scaffold: | $(STAMP) ## New model folder: NAME=<name> TASK=classification|detection PT=<file.pt> [ARCH=<torchvision name>|MODEL_FILE=<py> CLASS=<name>|TORCHSCRIPT=1]
 	$(PY) scripts/scaffold_model.py --name "$(NAME)" --task "$(TASK)" --pt "$(PT)" \
@@ -70,6 +96,10 @@ stop: ## Stop the TorchServe started by `make serve`, workers included
 .PHONY: demo
 demo: archive $(GRPC_STUBS) ## Build everything, serve, send real requests over REST and gRPC, print answers, stop
 	$(PY) scripts/demo.py
+
+.PHONY: soak
+soak: archive ## Soak: MINUTES (default 10) of concurrent good and bad requests on every model; statuses and worker memory
+	$(PY) scripts/soak.py --minutes $(or $(MINUTES),10)
 
 .PHONY: lint
 lint: | $(STAMP) ## ruff: lint (with a complexity limit) and format check

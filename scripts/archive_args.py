@@ -12,22 +12,34 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from servekit.config import ClassifierConfig, parse_handler_config
+from servekit.config import ClassifierConfig, parse_handler_config, read_model_document
 from servekit.errors import ConfigError
 
+VARIANTS = {"model.onnx": "onnx", "model.int8.onnx": "int8"}
 HANDLER_FILES = {"classification": "servekit_classifier.py", "detection": "servekit_detector.py"}
 
 
-def archiver_args(name: str, models: Path, handlers: Path, stage_root: Path, export: Path) -> list[str]:
-    """Return torch-model-archiver's arguments for ``models/<name>``, staging the handler package."""
+def onnx_variant(document: dict[str, Any], onnx_file: Path) -> dict[str, Any]:
+    """The model-config of an ONNX Runtime archive: the same settings, the model from ``onnx_file``."""
+    handler = {**document["handler"], "model": {"file": onnx_file.name, "format": "onnx"}}
+    return {**document, "handler": handler}
+
+
+def archiver_args(
+    name: str, models: Path, handlers: Path, stage_root: Path, export: Path, *, onnx_file: Path | None = None
+) -> list[str]:
+    """Return torch-model-archiver's arguments for ``models/<name>``, staging the handler package.
+
+    With ``onnx_file`` (from ``make onnx`` or ``make int8``), the archive serves that graph with ONNX
+    Runtime and is named ``<name>_<variant>`` (``resnet18_onnx``, ``resnet18_int8``).
+    """
     model_dir = models / name
     config_file = model_dir / "model-config.yaml"
-    if not config_file.is_file():
-        raise ConfigError(f"{config_file} is missing (scaffold one with `make scaffold`)")
-    document = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+    document = read_model_document(model_dir)
     config = parse_handler_config(document.get("handler"))
     needed = [config.model.file, config.labels]
     if config.model.model_file:
@@ -35,6 +47,16 @@ def archiver_args(name: str, models: Path, handlers: Path, stage_root: Path, exp
     missing = [f for f in needed if not (model_dir / f).is_file()]
     if missing:
         raise ConfigError(f"{model_dir}: missing {', '.join(missing)}")
+    serialized = model_dir / config.model.file
+    if onnx_file is not None:
+        if not onnx_file.is_file():
+            raise ConfigError(f"{onnx_file} is missing (make onnx / make int8 builds it)")
+        name = f"{name}_{VARIANTS[onnx_file.name]}"
+        document = onnx_variant(document, onnx_file)
+        config_file = stage_root / f"{name}.model-config.yaml"
+        config_file.parent.mkdir(parents=True, exist_ok=True)
+        config_file.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+        serialized, needed = onnx_file, [onnx_file.name, config.labels]
     stage = stage_root / name
     shutil.rmtree(stage, ignore_errors=True)
     shutil.copytree(handlers / "servekit", stage / "servekit", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -46,7 +68,7 @@ def archiver_args(name: str, models: Path, handlers: Path, stage_root: Path, exp
         "--version",
         str(document.get("version", "1.0")),
         "--serialized-file",
-        str(model_dir / config.model.file),
+        str(serialized),
         "--handler",
         str(handlers / HANDLER_FILES[task]),
         "--extra-files",
@@ -66,9 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--handlers", type=Path, default=Path("handlers"))
     parser.add_argument("--stage", type=Path, default=Path("build/stage"))
     parser.add_argument("--export", type=Path, default=Path("model_store"))
+    parser.add_argument("--onnx", type=Path, help="serve this exported graph with ONNX Runtime instead")
     args = parser.parse_args(argv)
     try:
-        words = archiver_args(args.name, args.models, args.handlers, args.stage, args.export)
+        words = archiver_args(args.name, args.models, args.handlers, args.stage, args.export, onnx_file=args.onnx)
     except ConfigError as exc:
         sys.stderr.write(f"error: {args.name}: {exc}\n")
         return 2

@@ -22,7 +22,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from servekit.config import ClassifierConfig, parse_handler_config
+from servekit.config import ClassifierConfig, read_model_config
 from servekit.transforms import classifier_batch, classifier_crop
 
 logger = logging.getLogger(__name__)
@@ -74,10 +74,7 @@ def classifier_inputs(images: Iterable[np.ndarray], config: ClassifierConfig) ->
 
 
 def read_config(model_dir: Path) -> ClassifierConfig:
-    import yaml
-
-    section = yaml.safe_load((model_dir / "model-config.yaml").read_text())["handler"]
-    config = parse_handler_config(section)
+    config = read_model_config(model_dir)
     assert isinstance(config, ClassifierConfig)
     return config
 

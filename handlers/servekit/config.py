@@ -13,6 +13,7 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Union
 
 from servekit.errors import ConfigError
@@ -41,10 +42,10 @@ class ImageLimits:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where the network comes from: a state_dict (with an architecture) or a TorchScript file."""
+    """Where the network comes from: a state_dict (with an architecture), a TorchScript or an ONNX file."""
 
     file: str = "model.pt"
-    format: Literal["state_dict", "torchscript"] = "state_dict"
+    format: Literal["state_dict", "torchscript", "onnx"] = "state_dict"
     architecture: str | None = None
     model_file: str | None = None
     model_class: str | None = None
@@ -137,6 +138,24 @@ def parse_handler_config(section: Mapping[str, Any] | None) -> HandlerConfig:
         return _build(_TASKS[task], section, "handler")
     except ConfigError as exc:
         raise ConfigError(f"model-config.yaml: {exc}") from None
+
+
+def read_model_document(model_dir: Path) -> dict[str, Any]:
+    """The parsed ``model-config.yaml`` of a model folder (frontend keys and ``handler:``)."""
+    import yaml
+
+    path = model_dir / "model-config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing (scaffold one with `make scaffold`)")
+    document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path} must hold a mapping")
+    return document
+
+
+def read_model_config(model_dir: Path) -> HandlerConfig:
+    """The typed handler config of a model folder."""
+    return parse_handler_config(read_model_document(model_dir).get("handler"))
 
 
 def _require(ok: bool, key: str, why: str) -> None:

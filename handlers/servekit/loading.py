@@ -50,8 +50,10 @@ def load_labels(path: Path) -> list[str]:
     raise ConfigError(f"labels file {path.name} must hold a JSON list or an index->name mapping")
 
 
-def load_model(model_dir: Path, source: ModelSource, device: torch.device) -> torch.nn.Module:
+def load_model(model_dir: Path, source: ModelSource, device: torch.device) -> Any:
     """Build the network of a model folder on ``device``, in eval mode.
+
+    An ONNX file opens an ONNX Runtime session with the worker's torch thread count.
 
     Raises:
         ConfigError: a missing file, an unknown architecture, or a ``.pt`` that holds pickled code
@@ -60,6 +62,10 @@ def load_model(model_dir: Path, source: ModelSource, device: torch.device) -> to
     path = model_dir / source.file
     if not path.is_file():
         raise ConfigError(f"model file {source.file} is missing from the model folder")
+    if source.format == "onnx":
+        from servekit.onnx_backend import load_onnx
+
+        return load_onnx(path, device, torch.get_num_threads())
     if source.format == "torchscript":
         model = torch.jit.load(str(path), map_location=device)
     else:

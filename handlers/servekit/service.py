@@ -32,6 +32,7 @@ from servekit.transforms import (
 logger = logging.getLogger(__name__)
 
 Prepared = TypeVar("Prepared")
+Network = Callable[..., Any]  # a torch module, a TorchScript module or an ONNX Runtime model
 Answer = Any  # JSON-able result, or the exception the request ended in
 
 
@@ -103,7 +104,7 @@ def run_batch(
 class VisionService(Generic[Prepared]):
     """What both tasks share: the model, its labels, its device and its input limits."""
 
-    def __init__(self, model: torch.nn.Module, labels: list[str], limits: ImageLimits, device: torch.device) -> None:
+    def __init__(self, model: Network, labels: list[str], limits: ImageLimits, device: torch.device) -> None:
         self.model = model
         self.labels = labels
         self.limits = limits
@@ -130,9 +131,7 @@ class VisionService(Generic[Prepared]):
 class ClassifierService(VisionService[torch.Tensor]):
     """Top-k classification: uint8 crops per item, one normalized float batch through the model."""
 
-    def __init__(
-        self, config: ClassifierConfig, model: torch.nn.Module, labels: list[str], device: torch.device
-    ) -> None:
+    def __init__(self, config: ClassifierConfig, model: Network, labels: list[str], device: torch.device) -> None:
         super().__init__(model, labels, config.limits, device)
         self.config = config
 
@@ -151,7 +150,7 @@ class ClassifierService(VisionService[torch.Tensor]):
 class DetectorService(VisionService[DecodedImage]):
     """Detection over images of any sizes in one batch (torchvision detectors take a list)."""
 
-    def __init__(self, config: DetectorConfig, model: torch.nn.Module, labels: list[str], device: torch.device) -> None:
+    def __init__(self, config: DetectorConfig, model: Network, labels: list[str], device: torch.device) -> None:
         super().__init__(model, labels, config.limits, device)
         self.config = config
 

@@ -1,0 +1,162 @@
+"""Export a model folder's ``.pt`` to ONNX and check the export against torch (``make onnx``).
+
+Classifiers: input ``input`` (N x 3 x crop x crop, dynamic N), output ``logits``, exported with the
+dynamo exporter (``onnxscript``); TorchScript files go through the legacy exporter, which is the only
+one that takes them. Detectors (torchvision R-CNN): input ``image`` (3 x H x W, dynamic H and W, values
+in [0, 1]), outputs ``boxes``, ``labels``, ``scores``, legacy exporter at opset 17 (the dynamo exporter
+fails on torchvision's detection code). Writes ``build/onnx/<name>/model.onnx`` and a JSON report with
+the largest difference from torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from servekit.config import ClassifierConfig, read_model_config
+from servekit.loading import load_model
+from servekit.onnx_backend import CLASSIFIER_IO, DETECTOR_IO, load_onnx
+
+logger = logging.getLogger("export_onnx")
+OPSET = 17
+PROBABILITY_TOLERANCE = 1e-4
+BOX_TOLERANCE = 0.5
+
+
+@dataclass(frozen=True)
+class ExportCheck:
+    """How closely the ONNX graph follows the torch model on the same inputs."""
+
+    name: str
+    exporter: str
+    max_abs_logit: float = 0.0
+    max_abs_probability: float = 0.0
+    max_abs_box: float = 0.0
+    same_top1: bool = True
+
+    def ok(self) -> bool:
+        return self.max_abs_probability <= PROBABILITY_TOLERANCE and self.max_abs_box <= BOX_TOLERANCE
+
+
+def export_classifier(model: Any, crop: int, path: Path, scripted: bool) -> str:
+    """Export with a dynamic batch axis; returns the exporter used."""
+    example = torch.rand(2, 3, crop, crop)
+    names = {"input_names": [CLASSIFIER_IO[0]], "output_names": [CLASSIFIER_IO[1]]}
+    if scripted:
+        axes = {CLASSIFIER_IO[0]: {0: "batch"}, CLASSIFIER_IO[1]: {0: "batch"}}
+        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=OPSET, dynamic_axes=axes, **names)
+        return "legacy"
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=({0: batch},), **names)
+    program.save(str(path))
+    return "dynamo"
+
+
+def export_detector(model: Any, path: Path) -> str:
+    """Export one image in, boxes/labels/scores out, height and width dynamic."""
+    example = [torch.rand(3, 320, 480)]
+    outputs = list(DETECTOR_IO[1])
+    axes = {DETECTOR_IO[0]: {1: "height", 2: "width"}, **{name: {0: "detections"} for name in outputs}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=[DETECTOR_IO[0]],
+            output_names=outputs,
+            dynamic_axes=axes,
+        )
+    return "legacy"
+
+
+def check_classifier(name: str, exporter: str, model: Any, onnx_model: Any, crop: int) -> ExportCheck:
+    """Compare logits and probabilities on a seeded batch of 4 images."""
+    inputs = torch.randn(4, 3, crop, crop, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = model(inputs).float()
+    got = onnx_model(inputs)
+    return ExportCheck(
+        name,
+        exporter,
+        max_abs_logit=float((expected - got).abs().max()),
+        max_abs_probability=float((expected.softmax(-1) - got.softmax(-1)).abs().max()),
+        same_top1=bool((expected.argmax(-1) == got.argmax(-1)).all()),
+    )
+
+
+def check_detector(name: str, exporter: str, model: Any, onnx_model: Any) -> ExportCheck:
+    """Compare boxes and scores of the confident detections on two image sizes."""
+    generator = torch.Generator().manual_seed(0)
+    box_diff = score_diff = 0.0
+    same = True
+    for shape in ((3, 320, 480), (3, 400, 300)):
+        image = torch.rand(*shape, generator=generator)
+        with torch.inference_mode():
+            (expected,) = model([image])
+        (got,) = onnx_model([image])
+        n = min(len(expected["scores"]), len(got["scores"]), 10)
+        same = same and len(expected["scores"]) == len(got["scores"])
+        if n:
+            box_diff = max(box_diff, float((expected["boxes"][:n] - got["boxes"][:n]).abs().max()))
+            score_diff = max(score_diff, float((expected["scores"][:n] - got["scores"][:n]).abs().max()))
+    return ExportCheck(name, exporter, max_abs_probability=score_diff, max_abs_box=box_diff, same_top1=same)
+
+
+def export(name: str, models: Path, out: Path) -> ExportCheck:
+    """Export ``models/<name>`` to ``out/<name>/model.onnx`` and check it."""
+    model_dir = models / name
+    config = read_model_config(model_dir)
+    model = load_model(model_dir, config.model, torch.device("cpu"))
+    target = out / name / "model.onnx"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(config, ClassifierConfig):
+        exporter = export_classifier(model, config.crop, target, config.model.format == "torchscript")
+        check = check_classifier(name, exporter, model, load_onnx(target, torch.device("cpu"), 2), config.crop)
+    else:
+        exporter = export_detector(model, target)
+        check = check_detector(name, exporter, model, load_onnx(target, torch.device("cpu"), 2))
+    (out / name / "export.json").write_text(json.dumps(asdict(check), indent=2) + "\n", encoding="utf-8")
+    return check
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("names", nargs="+")
+    parser.add_argument("--models", type=Path, default=Path("models"))
+    parser.add_argument("--out", type=Path, default=Path("build/onnx"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    logging.getLogger("torch").setLevel(logging.ERROR)
+    np.set_printoptions(precision=3)
+    failed = 0
+    for name in args.names:
+        check = export(name, args.models, args.out)
+        logger.info(
+            "%s: %s exporter, max |logit diff| %.2e, max |probability/score diff| %.2e, max |box diff| %.3f px, "
+            "same top-1/count: %s -> %s",
+            name,
+            check.exporter,
+            check.max_abs_logit,
+            check.max_abs_probability,
+            check.max_abs_box,
+            check.same_top1,
+            "ok" if check.ok() else "OUT OF TOLERANCE",
+        )
+        failed += not check.ok()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""How closely a faster backend follows eager fp32 torch on a fixed image set.
+
+For each backend: the largest absolute difference of class probabilities, the share of images whose
+top-1 class agrees with eager fp32, and for the digits model the accuracy on its held-out split. Used by
+``scripts/quantize_onnx.py``, ``make bench`` and the tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import demo_models
+from servekit.config import ClassifierConfig, read_model_config
+from servekit.loading import load_model
+from servekit.onnx_backend import load_onnx
+
+CPU = torch.device("cpu")
+
+
+def photo_crops(photos: dict[str, np.ndarray], count: int, seed: int) -> list[np.ndarray]:
+    """``count`` seeded random crops (30-100 % of the short side), half of them mirrored."""
+    rng = np.random.default_rng(seed)
+    arrays = list(photos.values())
+    crops = []
+    for i in range(count):
+        image = arrays[i % len(arrays)]
+        height, width = image.shape[:2]
+        side = int(min(height, width) * rng.uniform(0.3, 1.0))
+        top, left = rng.integers(0, height - side + 1), rng.integers(0, width - side + 1)
+        crop = image[top : top + side, left : left + side]
+        crops.append(np.ascontiguousarray(crop[:, ::-1] if i % 2 else crop))
+    return crops
+
+
+def evaluation_images(name: str, count: int = 200) -> tuple[list[np.ndarray], list[int] | None]:
+    """The fixed image set of a model: the digits' held-out split, else photo crops (seed 2)."""
+    if name == "digits":
+        return demo_models.digit_images("test")
+    return photo_crops(demo_models.sample_photos(), count, seed=2), None
+
+
+def run_batched(model: Callable[[torch.Tensor], Any], inputs: torch.Tensor, batch: int = 16) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.cat([model(chunk).float() for chunk in torch.split(inputs, batch)])
+
+
+def summarize(reference: torch.Tensor, probs: torch.Tensor, labels: list[int] | None) -> dict[str, float]:
+    """Max |probability difference| and top-1 agreement against ``reference`` (and accuracy, with labels)."""
+    top1 = probs.argmax(-1)
+    result = {
+        "max_abs_probability": float((reference - probs).abs().max()),
+        "top1_agreement": float((reference.argmax(-1) == top1).float().mean()),
+    }
+    if labels is not None:
+        result["accuracy"] = float((top1 == torch.tensor(labels)).float().mean())
+    return result
+
+
+def compare_backends(name: str, models: Path, onnx_files: dict[str, Path], threads: int = 2) -> dict[str, dict]:
+    """Fidelity of each ONNX file of classifier ``name`` against its eager fp32 ``.pt``."""
+    config = read_model_config(models / name)
+    assert isinstance(config, ClassifierConfig), f"{name} is not a classifier"
+    images, labels = evaluation_images(name)
+    inputs = demo_models.classifier_inputs(images, config)
+    reference = run_batched(load_model(models / name, config.model, CPU), inputs).softmax(-1)
+    report = {"torch": summarize(reference, reference, labels)}
+    for backend, path in onnx_files.items():
+        probs = run_batched(load_onnx(path, CPU, threads), inputs).softmax(-1)
+        report[backend] = summarize(reference, probs, labels)
+    return report
+
+
+def compare_onnx(name: str, models: Path, fp32: Path, int8: Path) -> dict[str, float]:
+    """The int8 graph against eager fp32, with the fp32 graph's figures beside it."""
+    report = compare_backends(name, models, {"onnx": fp32, "int8": int8})
+    flat = {f"int8_{k}": v for k, v in report["int8"].items()}
+    flat.update({f"onnx_{k}": v for k, v in report["onnx"].items()})
+    if "accuracy" in report["torch"]:
+        flat["torch_accuracy"] = report["torch"]["accuracy"]
+    return flat

@@ -79,6 +79,22 @@ model_store/%_int8.mar: $(ONNX_DIR)/%/model.int8.onnx $(HANDLER_SRC) scripts/arc
 	$(PY) scripts/archive_args.py $* --onnx $< > build/$*_int8.args
 	$(ARCHIVER) $$(cat build/$*_int8.args)
 
+# The side-by-side benchmark: stock-handler archives of the same weights, and every kit variant.
+STOCK_STORE := build/stock_store
+BENCH_INPUTS := $(foreach m,resnet18 mobilenet_v3_small fasterrcnn,model_store/$(m).mar model_store/$(m)_onnx.mar $(STOCK_STORE)/$(m)_stock.mar) \
+	model_store/resnet18_int8.mar model_store/mobilenet_v3_small_int8.mar $(ONNX_DIR)/digits/model.int8.onnx
+
+$(STOCK_STORE)/%_stock.mar: $$(filter-out %/__pycache__,$$(wildcard models/%/*)) scripts/stock_archives.py | $(STAMP)
+	$(PY) scripts/stock_archives.py $* --export $(STOCK_STORE)
+
+.PHONY: bench
+bench: $(BENCH_INPUTS) ## Full benchmark (about 25 min): raw model, stock handlers, kit per backend -> scripts/bench_results/
+	$(PY) scripts/bench.py --mode full --out scripts/bench_results
+
+.PHONY: bench-quick
+bench-quick: $(BENCH_INPUTS) ## Short benchmark (a few minutes) -> build/bench-quick/
+	$(PY) scripts/bench.py --mode quick --out build/bench-quick
+
 .PHONY: scaffold
 scaffold: | $(STAMP) ## New model folder: NAME=<name> TASK=classification|detection PT=<file.pt> [ARCH=<torchvision name>|MODEL_FILE=<py> CLASS=<name>|TORCHSCRIPT=1]
 	$(PY) scripts/scaffold_model.py --name "$(NAME)" --task "$(TASK)" --pt "$(PT)" \

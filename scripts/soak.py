@@ -8,11 +8,9 @@ memory growth of 10 % or more after warm-up. ``tests/test_soak.py`` runs a one-m
 from __future__ import annotations
 
 import argparse
-import itertools
 import logging
 import sys
 import threading
-import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +18,7 @@ from pathlib import Path
 
 import psutil
 import requests
+from loadgen import closed_loop
 
 from tsctl import Endpoints, Keys, TorchServe, derive_config, random_endpoints
 
@@ -95,37 +94,30 @@ def run_soak(
     concurrency: int = 8,
     warmup: float = 10.0,
 ) -> SoakReport:
-    """Load every model with ``payloads`` from ``concurrency`` threads for ``seconds``."""
+    """Load every model with ``payloads`` from ``concurrency`` threads for ``seconds`` after ``warmup``."""
     report = SoakReport(seconds=seconds)
-    lock = threading.Lock()
-    jobs = itertools.cycle([(m, p) for p in payloads for m in models])
+    jobs = [(m, p) for p in payloads for m in models]
     url = endpoints.url("inference")
-    stop_at = time.monotonic() + warmup + seconds
+    sessions = threading.local()
 
-    def loop() -> None:
-        session = requests.Session()
-        while time.monotonic() < stop_at:
-            with lock:
-                model, payload = next(jobs)
-            headers = {"Authorization": f"Bearer {keys.inference}", "Content-Type": payload.content_type}
-            try:
-                status = session.post(
-                    f"{url}/predictions/{model}", data=payload.body, headers=headers, timeout=180
-                ).status_code
-            except requests.RequestException as exc:
-                status = type(exc).__name__
-            with lock:
-                report.statuses[status] += 1
-                if status != payload.expected:
-                    report.unexpected[f"{model}/{payload.name}: {status}"] += 1
+    def send(number: int) -> int:
+        model, payload = jobs[number % len(jobs)]
+        session = getattr(sessions, "session", None) or requests.Session()
+        sessions.session = session
+        headers = {"Authorization": f"Bearer {keys.inference}", "Content-Type": payload.content_type}
+        status = session.post(f"{url}/predictions/{model}", data=payload.body, headers=headers, timeout=180).status_code
+        if status != payload.expected:
+            report.unexpected[f"{model}/{payload.name}: {status}"] += 1  # Counter updates hold the GIL
+        return status
 
-    threads = [threading.Thread(target=loop, daemon=True) for _ in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    time.sleep(warmup)
-    report.memory_start = worker_memory(endpoints, keys, models)
-    for thread in threads:
-        thread.join()
+    def snapshot() -> None:
+        report.memory_start = worker_memory(endpoints, keys, models)
+
+    load = closed_loop(send, concurrency=concurrency, seconds=seconds, warmup=warmup, on_warm=snapshot)
+    report.statuses = load.statuses
+    for status, count in load.statuses.items():
+        if not isinstance(status, int):
+            report.unexpected[f"request failed: {status}"] += count
     report.memory_end = worker_memory(endpoints, keys, models)
     return report
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -13,6 +12,7 @@ import numpy as np
 import psutil
 import pytest
 import requests
+from loadgen import servekit_counters
 
 import demo_models
 import reference
@@ -37,12 +37,7 @@ def grpc_client(server: Server) -> GrpcClient:
 
 def counters(server: Server, model: str) -> dict[str, float]:
     """The handler's Servekit* counters of one model, read from the Prometheus endpoint."""
-    text = requests.get(f"{server.endpoints.url('metrics')}/metrics", timeout=10).text
-    found = {}
-    for name, labels, value in re.findall(r"^Servekit(\w+)\{([^}]*)\} ([0-9.eE+-]+)$", text, re.M):
-        if f'ModelName="{model}"' in labels:
-            found[name] = float(value)
-    return found
+    return servekit_counters(requests.get(f"{server.endpoints.url('metrics')}/metrics", timeout=10).text, model)
 
 
 def assert_same_answer(a: Any, b: Any, tol: float = 1e-5) -> None:

@@ -1,0 +1,463 @@
+"""``make bench`` / ``make bench-quick``: the kit side by side with the raw model and TorchServe's stock handlers.
+
+One run, the same weights, images and client for every row:
+
+1. the raw model in process, per backend (torch eager, ONNX Runtime fp32, ONNX Runtime int8): the ceiling;
+2. TorchServe with its stock handler (``image_classifier``, ``object_detector``) on the same weights;
+3. TorchServe with the kit's handlers, per backend.
+
+Served rows use a closed-loop client (``scripts/loadgen.py``) at each concurrency for a fixed time after
+a warm-up, count errors, and read the kit's per-stage milliseconds from its Prometheus counters. Writes
+``results.md``, ``results.json`` and PNG plots to the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+import torch
+from loadgen import LoadResult, closed_loop, servekit_counters
+
+import demo_models
+from client import KeyRing, RestClient
+from servekit.config import ClassifierConfig, read_model_config
+from servekit.loading import load_model
+from servekit.onnx_backend import load_onnx
+from tsctl import Endpoints, TorchServe, derive_config, random_endpoints
+
+logger = logging.getLogger("bench")
+CPU = torch.device("cpu")
+STORES = (Path("model_store"), Path("build/stock_store"))
+
+
+@dataclass(frozen=True)
+class Served:
+    """One served configuration: a TorchServe model name and how to label it."""
+
+    model: str  # the demo model it serves (resnet18, ...)
+    server: str  # "stock" or "kit"
+    backend: str  # torch, torchscript, onnx, int8
+    archive: str  # the registered model name
+    images: str = "same"  # "same": one image; "mixed": three sizes (detector, kit only)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one bench mode runs."""
+
+    seconds: float
+    warmup: float
+    concurrencies: tuple[int, ...]
+    inprocess_seconds: float
+    inprocess_batches: tuple[int, ...]
+    served: tuple[Served, ...]
+
+
+def _served(model: str, stock: bool, kit: Sequence[tuple[str, str]]) -> list[Served]:
+    rows = [Served(model, "stock", "torch", f"{model}_stock")] if stock else []
+    return rows + [Served(model, "kit", backend, archive) for backend, archive in kit]
+
+
+FULL_SERVED = (
+    *_served("resnet18", True, [("torch", "resnet18"), ("onnx", "resnet18_onnx"), ("int8", "resnet18_int8")]),
+    *_served(
+        "mobilenet_v3_small",
+        True,
+        [
+            ("torchscript", "mobilenet_v3_small"),
+            ("onnx", "mobilenet_v3_small_onnx"),
+            ("int8", "mobilenet_v3_small_int8"),
+        ],
+    ),
+    *_served("fasterrcnn", True, [("torch", "fasterrcnn"), ("onnx", "fasterrcnn_onnx")]),
+    Served("fasterrcnn", "kit", "torch", "fasterrcnn", images="mixed"),
+    Served("fasterrcnn", "kit", "onnx", "fasterrcnn_onnx", images="mixed"),
+)
+QUICK_SERVED = (
+    *_served("resnet18", True, [("torch", "resnet18"), ("int8", "resnet18_int8")]),
+    *_served("mobilenet_v3_small", True, [("onnx", "mobilenet_v3_small_onnx")]),
+    *_served("fasterrcnn", True, [("torch", "fasterrcnn"), ("onnx", "fasterrcnn_onnx")]),
+)
+PLANS = {
+    "full": Plan(20.0, 5.0, (1, 4, 16), 8.0, (1, 8), FULL_SERVED),
+    "quick": Plan(5.0, 2.0, (16,), 2.0, (8,), QUICK_SERVED),
+}
+INPROCESS = {
+    "resnet18": ("torch", "onnx", "int8"),
+    "mobilenet_v3_small": ("torchscript", "onnx", "int8"),
+    "fasterrcnn": ("torch", "onnx"),
+}
+
+
+@dataclass
+class Row:
+    """One line of the results table."""
+
+    model: str
+    where: str  # "in-process", "stock", "kit"
+    backend: str
+    images: str
+    concurrency: int  # the batch size for in-process rows
+    rate: float  # req/s served, or img/s in process
+    p50_ms: float = float("nan")
+    p90_ms: float = float("nan")
+    p99_ms: float = float("nan")
+    errors: int = 0
+    stage_ms: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- in process
+
+
+def backend_model(name: str, backend: str, onnx_dir: Path) -> Callable[[Any], Any]:
+    """The network of ``name`` on ``backend``, as the kit's services call it."""
+    threads = torch.get_num_threads()
+    if backend in ("onnx", "int8"):
+        return load_onnx(onnx_dir / name / ("model.onnx" if backend == "onnx" else "model.int8.onnx"), CPU, threads)
+    folder = Path("models") / name
+    return load_model(folder, read_model_config(folder).model, CPU)
+
+
+def images_per_second(model: Callable[[Any], Any], inputs: Any, count: int, seconds: float) -> float:
+    """Run ``model(inputs)`` (``count`` images each) for ``seconds`` after two warm-up calls."""
+    with torch.inference_mode():
+        model(inputs)
+        model(inputs)
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            model(inputs)
+            done += count
+    return done / (time.perf_counter() - start)
+
+
+def inprocess_rows(plan: Plan, onnx_dir: Path, photo: Any, progress: Progress) -> list[Row]:
+    rows = []
+    for name, backends in INPROCESS.items():
+        config = read_model_config(Path("models") / name)
+        for backend in backends:
+            model = backend_model(name, backend, onnx_dir)
+            for wanted in plan.inprocess_batches:
+                if isinstance(config, ClassifierConfig):
+                    batch = wanted
+                    inputs: Any = demo_models.classifier_inputs([photo] * batch, config)
+                else:
+                    batch = min(wanted, 4)  # the detector archive's batchSize
+                    inputs = [torch.from_numpy(photo).permute(2, 0, 1).float().div(255)] * batch
+                rate = images_per_second(model, inputs, batch, plan.inprocess_seconds)
+                rows.append(Row(name, "in-process", backend, "same", batch, rate))
+                progress.step(f"{name} in process, {backend}, batch {batch}: {rate:.1f} img/s")
+    return rows
+
+
+# ---------------------------------------------------------------- served
+
+
+def stage_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Mean milliseconds per request of each handler stage between two counter readings."""
+    requests_done = after.get("Requests", 0.0) - before.get("Requests", 0.0)
+    if requests_done <= 0:
+        return {}
+    stages = {"preprocess": "PreprocessMs", "inference": "InferenceMs", "postprocess": "PostprocessMs"}
+    per = {k: (after.get(v, 0.0) - before.get(v, 0.0)) / requests_done for k, v in stages.items()}
+    per["batch"] = requests_done / max(1.0, after.get("Batches", 0.0) - before.get("Batches", 0.0))
+    return per
+
+
+def served_row(
+    served: Served, concurrency: int, plan: Plan, *, client: RestClient, payloads: list[bytes], metrics: str
+) -> Row:
+    def send(number: int) -> int:
+        return client.predict(served.archive, payloads[number % len(payloads)]).status
+
+    def read() -> dict[str, float]:
+        return servekit_counters(requests.get(metrics, timeout=10).text, served.archive)
+
+    before = read()
+    load: LoadResult = closed_loop(send, concurrency=concurrency, seconds=plan.seconds, warmup=plan.warmup)
+    row = Row(served.model, served.server, served.backend, served.images, concurrency, load.rate)
+    row.p50_ms, row.p90_ms, row.p99_ms = (load.percentile(q) for q in (50, 90, 99))
+    row.errors = load.errors
+    row.stage_ms = stage_ms(before, read())
+    return row
+
+
+def served_rows(plan: Plan, payloads: dict[str, list[bytes]], workdir: Path, progress: Progress) -> list[Row]:
+    archives = sorted({s.archive for s in plan.served})
+    workdir.mkdir(parents=True, exist_ok=True)
+    endpoints: Endpoints = random_endpoints()
+    config = derive_config(Path("config.properties"), workdir / "config.properties", endpoints.properties())
+    server = TorchServe(workdir, config, link_store(archives, workdir / "store"), [f"{a}={a}.mar" for a in archives])
+    progress.note(f"starting TorchServe with {len(archives)} archives: {', '.join(archives)}")
+    server.start()
+    rows = []
+    try:
+        server.wait_ready(archives, timeout=600)
+        client = RestClient(server.endpoints, KeyRing(server.workdir / "key_file.json"))
+        metrics = f"{server.endpoints.url('metrics')}/metrics"
+        for served in plan.served:
+            for concurrency in plan.concurrencies:
+                row = served_row(
+                    served, concurrency, plan, client=client, payloads=payloads[served.images], metrics=metrics
+                )
+                rows.append(row)
+                progress.step(
+                    f"{served.model} {served.server} {served.backend} ({served.images} images) c={concurrency}: "
+                    f"{row.rate:.1f} req/s, p50 {row.p50_ms:.0f} ms, p99 {row.p99_ms:.0f} ms, {row.errors} errors"
+                )
+    finally:
+        server.stop()
+    return rows
+
+
+def link_store(archives: Sequence[str], store: Path) -> Path:
+    """A model store holding just ``archives`` (hard links to ``model_store/`` and ``build/stock_store/``)."""
+    import shutil
+
+    shutil.rmtree(store, ignore_errors=True)
+    store.mkdir(parents=True)
+    for name in archives:
+        source = next((d / f"{name}.mar" for d in STORES if (d / f"{name}.mar").is_file()), None)
+        if source is None:
+            raise SystemExit(f"{name}.mar is missing; `make bench` builds it")
+        (store / source.name).hardlink_to(source.resolve())
+    return store
+
+
+# ---------------------------------------------------------------- report
+
+
+class Progress:
+    """One line per finished step, with the count and the time so far."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.start = total, 0, time.monotonic()
+
+    def step(self, text: str) -> None:
+        self.done += 1
+        logger.info("[%d/%d %4.0fs] %s", self.done, self.total, time.monotonic() - self.start, text)
+
+    def note(self, text: str) -> None:
+        logger.info("[%d/%d %4.0fs] %s", self.done, self.total, time.monotonic() - self.start, text)
+
+
+def rate_of(rows: Sequence[Row], **match: Any) -> float | None:
+    found = [r.rate for r in rows if all(getattr(r, k) == v for k, v in match.items())]
+    return max(found) if found else None
+
+
+def targets(rows: Sequence[Row], concurrency: int) -> list[tuple[str, str, float | None, float]]:
+    """The issue's ratios: (what, how it is computed, measured, target)."""
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a and b else None
+
+    def best_kit(model: str, images: str = "same") -> float | None:
+        return rate_of(rows, model=model, where="kit", concurrency=concurrency, images=images)
+
+    def stock(model: str) -> float | None:
+        return rate_of(rows, model=model, where="stock", concurrency=concurrency)
+
+    out = [
+        (
+            "kit fastest vs stock, resnet18",
+            f"req/s at c={concurrency}",
+            ratio(best_kit("resnet18"), stock("resnet18")),
+            2.0,
+        ),
+        (
+            "kit fastest vs stock, mobilenet_v3_small",
+            f"req/s at c={concurrency}",
+            ratio(best_kit("mobilenet_v3_small"), stock("mobilenet_v3_small")),
+            1.5,
+        ),
+        (
+            "kit vs stock object_detector, same-size",
+            f"req/s at c={concurrency}",
+            ratio(best_kit("fasterrcnn"), stock("fasterrcnn")),
+            1.2,
+        ),
+    ]
+    batch = max(r.concurrency for r in rows if r.where == "in-process")
+    for model in ("resnet18", "mobilenet_v3_small"):
+        for backend in INPROCESS[model]:
+            served = rate_of(rows, model=model, where="kit", backend=backend, concurrency=concurrency)
+            raw = rate_of(rows, model=model, where="in-process", backend=backend, concurrency=batch)
+            what = f"kit served vs raw in process, {model} {backend}"
+            out.append((what, f"req/s at c={concurrency} / img/s at batch {batch}", ratio(served, raw), 0.9))
+        int8 = rate_of(rows, model=model, where="in-process", backend="int8", concurrency=batch)
+        fp32 = rate_of(rows, model=model, where="in-process", backend="onnx", concurrency=batch)
+        out.append((f"int8 vs fp32 ONNX Runtime, {model}", f"img/s at batch {batch}", ratio(int8, fp32), 1.5))
+    return out
+
+
+def markdown(rows: Sequence[Row], plan_name: str, fidelity_report: dict[str, Any], command: str) -> str:
+    lines = [
+        f"# Benchmark ({plan_name})",
+        "",
+        f"Command: `{command}`. Machine: {machine()}.",
+        "",
+        "## Targets",
+        "",
+        "| measure | how | measured | target | met |",
+        "|---|---|---|---|---|",
+    ]
+    top = max(r.concurrency for r in rows if r.where != "in-process")
+    for what, how, value, target in targets(rows, top):
+        shown = f"{value:.2f}x" if value is not None else "n/a"
+        met = "yes" if value is not None and value >= target else "no"
+        lines.append(f"| {what} | {how} | {shown} | >= {target}x | {met} |")
+    lines += ["", "## In process (the model alone, preprocessed tensors)", ""]
+    lines += ["| model | backend | batch | img/s |", "|---|---|---|---|"]
+    lines += [f"| {r.model} | {r.backend} | {r.concurrency} | {r.rate:.1f} |" for r in rows if r.where == "in-process"]
+    lines += ["", "## Served by TorchServe (closed loop, REST, JPEG bodies)", ""]
+    lines += [
+        "| model | handler | backend | images | concurrency | req/s | p50 ms | p90 ms | p99 ms | errors "
+        "| mean batch | pre ms | infer ms | post ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r.where == "in-process":
+            continue
+        s = r.stage_ms
+        stages = " | ".join(
+            f"{s[k]:.2f}" if k in s else "-" for k in ("batch", "preprocess", "inference", "postprocess")
+        )
+        lines.append(
+            f"| {r.model} | {r.where} | {r.backend} | {r.images} | {r.concurrency} | {r.rate:.1f} | {r.p50_ms:.0f} "
+            f"| {r.p90_ms:.0f} | {r.p99_ms:.0f} | {r.errors} | {stages} |"
+        )
+    lines += [
+        "",
+        "Stage times are the kit handler's milliseconds per request (a batch's time shared by its requests).",
+        "",
+    ]
+    lines += ["## Fidelity against eager fp32 (fixed image set)", ""]
+    lines += ["| model | backend | max abs prob diff | top-1 agreement | accuracy |", "|---|---|---|---|---|"]
+    for model, backends in fidelity_report.items():
+        for backend, f in backends.items():
+            acc = f"{f['accuracy'] * 100:.1f} %" if "accuracy" in f else "-"
+            lines.append(
+                f"| {model} | {backend} | {f['max_abs_probability']:.2e} | {f['top1_agreement'] * 100:.1f} % | {acc} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> str:
+    import os
+    import platform
+
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores, {cpu}, torch {torch.__version__}, no GPU"
+
+
+def plots(rows: Sequence[Row], out: Path) -> list[Path]:
+    """Throughput vs concurrency, and p50/p90/p99 latency at the top concurrency, per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    served = [r for r in rows if r.where != "in-process"]
+    models = sorted({r.model for r in served})
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        series: dict[str, list[Row]] = {}
+        for r in served:
+            if r.model == model:
+                series.setdefault(f"{r.where} {r.backend} ({r.images})", []).append(r)
+        for label, points in series.items():
+            ax.plot([p.concurrency for p in points], [p.rate for p in points], marker="o", label=label)
+        ax.set(
+            title=model,
+            xlabel="concurrency",
+            ylabel="req/s",
+            xscale="log",
+            xticks=sorted({r.concurrency for r in served}),
+        )
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(out / "throughput.png")
+    fig.savefig(written[-1], dpi=110)
+    top = max(r.concurrency for r in served)
+    at_top = [r for r in served if r.concurrency == top]
+    fig, ax = plt.subplots(figsize=(max(6, len(at_top) * 0.9), 4))
+    labels = [f"{r.model}\n{r.where} {r.backend}\n{r.images}" for r in at_top]
+    width = 0.27
+    for k, (name, attr) in enumerate((("p50", "p50_ms"), ("p90", "p90_ms"), ("p99", "p99_ms"))):
+        ax.bar([i + (k - 1) * width for i in range(len(at_top))], [getattr(r, attr) for r in at_top], width, label=name)
+    ax.set_xticks(range(len(at_top)), labels, fontsize=6)
+    ax.set(ylabel="ms", title=f"latency at concurrency {top}")
+    ax.legend()
+    fig.tight_layout()
+    written.append(out / "latency.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close("all")
+    return written
+
+
+# ---------------------------------------------------------------- main
+
+
+def payload_sets() -> tuple[Any, dict[str, list[bytes]]]:
+    """The 451x300 photo (as JPEG) for every row; three sizes for the mixed detector rows."""
+    photos = demo_models.sample_photos(("chelsea", "astronaut", "coffee"))
+    jpegs = [demo_models.encode(photos[n], "JPEG", quality=90) for n in ("chelsea", "astronaut", "coffee")]
+    return photos["chelsea"], {"same": jpegs[:1], "mixed": jpegs}
+
+
+def run(plan_name: str, out: Path, onnx_dir: Path) -> Path:
+    plan = PLANS[plan_name]
+    out.mkdir(parents=True, exist_ok=True)
+    photo, payloads = payload_sets()
+    inprocess_total = sum(len(b) for b in INPROCESS.values()) * len(plan.inprocess_batches)
+    progress = Progress(inprocess_total + len(plan.served) * len(plan.concurrencies))
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    rows = inprocess_rows(plan, onnx_dir, photo, progress)
+    rows += served_rows(plan, payloads, Path("build") / f"bench-{plan_name}-server", progress)
+    import fidelity
+
+    report = {
+        m: fidelity.compare_backends(
+            m, Path("models"), {"onnx": onnx_dir / m / "model.onnx", "int8": onnx_dir / m / "model.int8.onnx"}
+        )
+        for m in ("digits", "resnet18", "mobilenet_v3_small")
+    }
+    command = "make bench" if plan_name == "full" else "make bench-quick"
+    (out / "results.json").write_text(json.dumps({"rows": [asdict(r) for r in rows], "fidelity": report}, indent=1))
+    (out / "results.md").write_text(markdown(rows, plan_name, report, command), encoding="utf-8")
+    plots(rows, out)
+    logger.info("wrote %s", out / "results.md")
+    return out / "results.md"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--mode", choices=sorted(PLANS), default="full")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--onnx-dir", type=Path, default=Path("build/onnx"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    run(args.mode, args.out, args.onnx_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -55,6 +55,7 @@ model_store/%.mar: models/%/model-config.yaml $$(filter-out %/__pycache__,$$(wil
 
 # ONNX exports, int8 quantization, and archives that serve them with ONNX Runtime.
 ONNX_DIR := build/onnx
+TRITON_STAMP := model_repository/.generated
 CLASSIFIERS := digits resnet18 mobilenet_v3_small
 
 .PHONY: onnx
@@ -82,7 +83,8 @@ model_store/%_int8.mar: $(ONNX_DIR)/%/model.int8.onnx $(HANDLER_SRC) scripts/arc
 # The side-by-side benchmark: stock-handler archives of the same weights, and every kit variant.
 STOCK_STORE := build/stock_store
 BENCH_INPUTS := $(foreach m,resnet18 mobilenet_v3_small fasterrcnn,model_store/$(m).mar model_store/$(m)_onnx.mar $(STOCK_STORE)/$(m)_stock.mar) \
-	model_store/resnet18_int8.mar model_store/mobilenet_v3_small_int8.mar $(ONNX_DIR)/digits/model.int8.onnx
+	model_store/digits_onnx.mar model_store/resnet18_int8.mar model_store/mobilenet_v3_small_int8.mar $(ONNX_DIR)/digits/model.int8.onnx \
+	$(TRITON_STAMP)
 
 $(STOCK_STORE)/%_stock.mar: $$(filter-out %/__pycache__,$$(wildcard models/%/*)) scripts/stock_archives.py | $(STAMP)
 	$(PY) scripts/stock_archives.py $* --export $(STOCK_STORE)
@@ -94,6 +96,22 @@ bench: $(BENCH_INPUTS) ## Full benchmark (about 25 min): raw model, stock handle
 .PHONY: bench-quick
 bench-quick: $(BENCH_INPUTS) ## Short benchmark (a few minutes) -> build/bench-quick/
 	$(PY) scripts/bench.py --mode quick --out build/bench-quick
+
+# The Triton path: repositories generated from the same model folders and ONNX exports.
+.PHONY: triton-repo
+triton-repo: $(TRITON_STAMP) ## Generate model_repository/{cpu,gpu} (ensembles: kit preprocess -> ONNX model -> kit postprocess)
+
+$(TRITON_STAMP): $(foreach m,$(DEMOS),$(ONNX_DIR)/$(m)/model.onnx) $(HANDLER_SRC) triton/servekit_step.py scripts/triton_repo.py
+	$(PY) scripts/triton_repo.py $(DEMOS)
+	touch $@
+
+.PHONY: triton-serve
+triton-serve: $(TRITON_STAMP) ## Start the bundled tritonserver on loopback over model_repository/cpu (HTTP 8000, gRPC 8001)
+	$(PY) scripts/tritonctl.py start
+
+.PHONY: triton-stop
+triton-stop: ## Stop the tritonserver started by `make triton-serve`
+	$(PY) scripts/tritonctl.py stop
 
 .PHONY: scaffold
 scaffold: | $(STAMP) ## New model folder: NAME=<name> TASK=classification|detection PT=<file.pt> [ARCH=<torchvision name>|MODEL_FILE=<py> CLASS=<name>|TORCHSCRIPT=1]
@@ -123,9 +141,9 @@ lint: | $(STAMP) ## ruff: lint (with a complexity limit) and format check
 	$(VENV)/bin/ruff format --check .
 
 .PHONY: test
-test: lint archive $(GRPC_STUBS) ## Set up and run all tests (lint, unit, in-process handler, real TorchServe end to end)
+test: lint archive $(GRPC_STUBS) $(BENCH_INPUTS) ## Set up and run all tests (lint, unit, in-process handler, backends, real TorchServe end to end)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 .PHONY: clean
 clean: ## Remove archives, build files and logs (keeps .venv and the models)
-	rm -rf build logs model_store/*.mar key_file.json scripts/ts_grpc
+	rm -rf build logs model_store/*.mar key_file.json scripts/ts_grpc model_repository

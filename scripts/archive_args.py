@@ -53,7 +53,7 @@ def archiver_args(
             raise ConfigError(f"{onnx_file} is missing (make onnx / make int8 builds it)")
         name = f"{name}_{VARIANTS[onnx_file.name]}"
         document = onnx_variant(document, onnx_file)
-        config_file = stage_root / f"{name}.model-config.yaml"
+        config_file = stage_root / f"{name}.config" / "model-config.yaml"
         config_file.parent.mkdir(parents=True, exist_ok=True)
         config_file.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
         serialized, needed = onnx_file, [onnx_file.name, config.labels]

@@ -25,10 +25,10 @@ from typing import Any
 
 import requests
 import torch
-from loadgen import LoadResult, closed_loop, servekit_counters
 
 import demo_models
 from client import KeyRing, RestClient
+from loadgen import LoadResult, closed_loop, servekit_counters
 from servekit.config import ClassifierConfig, read_model_config
 from servekit.loading import load_model
 from servekit.onnx_backend import load_onnx
@@ -81,11 +81,14 @@ FULL_SERVED = (
     *_served("fasterrcnn", True, [("torch", "fasterrcnn"), ("onnx", "fasterrcnn_onnx")]),
     Served("fasterrcnn", "kit", "torch", "fasterrcnn", images="mixed"),
     Served("fasterrcnn", "kit", "onnx", "fasterrcnn_onnx", images="mixed"),
+    *(Served(m, "triton", "onnx", m) for m in ("resnet18", "mobilenet_v3_small", "fasterrcnn")),
+    Served("fasterrcnn", "triton", "onnx", "fasterrcnn", images="mixed"),
 )
 QUICK_SERVED = (
     *_served("resnet18", True, [("torch", "resnet18"), ("int8", "resnet18_int8")]),
     *_served("mobilenet_v3_small", True, [("onnx", "mobilenet_v3_small_onnx")]),
     *_served("fasterrcnn", True, [("torch", "fasterrcnn"), ("onnx", "fasterrcnn_onnx")]),
+    Served("resnet18", "triton", "onnx", "resnet18"),
 )
 PLANS = {
     "full": Plan(20.0, 5.0, (1, 4, 16), 8.0, (1, 8), FULL_SERVED),
@@ -173,13 +176,13 @@ def stage_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, flo
 
 
 def served_row(
-    served: Served, concurrency: int, plan: Plan, *, client: RestClient, payloads: list[bytes], metrics: str
+    served: Served, concurrency: int, plan: Plan, *, client: Any, payloads: list[bytes], metrics: str | None
 ) -> Row:
     def send(number: int) -> int:
         return client.predict(served.archive, payloads[number % len(payloads)]).status
 
     def read() -> dict[str, float]:
-        return servekit_counters(requests.get(metrics, timeout=10).text, served.archive)
+        return servekit_counters(requests.get(metrics, timeout=10).text, served.archive) if metrics else {}
 
     before = read()
     load: LoadResult = closed_loop(send, concurrency=concurrency, seconds=plan.seconds, warmup=plan.warmup)
@@ -190,32 +193,65 @@ def served_row(
     return row
 
 
-def served_rows(plan: Plan, payloads: dict[str, list[bytes]], workdir: Path, progress: Progress) -> list[Row]:
-    archives = sorted({s.archive for s in plan.served})
+def measure_all(
+    rows_for: Sequence[Served],
+    plan: Plan,
+    *,
+    payloads: dict[str, list[bytes]],
+    client: Any,
+    metrics: str | None,
+    progress: Progress,
+) -> list[Row]:
+    """Every (configuration, concurrency) point against one running server."""
+    rows = []
+    for served in rows_for:
+        for concurrency in plan.concurrencies:
+            images = payloads[served.images]
+            row = served_row(served, concurrency, plan, client=client, payloads=images, metrics=metrics)
+            rows.append(row)
+            progress.step(
+                f"{served.model} {served.server} {served.backend} ({served.images} images) c={concurrency}: "
+                f"{row.rate:.1f} req/s, p50 {row.p50_ms:.0f} ms, p99 {row.p99_ms:.0f} ms, {row.errors} errors"
+            )
+    return rows
+
+
+def torchserve_rows(plan: Plan, payloads: dict[str, list[bytes]], workdir: Path, progress: Progress) -> list[Row]:
+    wanted = [s for s in plan.served if s.server != "triton"]
+    archives = sorted({s.archive for s in wanted})
     workdir.mkdir(parents=True, exist_ok=True)
     endpoints: Endpoints = random_endpoints()
     config = derive_config(Path("config.properties"), workdir / "config.properties", endpoints.properties())
     server = TorchServe(workdir, config, link_store(archives, workdir / "store"), [f"{a}={a}.mar" for a in archives])
     progress.note(f"starting TorchServe with {len(archives)} archives: {', '.join(archives)}")
     server.start()
-    rows = []
     try:
         server.wait_ready(archives, timeout=600)
         client = RestClient(server.endpoints, KeyRing(server.workdir / "key_file.json"))
         metrics = f"{server.endpoints.url('metrics')}/metrics"
-        for served in plan.served:
-            for concurrency in plan.concurrencies:
-                row = served_row(
-                    served, concurrency, plan, client=client, payloads=payloads[served.images], metrics=metrics
-                )
-                rows.append(row)
-                progress.step(
-                    f"{served.model} {served.server} {served.backend} ({served.images} images) c={concurrency}: "
-                    f"{row.rate:.1f} req/s, p50 {row.p50_ms:.0f} ms, p99 {row.p99_ms:.0f} ms, {row.errors} errors"
-                )
+        return measure_all(wanted, plan, payloads=payloads, client=client, metrics=metrics, progress=progress)
     finally:
         server.stop()
-    return rows
+
+
+def triton_rows(plan: Plan, payloads: dict[str, list[bytes]], workdir: Path, progress: Progress) -> list[Row]:
+    """The same load through tritonclient (HTTP) against the bundled tritonserver over the CPU repository."""
+    from client import TritonClient
+    from tritonctl import Triton, TritonEndpoints
+
+    wanted = [s for s in plan.served if s.server == "triton"]
+    if not wanted:
+        return []
+    ensembles = sorted({s.archive for s in wanted})
+    server = Triton(workdir, Path("model_repository/cpu"), ensembles, TritonEndpoints.random())
+    progress.note(f"starting tritonserver with ensembles: {', '.join(ensembles)}")
+    server.start()
+    try:
+        server.wait_ready()
+        client = TritonClient(server.endpoints.http_url, "http")
+        return measure_all(wanted, plan, payloads=payloads, client=client, metrics=None, progress=progress)
+    finally:
+        server.stop()
 
 
 def link_store(archives: Sequence[str], store: Path) -> Path:
@@ -431,7 +467,8 @@ def run(plan_name: str, out: Path, onnx_dir: Path) -> Path:
     progress = Progress(inprocess_total + len(plan.served) * len(plan.concurrencies))
     torch.set_num_threads(min(2, torch.get_num_threads()))
     rows = inprocess_rows(plan, onnx_dir, photo, progress)
-    rows += served_rows(plan, payloads, Path("build") / f"bench-{plan_name}-server", progress)
+    rows += torchserve_rows(plan, payloads, Path("build") / f"bench-{plan_name}-server", progress)
+    rows += triton_rows(plan, payloads, Path("build") / f"bench-{plan_name}-triton", progress)
     import fidelity
 
     report = {

@@ -7,6 +7,7 @@ error body (``{"error": ..., "code": N}``); both transports therefore report the
 
     python scripts/client.py --model resnet18 cat.jpg dog.png
     python scripts/client.py --backend grpc --model fasterrcnn --concurrency 8 photos/*.jpg
+    python scripts/client.py --backend triton --protocol grpc --model resnet18 cat.jpg   # the same JSON from Triton
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import requests
 
 from tsctl import Endpoints, Keys, endpoints_of
@@ -146,6 +148,75 @@ class GrpcClient:
         self.channel.close()
 
 
+class TritonClient:
+    """A servekit ensemble on Triton: the same image bytes in (``IMAGE``), the same JSON out (``ANSWER``).
+
+    ``protocol`` is ``http`` or ``grpc`` (tritonclient). A failed request's Triton error message carries
+    the kit's JSON error body, which becomes the reply's status and body as with TorchServe.
+    """
+
+    def __init__(self, url: str, protocol: str = "http", timeout: float = 120.0) -> None:
+        if protocol == "grpc":
+            import tritonclient.grpc as triton
+        else:
+            import tritonclient.http as triton  # type: ignore[no-redef]
+        self._triton = triton
+        self.protocol = protocol
+        self.timeout = timeout
+        self.url = url
+        self._local = threading.local()
+        self._batching: dict[str, bool] = {}
+
+    @property
+    def client(self) -> Any:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = self._triton.InferenceServerClient(self.url)
+        return client
+
+    def batches(self, model: str) -> bool:
+        """Whether the ensemble has a batch dimension (classifiers) or not (the detector)."""
+        if model not in self._batching:
+            config = self.client.get_model_config(model)
+            config = config.get("config", config) if isinstance(config, dict) else config.config
+            size = config["max_batch_size"] if isinstance(config, dict) else config.max_batch_size
+            self._batching[model] = int(size or 0) > 0
+        return self._batching[model]
+
+    def predict(self, model: str, data: bytes) -> Reply:
+        from tritonclient.utils import InferenceServerException
+
+        shape = [1, 1] if self.batches(model) else [1]
+        image = self._triton.InferInput("IMAGE", shape, "BYTES")
+        image.set_data_from_numpy(np.array([data], dtype=np.object_).reshape(shape))
+        wanted = [self._triton.InferRequestedOutput("ANSWER")]
+        try:
+            if self.protocol == "grpc":
+                result = self.client.infer(model, [image], outputs=wanted, client_timeout=self.timeout)
+            else:
+                result = self.client.infer(model, [image], outputs=wanted, timeout=int(self.timeout * 1e6))
+        except InferenceServerException as exc:
+            return triton_error_reply(exc.message() or str(exc), exc.status())
+        return Reply(200, json.loads(result.as_numpy("ANSWER").reshape(-1)[0]))
+
+
+def triton_error_reply(message: str, status: str | None) -> Reply:
+    """The kit's JSON error inside a Triton error message, as a reply; other errors keep Triton's text."""
+    start = message.find('{"error"')
+    if start >= 0:
+        try:
+            body = json.loads(message[start:])
+            return Reply(int(body["code"]), body)
+        except (ValueError, KeyError):
+            pass
+    code = 500
+    if status and str(status).isdigit():
+        code = int(status)
+    elif status and "UNAVAILABLE" in str(status):
+        code = 503
+    return Reply(code, {"error": message, "code": code})
+
+
 def _key_refused(reply: Reply) -> bool:
     text = json.dumps(reply.body) if not isinstance(reply.body, str) else reply.body
     return reply.status in (400, 401, 403) and ("InvalidKeyException" in text or "Token Authorization failed" in text)
@@ -170,12 +241,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="+", type=Path)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--backend", choices=("rest", "grpc"), default="rest")
+    parser.add_argument("--backend", choices=("rest", "grpc", "triton"), default="rest")
+    parser.add_argument("--protocol", choices=("http", "grpc"), default="http", help="with --backend triton")
+    parser.add_argument("--triton-url", default=None, help="with --backend triton (default 127.0.0.1:8000/8001)")
     parser.add_argument("--config", type=Path, default=Path("config.properties"), help="where the ports are read")
     parser.add_argument("--keys", type=Path, default=Path("key_file.json"))
     parser.add_argument("--concurrency", type=int, default=1)
     args = parser.parse_args(argv)
-    client = make_client(args.backend, endpoints_of(args.config), KeyRing(args.keys))
+    client: Predictor
+    if args.backend == "triton":
+        url = args.triton_url or ("127.0.0.1:8001" if args.protocol == "grpc" else "127.0.0.1:8000")
+        client = TritonClient(url, args.protocol)
+    else:
+        client = make_client(args.backend, endpoints_of(args.config), KeyRing(args.keys))
     replies = predict_many(client, args.model, [p.read_bytes() for p in args.images], args.concurrency)
     for path, reply in zip(args.images, replies):
         sys.stdout.write(json.dumps({"image": str(path), "status": reply.status, "answer": reply.body}) + "\n")

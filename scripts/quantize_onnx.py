@@ -17,11 +17,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import fidelity
 import numpy as np
 import torch
 
 import demo_models
+import fidelity
 from servekit.config import ClassifierConfig, read_model_config
 
 logger = logging.getLogger("quantize_onnx")

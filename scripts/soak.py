@@ -18,8 +18,8 @@ from pathlib import Path
 
 import psutil
 import requests
-from loadgen import closed_loop
 
+from loadgen import closed_loop
 from tsctl import Endpoints, Keys, TorchServe, derive_config, random_endpoints
 
 logger = logging.getLogger("soak")

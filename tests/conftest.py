@@ -17,6 +17,7 @@ from tsctl import Endpoints, Keys, TorchServe, derive_config, random_endpoints
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_STORE = REPO / "model_store"
+SERVED_VARIANTS = ["fasterrcnn_onnx"]  # the detector's ONNX Runtime archive, to compare with Triton's ONNX model
 MODELS = ("digits", "resnet18", "mobilenet_v3_small", "fasterrcnn")
 
 
@@ -126,14 +127,15 @@ class Server:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A real `torchserve` serving every demo archive on free loopback ports, token auth on."""
-    for name in MODELS:
+    served = [*MODELS, *SERVED_VARIANTS]
+    for name in served:
         archive(name)
     workdir = tmp_path_factory.mktemp("torchserve")
     config = derive_config(REPO / "config.properties", workdir / "config.properties", random_endpoints().properties())
-    process = TorchServe(workdir, config, MODEL_STORE, [f"{n}={n}.mar" for n in MODELS])
+    process = TorchServe(workdir, config, MODEL_STORE, [f"{n}={n}.mar" for n in served])
     process.start()
     try:
-        keys = process.wait_ready(MODELS, timeout=300)
+        keys = process.wait_ready(served, timeout=300)
         yield Server(process, keys)
     finally:
         process.stop()

@@ -12,12 +12,12 @@ import numpy as np
 import psutil
 import pytest
 import requests
-from loadgen import servekit_counters
 
 import demo_models
 import reference
 from client import GrpcClient, KeyRing, RestClient, predict_many
 from conftest import Server
+from loadgen import servekit_counters
 
 pytestmark = pytest.mark.e2e
 CORRUPT = demo_models.encode(np.zeros((64, 64, 3), np.uint8), "JPEG")[:300]

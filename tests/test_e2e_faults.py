@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
-from corpus import Case, build_cases
-from soak import default_payloads, run_soak
 
 import demo_models
 import reference
 from client import KeyRing, RestClient
 from conftest import MODEL_STORE, MODELS, REPO, Server
+from corpus import Case, build_cases
+from soak import default_payloads, run_soak
 from tsctl import Keys, TorchServe, derive_config, random_endpoints
 
 pytestmark = pytest.mark.e2e

@@ -1,0 +1,240 @@
+"""Generate Triton model repositories from ``models/<name>/`` and the ONNX exports (``make triton-repo``).
+
+Two repositories with the same ensembles, so clients send what TorchServe clients send (the encoded
+image, ``IMAGE``, ``TYPE_STRING``) and get the same JSON (``ANSWER``):
+
+- ``model_repository/gpu``: ``<name>_model`` is an ``onnxruntime_onnx`` model on ``KIND_GPU`` with dynamic
+  batching; classifiers add the TensorRT accelerator in FP16 with an engine cache and a warm-up. For
+  NVIDIA's Triton container (``docker run --gpus=all ...``).
+- ``model_repository/cpu``: ``<name>_model`` is a python-backend model running ONNX Runtime on
+  ``KIND_CPU``, for servers without the onnxruntime backend (the ``tritonserver`` that ``nvidia-pytriton``
+  bundles, used by the tests here).
+
+Each ensemble is ``<name>_preprocess`` -> ``<name>_model`` -> ``<name>_postprocess``; the two python
+steps run the kit's own decode, transforms and answers (``servekit.triton_steps``). Classifiers batch
+(``max_batch_size`` 16); the detector takes images of any size one request at a time
+(``max_batch_size: 0``, dynamic height and width, variable-length outputs). Every ``config.pbtxt`` is
+parsed with tritonclient's ``ModelConfig`` protobuf before it is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from servekit.config import ClassifierConfig, HandlerConfig, read_model_config
+from servekit.loading import load_labels
+
+logger = logging.getLogger("triton_repo")
+MAX_BATCH = 16
+PYTHON_STEPS = ("preprocess", "postprocess")
+STEP_FILE = Path(__file__).resolve().parent.parent / "triton" / "servekit_step.py"
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    dtype: str
+    dims: tuple[int, ...]
+
+    def pbtxt(self) -> str:
+        dims = ", ".join(str(d) for d in self.dims)
+        return f'{{ name: "{self.name}" data_type: {self.dtype} dims: [ {dims} ] }}'
+
+
+def _io(kind: str, tensors: list[Tensor]) -> str:
+    return f"{kind} [\n  " + ",\n  ".join(t.pbtxt() for t in tensors) + "\n]\n"
+
+
+@dataclass(frozen=True)
+class Signature:
+    """The tensors between the steps of one model's ensemble."""
+
+    batch: int  # max_batch_size: 0 means no batching dimension
+    model_in: list[Tensor]
+    model_out: list[Tensor]
+    extra: list[Tensor]  # preprocess outputs that skip the model and go to postprocess
+
+    @classmethod
+    def of(cls, config: HandlerConfig, classes: int) -> Signature:
+        if isinstance(config, ClassifierConfig):
+            crop = config.crop
+            return cls(
+                MAX_BATCH,
+                [Tensor("input", "TYPE_FP32", (3, crop, crop))],
+                [Tensor("logits", "TYPE_FP32", (classes,))],
+                [],
+            )
+        return cls(
+            0,
+            [Tensor("image", "TYPE_FP32", (3, -1, -1))],
+            [
+                Tensor("boxes", "TYPE_FP32", (-1, 4)),
+                Tensor("labels", "TYPE_INT64", (-1,)),
+                Tensor("scores", "TYPE_FP32", (-1,)),
+            ],
+            [Tensor("size", "TYPE_INT32", (2,))],
+        )
+
+
+IMAGE = Tensor("IMAGE", "TYPE_STRING", (1,))
+ANSWER = Tensor("ANSWER", "TYPE_STRING", (1,))
+
+
+def _batching(sig: Signature, delay_us: int) -> str:
+    if not sig.batch:
+        return ""
+    return f"dynamic_batching {{ preferred_batch_size: [ 8, 16 ] max_queue_delay_microseconds: {delay_us} }}\n"
+
+
+def _python(name: str, step: str, sig: Signature, *, inputs: list[Tensor], outputs: list[Tensor], delay_us: int) -> str:
+    return (
+        f'name: "{name}"\nbackend: "python"\nmax_batch_size: {sig.batch}\n'
+        + _io("input", inputs)
+        + _io("output", outputs)
+        + _batching(sig, delay_us)
+        + "instance_group [ { kind: KIND_CPU count: 1 } ]\n"
+        + f'parameters {{ key: "servekit_step" value: {{ string_value: "{step}" }} }}\n'
+    )
+
+
+def _gpu_model(name: str, sig: Signature, delay_us: int) -> str:
+    text = (
+        f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: {sig.batch}\n'
+        + _io("input", sig.model_in)
+        + _io("output", sig.model_out)
+        + _batching(sig, delay_us)
+        + "instance_group [ { kind: KIND_GPU count: 1 } ]\n"
+    )
+    if not sig.batch:  # the detector: CUDA provider; TensorRT engines for every image size would not pay
+        return text
+    first = sig.model_in[0]
+    dims = ", ".join(str(d) for d in first.dims)
+    return text + (
+        "optimization { execution_accelerators { gpu_execution_accelerator: [ {\n"
+        '  name: "tensorrt"\n'
+        '  parameters { key: "precision_mode" value: "FP16" }\n'
+        '  parameters { key: "max_workspace_size_bytes" value: "1073741824" }\n'
+        '  parameters { key: "trt_engine_cache_enable" value: "1" }\n'
+        '  parameters { key: "trt_engine_cache_path" value: "/tmp/triton_trt_cache" }\n'
+        "} ] } }\n"
+        "model_warmup [ {\n"
+        f'  name: "warmup_batch_8" batch_size: 8\n'
+        f'  inputs {{ key: "{first.name}" value: {{ data_type: {first.dtype} dims: [ {dims} ] random_data: true }} }}\n'
+        "} ]\n"
+    )
+
+
+def _ensemble(name: str, sig: Signature) -> str:
+    def step(model: str, inputs: dict[str, str], outputs: dict[str, str]) -> str:
+        maps = "".join(f' input_map {{ key: "{k}" value: "{v}" }}' for k, v in inputs.items())
+        maps += "".join(f' output_map {{ key: "{k}" value: "{v}" }}' for k, v in outputs.items())
+        return f'    {{ model_name: "{model}" model_version: -1{maps} }}'
+
+    pre_out = {t.name: t.name for t in sig.model_in + sig.extra}
+    model_io = {t.name: t.name for t in sig.model_in}
+    post_in = {t.name: t.name for t in sig.model_out + sig.extra}
+    steps = [
+        step(f"{name}_preprocess", {"IMAGE": "IMAGE"}, pre_out),
+        step(f"{name}_model", model_io, {t.name: t.name for t in sig.model_out}),
+        step(f"{name}_postprocess", post_in, {"ANSWER": "ANSWER"}),
+    ]
+    return (
+        f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: {sig.batch}\n'
+        + _io("input", [IMAGE])
+        + _io("output", [ANSWER])
+        + "ensemble_scheduling {\n  step [\n"
+        + ",\n".join(steps)
+        + "\n  ]\n}\n"
+    )
+
+
+def model_configs(name: str, config: HandlerConfig, classes: int, kind: str, delay_us: int = 2000) -> dict[str, str]:
+    """Every ``config.pbtxt`` of one model's ensemble, by Triton model name."""
+    sig = Signature.of(config, classes)
+    configs = {
+        name: _ensemble(name, sig),
+        f"{name}_preprocess": _python(
+            f"{name}_preprocess", "preprocess", sig, inputs=[IMAGE], outputs=sig.model_in + sig.extra, delay_us=delay_us
+        ),
+        f"{name}_postprocess": _python(
+            f"{name}_postprocess",
+            "postprocess",
+            sig,
+            inputs=sig.model_out + sig.extra,
+            outputs=[ANSWER],
+            delay_us=delay_us,
+        ),
+    }
+    if kind == "gpu":
+        configs[f"{name}_model"] = _gpu_model(f"{name}_model", sig, delay_us)
+    else:
+        configs[f"{name}_model"] = _python(
+            f"{name}_model", "model", sig, inputs=sig.model_in, outputs=sig.model_out, delay_us=delay_us
+        )
+    return configs
+
+
+def parse_config(text: str) -> object:
+    """Parse a ``config.pbtxt`` with tritonclient's ``ModelConfig`` message (errors give line and column)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+def _stage_python(folder: Path, model_dir: Path, config: HandlerConfig, handlers: Path) -> None:
+    version = folder / "1"
+    version.mkdir(parents=True, exist_ok=True)
+    shutil.copy(STEP_FILE, version / "model.py")
+    shutil.copytree(handlers / "servekit", version / "servekit", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy(model_dir / "model-config.yaml", version / "model-config.yaml")
+    shutil.copy(model_dir / config.labels, version / config.labels)
+
+
+def write_model(name: str, models: Path, onnx_dir: Path, out: Path, *, kind: str, handlers: Path) -> list[str]:
+    """Write one model's ensemble and steps under ``out``; return the Triton model names."""
+    model_dir = models / name
+    config = read_model_config(model_dir)
+    onnx_file = onnx_dir / name / "model.onnx"
+    if not onnx_file.is_file():
+        raise SystemExit(f"{onnx_file} is missing: run `make onnx` first")
+    classes = len(load_labels(model_dir / config.labels))
+    configs = model_configs(name, config, classes, kind)
+    for model_name, text in configs.items():
+        parse_config(text)
+        folder = out / model_name
+        shutil.rmtree(folder, ignore_errors=True)
+        (folder / "1").mkdir(parents=True)
+        (folder / "config.pbtxt").write_text(text, encoding="utf-8")
+        python = model_name != name and (model_name != f"{name}_model" or kind == "cpu")
+        if python:
+            _stage_python(folder, model_dir, config, handlers)
+        if model_name == f"{name}_model":
+            shutil.copy(onnx_file, folder / "1" / "model.onnx")
+    return list(configs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("names", nargs="+")
+    parser.add_argument("--models", type=Path, default=Path("models"))
+    parser.add_argument("--onnx-dir", type=Path, default=Path("build/onnx"))
+    parser.add_argument("--handlers", type=Path, default=Path("handlers"))
+    parser.add_argument("--out", type=Path, default=Path("model_repository"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    for kind in ("cpu", "gpu"):
+        written = []
+        for name in args.names:
+            written += write_model(name, args.models, args.onnx_dir, args.out / kind, kind=kind, handlers=args.handlers)
+        logger.info("%s/%s: %s", args.out, kind, ", ".join(written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The faster backends: ONNX exports, int8, their archives, their fidelity, and `make bench-quick`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from test_handlers import CORRUPT
+
+import demo_models
+import fidelity
+import reference
+from conftest import MODELS, REPO, archive
+
+ONNX_DIR = REPO / "build" / "onnx"
+CLASSIFIERS = ["digits", "resnet18", "mobilenet_v3_small"]
+
+
+def onnx_file(name: str, variant: str = "model.onnx") -> Path:
+    path = ONNX_DIR / name / variant
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: run the tests with `make test` (it runs `make onnx int8`)")
+    return path
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_export_matches_torch(name: str) -> None:
+    onnx_file(name)
+    check = json.loads((ONNX_DIR / name / "export.json").read_text())
+    assert check["max_abs_probability"] <= 1e-4, check
+    assert check["max_abs_box"] <= 0.5, check
+    assert check["same_top1"], check
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_onnx_runtime_follows_eager_on_the_image_set(name: str) -> None:
+    report = fidelity.compare_backends(name, REPO / "models", {"onnx": onnx_file(name)})
+    assert report["onnx"]["max_abs_probability"] <= 1e-4, report
+    assert report["onnx"]["top1_agreement"] == 1.0, report
+
+
+def test_int8_digits_keeps_its_accuracy() -> None:
+    report = fidelity.compare_backends("digits", REPO / "models", {"int8": onnx_file("digits", "model.int8.onnx")})
+    sys.stderr.write(f"\n[int8 digits] {report}\n")
+    assert report["int8"]["top1_agreement"] >= 0.99, report
+    assert report["torch"]["accuracy"] - report["int8"]["accuracy"] <= 0.01, report
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+def test_int8_stays_close_in_probability(name: str) -> None:
+    # Seeded-weight ImageNet nets give near-uniform probabilities (top-1 ~0.004, margins ~4e-4), so
+    # their top-1 agreement says little; the bench reports it, this checks that int8 stays close.
+    report = fidelity.compare_backends(name, REPO / "models", {"int8": onnx_file(name, "model.int8.onnx")})
+    assert report["int8"]["max_abs_probability"] <= 0.05, report
+
+
+@pytest.mark.parametrize("variant", ["resnet18_onnx", "resnet18_int8", "fasterrcnn_onnx"])
+def test_variant_archive_carries_the_graph(variant: str) -> None:
+    with zipfile.ZipFile(archive(variant)) as mar:
+        files = set(mar.namelist())
+        config = yaml.safe_load(mar.read("model-config.yaml"))
+    expected = "model.int8.onnx" if variant.endswith("int8") else "model.onnx"
+    assert config["handler"]["model"] == {"file": expected, "format": "onnx"}
+    assert {expected, "labels.json", "servekit/onnx_backend.py"} <= files
+    assert "model.pt" not in files
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_onnx_archive_answers_like_eager(name: str, load_handler: Any, photos: dict[str, np.ndarray]) -> None:
+    images = [photos[n] for n in ("chelsea", "astronaut", "coffee")]
+    rows: list[dict[str, Any]] = [{"body": demo_models.encode(image, "PNG")} for image in images]
+    rows.insert(1, {"body": CORRUPT})
+    results = load_handler(f"{name}_onnx").handle(rows)
+    assert [s for s, _ in results] == [200, 400, 200, 200]
+    for (_, answer), image in zip([results[0], *results[2:]], images):
+        reference.assert_classification_matches(answer, reference.class_probabilities(name, image))
+
+
+def test_onnx_detector_archive_answers_like_eager(load_handler: Any, photos: dict[str, np.ndarray]) -> None:
+    names = reference.ORT_DETECTOR_PHOTOS
+    rows = [{"body": demo_models.encode(photos[n], "PNG")} for n in names]
+    results = load_handler("fasterrcnn_onnx").handle([*rows, {"body": CORRUPT}])
+    assert [s for s, _ in results] == [200] * len(names) + [400]
+    for name, (_, answer) in zip(names, results):
+        reference.assert_detections_close(answer, reference.detections("fasterrcnn", photos[name]))
+
+
+@pytest.mark.e2e
+def test_bench_quick_writes_its_table(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    subprocess.run(
+        [sys.executable, "scripts/bench.py", "--mode", "quick", "--out", str(out)],
+        cwd=REPO,
+        check=True,
+        timeout=900,
+        env={"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "PYTHONPATH": "handlers:scripts"},
+    )
+    table = (out / "results.md").read_text()
+    sys.stderr.write("\n" + table)
+    assert "## Targets" in table and "kit fastest vs stock, resnet18" in table
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    served = [r for r in rows if r["where"] != "in-process"]
+    assert {r["where"] for r in served} == {"stock", "kit", "triton"}
+    assert all(r["errors"] == 0 and r["rate"] > 0 for r in served), served
+    assert (out / "throughput.png").stat().st_size > 0 and (out / "latency.png").stat().st_size > 0

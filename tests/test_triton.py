@@ -1,0 +1,197 @@
+"""The Triton path: generated configs, repository layout, and a real tritonserver answering like TorchServe."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import requests
+from google.protobuf import text_format
+from test_e2e import assert_same_answer
+from test_handlers import CORRUPT
+
+import demo_models
+import reference
+from client import KeyRing, Reply, RestClient, TritonClient
+from conftest import MODELS, REPO, Server
+from servekit.config import read_model_config
+from triton_repo import model_configs, parse_config
+from tritonctl import ADMIN_HEADER, Triton, TritonEndpoints, ensembles
+
+REPOSITORY = REPO / "model_repository"
+SERVED = ["resnet18", "fasterrcnn"]
+
+
+def repository(kind: str) -> Path:
+    path = REPOSITORY / kind
+    if not (REPOSITORY / ".generated").is_file():
+        pytest.fail(f"{path} is missing: run the tests with `make test` (it runs `make triton-repo`)")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+@pytest.mark.parametrize("name", MODELS)
+def test_generated_configs_parse(kind: str, name: str) -> None:
+    config = read_model_config(REPO / "models" / name)
+    configs = {model: parse_config(text) for model, text in model_configs(name, config, 91, kind).items()}
+    ensemble = configs[name]
+    assert ensemble.platform == "ensemble"
+    assert [s.model_name for s in ensemble.ensemble_scheduling.step] == [
+        f"{name}_preprocess",
+        f"{name}_model",
+        f"{name}_postprocess",
+    ]
+    assert ensemble.input[0].name == "IMAGE" and ensemble.output[0].name == "ANSWER"
+    model = configs[f"{name}_model"]
+    detector = name == "fasterrcnn"
+    assert model.max_batch_size == (0 if detector else 16)
+    assert detector or model.dynamic_batching.max_queue_delay_microseconds > 0
+    if kind == "gpu":
+        assert model.platform == "onnxruntime_onnx"
+        assert model.instance_group[0].kind == model.instance_group[0].KIND_GPU
+        if not detector:
+            (trt,) = model.optimization.execution_accelerators.gpu_execution_accelerator
+            assert trt.name == "tensorrt" and trt.parameters["precision_mode"] == "FP16"
+            assert trt.parameters["trt_engine_cache_enable"] == "1"
+            assert model.model_warmup[0].batch_size == 8
+    else:
+        assert model.backend == "python"
+        assert model.instance_group[0].kind == model.instance_group[0].KIND_CPU
+
+
+def test_a_bad_config_is_reported_with_line_and_column() -> None:
+    with pytest.raises(text_format.ParseError) as err:
+        parse_config('name: "x"\nmax_batch_size: "sixteen"\n')
+    assert str(err.value).startswith("2:")
+
+
+@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+def test_repository_layout(kind: str) -> None:
+    root = repository(kind)
+    assert set(ensembles(root)) == set(MODELS)
+    for name in MODELS:
+        for step in ("preprocess", "postprocess"):
+            version = root / f"{name}_{step}" / "1"
+            assert (version / "model.py").is_file() and (version / "servekit" / "triton_steps.py").is_file()
+            assert (version / "model-config.yaml").is_file() and (version / "labels.json").is_file()
+        assert (root / f"{name}_model" / "1" / "model.onnx").is_file()
+        for config in root.glob(f"{name}*/config.pbtxt"):
+            parse_config(config.read_text())
+
+
+# ---------------------------------------------------------------- a real tritonserver
+
+
+@pytest.fixture(scope="module")
+def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Triton]:
+    server = Triton(tmp_path_factory.mktemp("triton"), repository("cpu"), SERVED, TritonEndpoints.random())
+    server.start()
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+    assert server.process is not None and server.process.poll() is not None
+
+
+@pytest.fixture(scope="module", params=["http", "grpc"])
+def triton_client(request: pytest.FixtureRequest, triton: Triton) -> TritonClient:
+    url = triton.endpoints.http_url if request.param == "http" else triton.endpoints.grpc_url
+    return TritonClient(url, request.param)
+
+
+@pytest.mark.e2e
+def test_ready_and_metadata(triton: Triton) -> None:
+    from tritonclient import http
+
+    client = http.InferenceServerClient(triton.endpoints.http_url)
+    assert client.is_server_ready()
+    for name in SERVED:
+        assert client.is_model_ready(name)
+        meta = client.get_model_metadata(name)
+        assert [(i["name"], i["datatype"]) for i in meta["inputs"]] == [("IMAGE", "BYTES")]
+        assert [o["name"] for o in meta["outputs"]] == ["ANSWER"]
+
+
+@pytest.mark.e2e
+def test_listens_on_loopback_only_and_guards_the_repository_api(triton: Triton) -> None:
+    assert triton.process is not None
+    process = psutil.Process(triton.process.pid)
+    listening = [c for c in process.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    assert listening and all(c.laddr.ip in ("127.0.0.1", "::ffff:127.0.0.1") for c in listening), listening
+    url = f"http://{triton.endpoints.http_url}/v2/repository/models/resnet18/unload"
+    assert requests.post(url, timeout=10).status_code in (400, 401, 403)
+    index = f"http://{triton.endpoints.http_url}/v2/repository/index"
+    key = (triton.workdir / "triton_admin_key").read_text().strip()
+    assert requests.post(index, headers={ADMIN_HEADER: key}, timeout=10).status_code == 200
+
+
+@pytest.mark.e2e
+def test_answers_equal_torchserve(
+    triton_client: TritonClient, server: Server, photos: dict[str, np.ndarray], jpegs: dict[str, bytes]
+) -> None:
+    # Both servers run the same network; the detector is compared on the same backend (its ONNX graph,
+    # which TorchServe serves as fasterrcnn_onnx): scores of eager and ONNX Runtime differ by ~1.5e-4.
+    torchserve = RestClient(server.endpoints, KeyRing(server.key_file))
+    for name in SERVED:
+        served_as = "fasterrcnn_onnx" if name == "fasterrcnn" else name
+        for photo in ("astronaut", "coffee", "chelsea"):
+            ours, theirs = triton_client.predict(name, jpegs[photo]), torchserve.predict(served_as, jpegs[photo])
+            assert ours.status == theirs.status == 200, (ours, theirs)
+            if name == "fasterrcnn":
+                assert [d["label"] for d in ours.body] == [d["label"] for d in theirs.body]
+                for a, b in zip(ours.body, theirs.body):
+                    assert abs(a["score"] - b["score"]) <= 1e-4
+                    assert max(abs(x - y) for x, y in zip(a["box"], b["box"])) <= 0.5
+            else:
+                assert_same_answer(ours.body, theirs.body, tol=1e-4)
+
+
+@pytest.mark.e2e
+def test_detector_answers_match_the_raw_model(triton_client: TritonClient, photos: dict[str, np.ndarray]) -> None:
+    for name in reference.ORT_DETECTOR_PHOTOS:
+        answer = triton_client.predict("fasterrcnn", demo_models.encode(photos[name], "PNG"))
+        assert answer.status == 200 and answer.body, answer
+        reference.assert_detections_close(answer.body, reference.detections("fasterrcnn", photos[name]))
+
+
+def _stats(triton: Triton, model: str) -> tuple[int, int]:
+    from tritonclient import http
+
+    stats = http.InferenceServerClient(triton.endpoints.http_url).get_inference_statistics(model)
+    entry = stats["model_stats"][0]
+    return int(entry["inference_count"]), int(entry["execution_count"])
+
+
+@pytest.mark.e2e
+def test_concurrent_requests_are_batched_and_a_corrupt_one_fails_alone(
+    triton: Triton, triton_client: TritonClient, jpegs: dict[str, bytes]
+) -> None:
+    good = [jpegs[n] for n in ("astronaut", "coffee", "chelsea")]
+    payloads = [good[i % 3] for i in range(15)]
+    payloads.insert(5, CORRUPT)
+    expected = {data: triton_client.predict("resnet18", data).body for data in good}
+    inferences, executions = _stats(triton, "resnet18_model")
+    with ThreadPoolExecutor(16) as pool:
+        replies: list[Reply] = list(pool.map(lambda d: triton_client.predict("resnet18", d), payloads))
+    after_inferences, after_executions = _stats(triton, "resnet18_model")
+    assert [r.status for r in replies] == [400 if d is CORRUPT else 200 for d in payloads]
+    assert "corrupt or truncated" in replies[5].body["error"], replies[5]
+    for data, reply in zip(payloads, replies):
+        if data is not CORRUPT:
+            assert_same_answer(reply.body, expected[data], tol=1e-5)
+    assert after_inferences - inferences == 15
+    assert after_executions - executions < 15, (after_executions - executions, "no batch formed")
+
+
+@pytest.mark.e2e
+def test_bad_inputs_get_the_kits_errors(triton_client: TritonClient) -> None:
+    text = triton_client.predict("resnet18", b"hello, not an image")
+    assert text.status == 400 and "not an image" in text.body["error"], text
+    bomb = triton_client.predict("fasterrcnn", json.dumps({"data": "@@@"}).encode())
+    assert bomb.status == 400 and "base64" in bomb.body["error"], bomb

@@ -23,6 +23,11 @@ VARIANTS = {"model.onnx": "onnx", "model.int8.onnx": "int8"}
 HANDLER_FILES = {"classification": "servekit_classifier.py", "detection": "servekit_detector.py"}
 
 
+def stage_servekit(handlers: Path, dest: Path) -> None:
+    """Copy the ``servekit`` package (no caches) into ``dest``, for an archive or a Triton python step."""
+    shutil.copytree(handlers / "servekit", dest / "servekit", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
 def onnx_variant(document: dict[str, Any], onnx_file: Path) -> dict[str, Any]:
     """The model-config of an ONNX Runtime archive: the same settings, the model from ``onnx_file``."""
     handler = {**document["handler"], "model": {"file": onnx_file.name, "format": "onnx"}}
@@ -59,7 +64,7 @@ def archiver_args(
         serialized, needed = onnx_file, [onnx_file.name, config.labels]
     stage = stage_root / name
     shutil.rmtree(stage, ignore_errors=True)
-    shutil.copytree(handlers / "servekit", stage / "servekit", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    stage_servekit(handlers, stage)
     extra = [str(stage), *(str(model_dir / f) for f in needed[1:])]
     task = "classification" if isinstance(config, ClassifierConfig) else "detection"
     return [

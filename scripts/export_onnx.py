@@ -131,13 +131,19 @@ def export(name: str, models: Path, out: Path) -> ExportCheck:
     return check
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+def parse_model_args(description: str | None, argv: list[str] | None) -> argparse.Namespace:
+    """The command line of the ONNX scripts: model names, the models folder, the ONNX output folder."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("names", nargs="+")
     parser.add_argument("--models", type=Path, default=Path("models"))
     parser.add_argument("--out", type=Path, default=Path("build/onnx"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_model_args(__doc__, argv)
     logging.getLogger("torch").setLevel(logging.ERROR)
     np.set_printoptions(precision=3)
     failed = 0

@@ -9,7 +9,6 @@ the fidelity against the fp32 graph on images the calibration never saw.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -22,6 +21,7 @@ import torch
 
 import demo_models
 import fidelity
+from export_onnx import parse_model_args
 from servekit.config import ClassifierConfig, read_model_config
 
 logger = logging.getLogger("quantize_onnx")
@@ -80,12 +80,7 @@ def quantize(name: str, models: Path, out: Path) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("names", nargs="+")
-    parser.add_argument("--models", type=Path, default=Path("models"))
-    parser.add_argument("--out", type=Path, default=Path("build/onnx"))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    args = parse_model_args(__doc__, argv)
     for name in args.names:
         report = quantize(name, args.models, args.out)
         logger.info("%s int8: %s", name, ", ".join(f"{k} {v:.4g}" for k, v in report.items()))

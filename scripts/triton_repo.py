@@ -26,6 +26,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from archive_args import stage_servekit
 from servekit.config import ClassifierConfig, HandlerConfig, read_model_config
 from servekit.loading import load_labels
 
@@ -191,7 +192,7 @@ def _stage_python(folder: Path, model_dir: Path, config: HandlerConfig, handlers
     version = folder / "1"
     version.mkdir(parents=True, exist_ok=True)
     shutil.copy(STEP_FILE, version / "model.py")
-    shutil.copytree(handlers / "servekit", version / "servekit", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    stage_servekit(handlers, version)
     shutil.copy(model_dir / "model-config.yaml", version / "model-config.yaml")
     shutil.copy(model_dir / config.labels, version / config.labels)
 

@@ -91,7 +91,7 @@ QUICK_SERVED = (
     Served("resnet18", "triton", "onnx", "resnet18"),
 )
 PLANS = {
-    "full": Plan(20.0, 5.0, (1, 4, 16), 8.0, (1, 8), FULL_SERVED),
+    "full": Plan(15.0, 4.0, (1, 4, 16), 6.0, (1, 8), FULL_SERVED),
     "quick": Plan(5.0, 2.0, (16,), 2.0, (8,), QUICK_SERVED),
 }
 INPROCESS = {

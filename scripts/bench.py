@@ -354,7 +354,7 @@ def markdown(rows: Sequence[Row], plan_name: str, fidelity_report: dict[str, Any
     lines += ["", "## In process (the model alone, preprocessed tensors)", ""]
     lines += ["| model | backend | batch | img/s |", "|---|---|---|---|"]
     lines += [f"| {r.model} | {r.backend} | {r.concurrency} | {r.rate:.1f} |" for r in rows if r.where == "in-process"]
-    lines += ["", "## Served by TorchServe (closed loop, REST, JPEG bodies)", ""]
+    lines += ["", "## Served (closed loop, JPEG bodies; TorchServe over REST, Triton over tritonclient HTTP)", ""]
     lines += [
         "| model | handler | backend | images | concurrency | req/s | p50 ms | p90 ms | p99 ms | errors "
         "| mean batch | pre ms | infer ms | post ms |",

@@ -93,6 +93,10 @@ $(STOCK_STORE)/%_stock.mar: $$(filter-out %/__pycache__,$$(wildcard models/%/*))
 bench: $(BENCH_INPUTS) ## Full benchmark (about 25 min): raw model, stock handlers, kit per backend -> scripts/bench_results/
 	$(PY) scripts/bench.py --mode full --out scripts/bench_results
 
+.PHONY: gpu-bench
+gpu-bench: | $(STAMP) ## On a CUDA machine: eager fp32/fp16/compile/AOTInductor, nvJPEG vs Pillow, served stage times -> build/gpu/
+	$(PY) scripts/gpu_bench.py --out build/gpu
+
 .PHONY: bench-quick
 bench-quick: $(BENCH_INPUTS) ## Short benchmark (a few minutes) -> build/bench-quick/
 	$(PY) scripts/bench.py --mode quick --out build/bench-quick
@@ -146,4 +150,4 @@ test: lint archive $(GRPC_STUBS) $(BENCH_INPUTS) ## Set up and run all tests (li
 
 .PHONY: clean
 clean: ## Remove archives, build files and logs (keeps .venv and the models)
-	rm -rf build logs model_store/*.mar key_file.json scripts/ts_grpc model_repository
+	rm -rf build logs tmp model_store/*.mar key_file.json scripts/ts_grpc model_repository

@@ -32,6 +32,7 @@ from loadgen import LoadResult, closed_loop, servekit_counters
 from servekit.config import ClassifierConfig, read_model_config
 from servekit.loading import load_model
 from servekit.onnx_backend import load_onnx
+from servekit.transforms import detector_inputs
 from tsctl import Endpoints, TorchServe, derive_config, random_endpoints
 
 logger = logging.getLogger("bench")
@@ -154,7 +155,7 @@ def inprocess_rows(plan: Plan, onnx_dir: Path, photo: Any, progress: Progress) -
                     inputs: Any = demo_models.classifier_inputs([photo] * batch, config)
                 else:
                     batch = min(wanted, 4)  # the detector archive's batchSize
-                    inputs = [torch.from_numpy(photo).permute(2, 0, 1).float().div(255)] * batch
+                    inputs = detector_inputs([torch.from_numpy(photo).permute(2, 0, 1)]) * batch
                 rate = images_per_second(model, inputs, batch, plan.inprocess_seconds)
                 rows.append(Row(name, "in-process", backend, "same", batch, rate))
                 progress.step(f"{name} in process, {backend}, batch {batch}: {rate:.1f} img/s")

@@ -74,7 +74,22 @@ class KeyRing:
             return changed
 
 
-class RestClient:
+class KeyedClient:
+    """A TorchServe client that retries once with a re-read key when the server refuses its key."""
+
+    keys: KeyRing
+
+    def predict(self, model: str, data: bytes) -> Reply:
+        reply = self._send(model, data)
+        if _key_refused(reply) and self.keys.refresh():
+            reply = self._send(model, data)
+        return reply
+
+    def _send(self, model: str, data: bytes) -> Reply:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class RestClient(KeyedClient):
     """``POST /predictions/<model>`` with the image as the body."""
 
     def __init__(self, endpoints: Endpoints, keys: KeyRing, timeout: float = 120.0) -> None:
@@ -83,13 +98,7 @@ class RestClient:
         self.timeout = timeout
         self._local = threading.local()
 
-    def predict(self, model: str, data: bytes) -> Reply:
-        reply = self._post(model, data)
-        if _key_refused(reply) and self.keys.refresh():
-            reply = self._post(model, data)
-        return reply
-
-    def _post(self, model: str, data: bytes) -> Reply:
+    def _send(self, model: str, data: bytes) -> Reply:
         session = getattr(self._local, "session", None)
         if session is None:
             session = self._local.session = requests.Session()
@@ -106,7 +115,7 @@ class RestClient:
         return Reply(response.status_code, body)
 
 
-class GrpcClient:
+class GrpcClient(KeyedClient):
     """``InferenceAPIsService.Predictions`` with the image under input ``data``."""
 
     def __init__(self, endpoints: Endpoints, keys: KeyRing, timeout: float = 120.0) -> None:
@@ -123,13 +132,7 @@ class GrpcClient:
         self.keys = keys
         self.timeout = timeout
 
-    def predict(self, model: str, data: bytes) -> Reply:
-        reply = self._call(model, data)
-        if _key_refused(reply) and self.keys.refresh():
-            reply = self._call(model, data)
-        return reply
-
-    def _call(self, model: str, data: bytes) -> Reply:
+    def _send(self, model: str, data: bytes) -> Reply:
         request = self._pb2.PredictionsRequest(model_name=model, input={"data": data})
         try:
             response = self.stub.Predictions(
@@ -177,10 +180,11 @@ class TritonClient:
     def batches(self, model: str) -> bool:
         """Whether the ensemble has a batch dimension (classifiers) or not (the detector)."""
         if model not in self._batching:
-            config = self.client.get_model_config(model)
-            config = config.get("config", config) if isinstance(config, dict) else config.config
-            size = config["max_batch_size"] if isinstance(config, dict) else config.max_batch_size
-            self._batching[model] = int(size or 0) > 0
+            if self.protocol == "grpc":
+                config = self.client.get_model_config(model, as_json=True)["config"]
+            else:
+                config = self.client.get_model_config(model)
+            self._batching[model] = int(config.get("max_batch_size", 0)) > 0
         return self._batching[model]
 
     def predict(self, model: str, data: bytes) -> Reply:

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from servekit.config import ClassifierConfig, read_model_config
@@ -145,7 +144,6 @@ def parse_model_args(description: str | None, argv: list[str] | None) -> argpars
 def main(argv: list[str] | None = None) -> int:
     args = parse_model_args(__doc__, argv)
     logging.getLogger("torch").setLevel(logging.ERROR)
-    np.set_printoptions(precision=3)
     failed = 0
     for name in args.names:
         check = export(name, args.models, args.out)

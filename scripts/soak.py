@@ -136,20 +136,9 @@ def default_payloads() -> list[Payload]:
         Payload("truncated.jpg", jpeg[: len(jpeg) // 2], "application/octet-stream", 400),
         Payload("text", b"not an image", "text/plain", 400),
         Payload("json-without-data", b'{"x": 1}', "application/json", 400),
-        Payload("bomb.png", _bomb(), "application/octet-stream", 413),
+        Payload("bomb.png", demo_models.png_declaring(20000, 20000), "application/octet-stream", 413),
     ]
     return good + bad
-
-
-def _bomb() -> bytes:
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,8 @@
 """The bad-input corpus: every case generated here from code, with the status and error text expected.
 
-``python tests/corpus.py`` prints it as a Markdown table. Valid-but-odd images (grayscale, palette,
-CMYK, 16-bit, EXIF-rotated, animated, ...) expect 200; the rest the right 4xx and a message that says
-what is wrong.
+``PYTHONPATH=handlers:scripts python tests/corpus.py`` prints it as a Markdown table. Valid-but-odd
+images (grayscale, palette, CMYK, 16-bit, EXIF-rotated, animated, ...) expect 200; the rest the right
+4xx and a message that says what is wrong.
 """
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from __future__ import annotations
 import base64
 import io
 import json
-import struct
 import sys
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+
+from demo_models import png_declaring
 
 MAX_BYTES = 20 * 1024 * 1024  # the default handler.limits.max_bytes of every demo model
 OCTET, JSON_TYPE, TEXT = "application/octet-stream", "application/json", "text/plain"
@@ -46,16 +46,6 @@ def _save(image: Image.Image, fmt: str, **params: object) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **params)
     return buffer.getvalue()
-
-
-def _png_declaring(width: int, height: int) -> bytes:
-    """A tiny PNG whose header declares ``width`` x ``height``: a decompression-bomb shape."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 def _exif_rotated() -> bytes:
@@ -116,12 +106,12 @@ def build_cases() -> list[Case]:
         lambda: Case("truncated PNG", png[: len(png) // 2], status=bad, text="corrupt or truncated"),
         lambda: Case("JPEG header only", jpeg[:20], status=bad, text="corrupt or truncated"),
         lambda: Case("corrupted PNG data", _corrupt_middle(png), status=bad, text="corrupt or truncated"),
-        lambda: Case("zero-size PNG", _png_declaring(0, 0), status=bad, text="image"),
+        lambda: Case("zero-size PNG", png_declaring(0, 0), status=bad, text="image"),
         lambda: Case("1x1000 PNG (aspect ratio)", _save(_photo((1000, 1)), "PNG"), status=bad, text="aspect ratio"),
         # --- too large
-        lambda: Case("PNG declaring 20000x20000", _png_declaring(20000, 20000), status=413, text="pixels"),
+        lambda: Case("PNG declaring 20000x20000", png_declaring(20000, 20000), status=413, text="pixels"),
         lambda: Case(
-            "PNG declaring 8000x6000", _png_declaring(8000, 6000), status=413, text="image is 8000x6000 pixels"
+            "PNG declaring 8000x6000", png_declaring(8000, 6000), status=413, text="image is 8000x6000 pixels"
         ),
         lambda: Case("body over the byte limit", jpeg + b"\0" * (MAX_BYTES + 1 - len(jpeg)), status=413, text="bytes"),
         # --- unsupported formats

@@ -37,6 +37,11 @@ class DecodedImage:
     height: int
 
 
+def decode_request(row: Mapping[str, Any], limits: ImageLimits) -> DecodedImage:
+    """Extract the encoded image of one request row and decode it within ``limits``."""
+    return decode_image(request_image_bytes(row, limits), limits)
+
+
 def request_image_bytes(row: Mapping[str, Any], limits: ImageLimits) -> bytes:
     """Return the encoded image carried by one TorchServe request row.
 

@@ -34,11 +34,10 @@ def open_session(path: Path, device: torch.device, threads: int) -> Any:
     options.intra_op_num_threads = max(1, threads)
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    chosen = providers(device, ort.get_available_providers())
-    if chosen[0] == "CUDAExecutionProvider":
-        return ort.InferenceSession(
-            str(path), options, providers=[("CUDAExecutionProvider", {"device_id": device.index or 0}), chosen[-1]]
-        )
+    chosen = [
+        (p, {"device_id": device.index or 0}) if p == "CUDAExecutionProvider" else p
+        for p in providers(device, ort.get_available_providers())
+    ]
     return ort.InferenceSession(str(path), options, providers=chosen)
 
 
@@ -49,8 +48,7 @@ class OnnxModel:
         self.session = session
         self.input_name = session.get_inputs()[0].name
         self.is_detector = self.input_name == DETECTOR_IO[0]
-        expected = DETECTOR_IO[0] if self.is_detector else CLASSIFIER_IO[0]
-        if self.input_name != expected:
+        if self.input_name not in (DETECTOR_IO[0], CLASSIFIER_IO[0]):
             raise ConfigError(
                 f"ONNX model input is named {self.input_name!r}; expected 'input' (classifier) or 'image' (detector)"
             )

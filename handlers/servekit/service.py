@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from servekit.config import ClassifierConfig, DetectorConfig, HandlerConfig, ImageLimits
-from servekit.decode import DecodedImage, decode_image, request_image_bytes
+from servekit.decode import DecodedImage, decode_request
 from servekit.errors import KitError
 from servekit.loading import load_labels, load_model
 from servekit.postprocess import detections_to_json, topk_to_json
@@ -112,7 +112,7 @@ class VisionService(Generic[Prepared]):
 
     def decode(self, row: Any) -> DecodedImage:
         """Extract and decode the image of one request row."""
-        return decode_image(request_image_bytes(row, self.limits), self.limits)
+        return decode_request(row, self.limits)
 
     def handle(self, rows: Sequence[Any]) -> BatchOutcome:
         """Answer one batch of request rows."""

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 
 from servekit.config import ClassifierConfig, DetectorConfig, HandlerConfig, read_model_config
-from servekit.decode import decode_image, request_image_bytes
+from servekit.decode import decode_request
 from servekit.errors import error_body
 from servekit.loading import load_labels
 from servekit.postprocess import detections_to_json, topk_to_json
 from servekit.service import run_batch
-from servekit.transforms import classifier_batch, classifier_crop
+from servekit.transforms import classifier_batch, classifier_crop, detector_inputs
 
 Outcome = Any  # a step's result for one request, or the exception it failed with
 
@@ -54,7 +54,7 @@ class ClassifierSteps:
         """Decode and crop each image alone; normalize the good ones as one batch."""
 
         def prepare(data: bytes) -> torch.Tensor:
-            decoded = decode_image(request_image_bytes({"body": data}, self.config.limits), self.config.limits)
+            decoded = decode_request({"body": data}, self.config.limits)
             return classifier_crop(decoded.pixels, self.config.resize, self.config.crop)
 
         def normalize(crops: list[torch.Tensor]) -> torch.Tensor:
@@ -79,8 +79,8 @@ class DetectorSteps:
 
     def preprocess(self, data: bytes) -> tuple[np.ndarray, np.ndarray]:
         """One image as float32 3 x H x W in [0, 1], and its (width, height)."""
-        decoded = decode_image(request_image_bytes({"body": data}, self.config.limits), self.config.limits)
-        pixels = decoded.pixels.to(torch.float32).div_(255.0).contiguous().numpy()
+        decoded = decode_request({"body": data}, self.config.limits)
+        pixels = detector_inputs([decoded.pixels])[0].contiguous().numpy()
         return pixels, np.array([decoded.width, decoded.height], dtype=np.int32)
 
     def postprocess(self, boxes: np.ndarray, classes: np.ndarray, scores: np.ndarray, size: np.ndarray) -> bytes:

@@ -9,13 +9,27 @@ PY := PYTHONPATH=handlers:scripts $(VENV)/bin/python
 ARCHIVER := $(VENV)/bin/torch-model-archiver
 DEMOS := digits resnet18 mobilenet_v3_small fasterrcnn
 HANDLER_SRC := $(wildcard handlers/*.py handlers/servekit/*.py)
-ALL_MARS := $(patsubst models/%/model-config.yaml,model_store/%.mar,$(wildcard models/*/model-config.yaml))
 GRPC_STUBS := scripts/ts_grpc/inference_pb2_grpc.py
+MODELS ?= models
+STORE ?= model_store
+ALL_MARS := $(patsubst $(MODELS)/%/model-config.yaml,$(STORE)/%.mar,$(wildcard $(MODELS)/*/model-config.yaml))
+
+# $(call archive,<archive name>,<archive_args.py arguments>): torch-model-archiver stages in
+# $TMPDIR/<model name> and deletes that directory before and after, so each archive gets its own
+# private (0700) TMPDIR under build/: never a shared /tmp/<name> that another user could own or fill.
+define archive
+	@mkdir -p build/args $(STORE)
+	$(PY) scripts/archive_args.py $(2) --export $(STORE) > build/args/$(1).args
+	@rm -rf build/archiver-tmp/$(1) && mkdir -p build/archiver-tmp && mkdir -m 0700 build/archiver-tmp/$(1)
+	TMPDIR=$(CURDIR)/build/archiver-tmp/$(1) $(ARCHIVER) $$(cat build/args/$(1).args)
+	@rm -rf build/archiver-tmp/$(1)
+endef
 PYTEST_ARGS ?=
 
 .PHONY: help
 help: ## List the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+	@if [ -t 1 ]; then on=$$'\033[36m'; off=$$'\033[0m'; else on=; off=; fi; \
+	grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' -v on="$$on" -v off="$$off" '{printf "  %s%-14s%s %s\n", on, $$1, off, $$2}'
 
 .PHONY: install
 install: $(STAMP) $(GRPC_STUBS) ## Create .venv with the exact pins and check for Java >= 11
@@ -42,16 +56,14 @@ models/%/model.pt: | $(STAMP)
 models/digits/model.pt: models/digits/model.py scripts/demo_models.py
 
 .PHONY: archive
-archive: $(if $(MODEL),model_store/$(MODEL).mar,$(ALL_MARS)) ## Build .mar archives (all, or MODEL=<name>)
+archive: $(if $(MODEL),$(STORE)/$(MODEL).mar,$(ALL_MARS)) ## Build .mar archives (all, or MODEL=<name>)
 
 # Each demo archive also needs its generated weights.
-$(foreach m,$(DEMOS),$(eval model_store/$(m).mar: models/$(m)/model.pt))
+$(foreach m,$(DEMOS),$(eval $(STORE)/$(m).mar: models/$(m)/model.pt))
 
 .SECONDEXPANSION:
-model_store/%.mar: models/%/model-config.yaml $$(filter-out %/__pycache__,$$(wildcard models/%/*)) $(HANDLER_SRC) scripts/archive_args.py | $(STAMP)
-	@mkdir -p build model_store
-	$(PY) scripts/archive_args.py $* > build/$*.args
-	$(ARCHIVER) $$(cat build/$*.args)
+$(STORE)/%.mar: $(MODELS)/%/model-config.yaml $$(filter-out %/__pycache__,$$(wildcard $(MODELS)/%/*)) $(HANDLER_SRC) scripts/archive_args.py | $(STAMP)
+	$(call archive,$*,$* --models $(MODELS))
 
 # ONNX exports, int8 quantization, and archives that serve them with ONNX Runtime.
 ONNX_DIR := build/onnx
@@ -70,15 +82,11 @@ $(ONNX_DIR)/%/model.onnx: $$(filter-out %/__pycache__,$$(wildcard models/%/*)) s
 $(ONNX_DIR)/%/model.int8.onnx: $(ONNX_DIR)/%/model.onnx scripts/quantize_onnx.py scripts/fidelity.py
 	$(PY) scripts/quantize_onnx.py $*
 
-model_store/%_onnx.mar: $(ONNX_DIR)/%/model.onnx $(HANDLER_SRC) scripts/archive_args.py
-	@mkdir -p build model_store
-	$(PY) scripts/archive_args.py $* --onnx $< > build/$*_onnx.args
-	$(ARCHIVER) $$(cat build/$*_onnx.args)
+$(STORE)/%_onnx.mar: $(ONNX_DIR)/%/model.onnx $(HANDLER_SRC) scripts/archive_args.py
+	$(call archive,$*_onnx,$* --variant $<)
 
-model_store/%_int8.mar: $(ONNX_DIR)/%/model.int8.onnx $(HANDLER_SRC) scripts/archive_args.py
-	@mkdir -p build model_store
-	$(PY) scripts/archive_args.py $* --onnx $< > build/$*_int8.args
-	$(ARCHIVER) $$(cat build/$*_int8.args)
+$(STORE)/%_int8.mar: $(ONNX_DIR)/%/model.int8.onnx $(HANDLER_SRC) scripts/archive_args.py
+	$(call archive,$*_int8,$* --variant $<)
 
 # The side-by-side benchmark: stock-handler archives of the same weights, and every kit variant.
 STOCK_STORE := build/stock_store
@@ -118,10 +126,27 @@ triton-stop: ## Stop the tritonserver started by `make triton-serve`
 	$(PY) scripts/tritonctl.py stop
 
 .PHONY: scaffold
-scaffold: | $(STAMP) ## New model folder: NAME=<name> TASK=classification|detection PT=<file.pt> [ARCH=<torchvision name>|MODEL_FILE=<py> CLASS=<name>|TORCHSCRIPT=1]
-	$(PY) scripts/scaffold_model.py --name "$(NAME)" --task "$(TASK)" --pt "$(PT)" \
+scaffold: | $(STAMP) ## New model folder from your file (format found from its content): NAME=<name> TASK=classification|detection PT=<file> [ARCH=<torchvision name>|MODEL_FILE=<py> CLASS=<name>] [LABELS=<file>]
+	@$(PY) scripts/scaffold_model.py --name "$(NAME)" --task "$(TASK)" --pt "$(PT)" --root "$(MODELS)" \
 		$(if $(ARCH),--architecture "$(ARCH)") $(if $(MODEL_FILE),--model-file "$(MODEL_FILE)" --model-class "$(CLASS)") \
-		$(if $(TORCHSCRIPT),--torchscript) $(if $(LABELS),--labels "$(LABELS)")
+		$(if $(TORCHSCRIPT),--torchscript) $(if $(LABELS),--labels "$(LABELS)") $(if $(NUM_CLASSES),--num-classes $(NUM_CLASSES)) \
+		$(if $(MAX_BATCH),--max-batch $(MAX_BATCH)) $(if $(SIZE),--input-size $(SIZE)) $(if $(FORCE),--force)
+
+.PHONY: convert
+convert: | $(STAMP) ## A whole pickled model -> state_dict (+ architecture) or torch.export program: PT=<file> OUT=<file> TRUST=1 [CODE=<dir of its classes>]
+	@$(PY) scripts/convert_model.py --pt "$(PT)" --out "$(OUT)" $(if $(TRUST),--trust) $(if $(SIZE),--size $(SIZE)) $(if $(CODE),--code "$(CODE)")
+
+# AOTInductor: the folder's network exported (dynamic batch 1..batchSize) and compiled to native code.
+AOTI_DIR := build/aoti
+
+.PHONY: aoti
+aoti: $(if $(MODEL),$(STORE)/$(MODEL)_aoti.mar) ## AOTInductor package of MODEL=<name> -> build/aoti/<name>/model.pt2 and model_store/<name>_aoti.mar
+
+$(AOTI_DIR)/%/model.pt2: $$(filter-out %/__pycache__,$$(wildcard $(MODELS)/%/*)) scripts/compile_aoti.py $(HANDLER_SRC) | $(STAMP)
+	$(PY) scripts/compile_aoti.py $* --models $(MODELS) --out $(AOTI_DIR)
+
+$(STORE)/%_aoti.mar: $(AOTI_DIR)/%/model.pt2 $(HANDLER_SRC) scripts/archive_args.py
+	$(call archive,$*_aoti,$* --models $(MODELS) --variant $<)
 
 .PHONY: serve
 serve: archive ## Start TorchServe on loopback with every archive, wait until healthy, print endpoints

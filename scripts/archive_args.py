@@ -19,7 +19,8 @@ import yaml
 from servekit.config import ClassifierConfig, parse_handler_config, read_model_document
 from servekit.errors import ConfigError
 
-VARIANTS = {"model.onnx": "onnx", "model.int8.onnx": "int8"}
+# A built variant of a model folder: its file name -> (archive suffix, handler.model.format).
+VARIANTS = {"model.onnx": ("onnx", "onnx"), "model.int8.onnx": ("int8", "onnx"), "model.pt2": ("aoti", "aoti")}
 HANDLER_FILES = {"classification": "servekit_classifier.py", "detection": "servekit_detector.py"}
 
 
@@ -28,19 +29,27 @@ def stage_servekit(handlers: Path, dest: Path) -> None:
     shutil.copytree(handlers / "servekit", dest / "servekit", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
 
 
-def onnx_variant(document: dict[str, Any], onnx_file: Path) -> dict[str, Any]:
-    """The model-config of an ONNX Runtime archive: the same settings, the model from ``onnx_file``."""
-    handler = {**document["handler"], "model": {"file": onnx_file.name, "format": "onnx"}}
+def variant_document(document: dict[str, Any], variant_file: Path) -> dict[str, Any]:
+    """The model-config of a variant archive: the same settings, the model from ``variant_file``.
+
+    An AOTInductor package is compiled for batches of 1 to the folder's ``batchSize``.
+    """
+    fmt = VARIANTS[variant_file.name][1]
+    model: dict[str, Any] = {"file": variant_file.name, "format": fmt}
+    if fmt == "aoti":
+        model["max_batch"] = int(document.get("batchSize", 1))
+    handler = {**document["handler"], "model": model}
+    handler.pop("compile", None)
     return {**document, "handler": handler}
 
 
 def archiver_args(
-    name: str, models: Path, handlers: Path, stage_root: Path, export: Path, *, onnx_file: Path | None = None
+    name: str, models: Path, handlers: Path, stage_root: Path, export: Path, *, variant: Path | None = None
 ) -> list[str]:
     """Return torch-model-archiver's arguments for ``models/<name>``, staging the handler package.
 
-    With ``onnx_file`` (from ``make onnx`` or ``make int8``), the archive serves that graph with ONNX
-    Runtime and is named ``<name>_<variant>`` (``resnet18_onnx``, ``resnet18_int8``).
+    With ``variant`` (from ``make onnx``, ``make int8`` or ``make aoti``), the archive serves that file
+    and is named ``<name>_<variant>`` (``resnet18_onnx``, ``resnet18_int8``, ``resnet18_aoti``).
     """
     model_dir = models / name
     config_file = model_dir / "model-config.yaml"
@@ -53,15 +62,15 @@ def archiver_args(
     if missing:
         raise ConfigError(f"{model_dir}: missing {', '.join(missing)}")
     serialized = model_dir / config.model.file
-    if onnx_file is not None:
-        if not onnx_file.is_file():
-            raise ConfigError(f"{onnx_file} is missing (make onnx / make int8 builds it)")
-        name = f"{name}_{VARIANTS[onnx_file.name]}"
-        document = onnx_variant(document, onnx_file)
+    if variant is not None:
+        if variant.name not in VARIANTS or not variant.is_file():
+            raise ConfigError(f"{variant} is missing or not a variant (make onnx / int8 / aoti builds them)")
+        name = f"{name}_{VARIANTS[variant.name][0]}"
+        document = variant_document(document, variant)
         config_file = stage_root / f"{name}.config" / "model-config.yaml"
         config_file.parent.mkdir(parents=True, exist_ok=True)
         config_file.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
-        serialized, needed = onnx_file, [onnx_file.name, config.labels]
+        serialized, needed = variant, [variant.name, config.labels]
     stage = stage_root / name
     shutil.rmtree(stage, ignore_errors=True)
     stage_servekit(handlers, stage)
@@ -93,10 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--handlers", type=Path, default=Path("handlers"))
     parser.add_argument("--stage", type=Path, default=Path("build/stage"))
     parser.add_argument("--export", type=Path, default=Path("model_store"))
-    parser.add_argument("--onnx", type=Path, help="serve this exported graph with ONNX Runtime instead")
+    parser.add_argument("--variant", type=Path, help="serve this built file (model.onnx, model.int8.onnx, model.pt2)")
     args = parser.parse_args(argv)
     try:
-        words = archiver_args(args.name, args.models, args.handlers, args.stage, args.export, onnx_file=args.onnx)
+        words = archiver_args(args.name, args.models, args.handlers, args.stage, args.export, variant=args.variant)
     except ConfigError as exc:
         sys.stderr.write(f"error: {args.name}: {exc}\n")
         return 2

@@ -1,89 +1,322 @@
-"""Scaffold ``models/<name>/`` from a ``.pt`` a user already has (``make scaffold``).
+"""Scaffold ``models/<name>/`` from a model file a user already has (``make scaffold``).
 
-Three kinds of ``.pt`` are accepted: a state_dict plus a torchvision architecture name, a state_dict
-plus a Python file defining the network class, or a TorchScript file. The folder gets the weights,
-a ``model-config.yaml`` (frontend keys on top, the kit's keys under ``handler:``) and ``labels.json``;
-the model is then loaded once, exactly as a worker will, so a bad folder fails here and not in
-TorchServe.
+The file's format is found from its content, whatever its suffix: a state_dict or training checkpoint
+(``torch.save``), safetensors, TorchScript, a ``torch.export`` program, an AOTInductor package or ONNX.
+Weights are unwrapped from checkpoints and wrapper prefixes, the class count is read off the final
+layer and checked against the labels, and the folder is then loaded and run on a generated image
+exactly as a worker will, so a model that cannot serve fails here, in one line, not in TorchServe.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import io
 import json
 import shutil
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torchvision
 import yaml
+from PIL import Image
 
-from servekit.config import parse_handler_config
+from servekit.checkpoint import check_labels, head_key, shape_of
+from servekit.config import WEIGHT_FORMATS, ModelSource, parse_handler_config
 from servekit.errors import ConfigError
-from servekit.loading import load_labels, load_model
+from servekit.loading import load_model
+from servekit.program_backend import InputSpec, exported_input_spec
+from servekit.service import build_service
+from servekit.sniff import FILE_NAMES, Sniffed, sniff_model_file
+from servekit.weights import fit_weights, plain_line, read_weights
 
 FRONTEND_DEFAULTS = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 20, "responseTimeout": 60}
+CLASSIFIER_DEFAULTS = {"resize": 256, "crop": 224, "topk": 5}
+DETECTOR_DEFAULTS = {"score_threshold": 0.5, "max_detections": 100}
+BACKGROUND = "__background__"
 
 
-def handler_section(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``handler:`` mapping for the given command-line choices."""
-    model: dict[str, Any] = {"file": "model.pt", "format": "torchscript" if args.torchscript else "state_dict"}
+@dataclass
+class Plan:
+    """What the folder will hold: the handler section, the weights to write, labels, and notes."""
+
+    section: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    state: dict[str, torch.Tensor] | None = None  # unwrapped weights to write instead of copying the file
+    classes: int | None = None
+    head: tuple[str, tuple[int, ...]] | None = None
+
+
+def read_label_names(path: Path) -> list[str]:
+    """Class names from a JSON list, an index->name JSON mapping, or a text file with one name a line."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    if isinstance(data, list):
+        return [str(x) for x in data]
+    if isinstance(data, dict):
+        try:
+            indexed = {int(k): v for k, v in data.items()}
+        except ValueError:
+            raise ConfigError(f"labels file {path.name}: JSON keys must be class indices") from None
+        return [str(indexed.get(i, i)) for i in range(max(indexed, default=-1) + 1)]
+    raise ConfigError(f"labels file {path.name} must be a JSON list, an index->name mapping, or one name a line")
+
+
+def check_architecture(architecture: str, task: str) -> None:
+    """Fail with one line for an unknown torchvision name or one of the other task."""
+    known = torchvision.models.list_models()
+    if architecture not in known:
+        close = difflib.get_close_matches(architecture, known, n=3)
+        hint = (
+            f"; did you mean {', '.join(close)}?"
+            if close
+            else "; `python -c 'import torchvision; print(torchvision.models.list_models())'` lists them"
+        )
+        raise ConfigError(f"unknown torchvision architecture {architecture!r}{hint}")
+    detection = set(torchvision.models.list_models(module=torchvision.models.detection))
+    classification = set(torchvision.models.list_models(module=torchvision.models))
+    if task == "detection" and architecture not in detection:
+        raise ConfigError(f"{architecture} is not a detection architecture (TASK=detection); use TASK=classification")
+    if task == "classification" and architecture not in classification:
+        raise ConfigError(f"{architecture} is not a classification architecture; use TASK=detection for detectors")
+
+
+def weights_plan(args: argparse.Namespace, sniffed: Sniffed) -> Plan:
+    """Fit a state_dict/safetensors file to its network: unwrapped, head sized from the weights."""
+    if not (args.architecture or args.model_file):
+        raise ConfigError(
+            f"{args.pt.name} holds weights only ({sniffed.description}): name the network with "
+            "ARCH=<torchvision name> or MODEL_FILE=<file.py> CLASS=<class name>"
+        )
+    model: dict[str, Any] = {"file": FILE_NAMES[sniffed.format], "format": sniffed.format}
     if args.architecture:
+        check_architecture(args.architecture, args.task)
         model["architecture"] = args.architecture
-    if args.model_file:
+        source_dir = Path(".")
+    else:
         model.update(model_file=Path(args.model_file).name, model_class=args.model_class)
+        source_dir = Path(args.model_file).parent
     if args.num_classes:
         model["kwargs"] = {"num_classes": args.num_classes}
-    section: dict[str, Any] = {"task": args.task, "model": model, "labels": "labels.json"}
+    source = ModelSource(**model)
+    fitted = fit_weights(read_weights(args.pt, sniffed.format), source_dir, source)
+    if fitted.num_classes is not None:
+        model["kwargs"] = {**model.get("kwargs", {}), "num_classes": fitted.num_classes}
+    plan = Plan(task_section(args, model), list(fitted.steps), fitted.state, fitted.num_classes)
+    layer = head_key(fitted.model.state_dict(), fitted.num_classes) if fitted.num_classes else None
+    if layer:
+        plan.head = (layer, shape_of(fitted.state[layer]))
+    return plan
+
+
+def graph_plan(args: argparse.Namespace, sniffed: Sniffed) -> Plan:
+    """A self-contained graph (TorchScript, torch.export, AOTInductor, ONNX): copied, input size read."""
+    if args.architecture or args.model_file:
+        raise ConfigError(f"{args.pt.name} is {sniffed.description}, which carries its network: drop ARCH/MODEL_FILE")
+    if args.task == "detection" and sniffed.format != "onnx":
+        raise ConfigError(
+            f"{args.pt.name} is {sniffed.description}; the detection handler serves torchvision detectors from "
+            "their weights (a state_dict with ARCH=<name>) or the kit's ONNX export"
+        )
+    spec = graph_input_spec(args.pt, sniffed.format)
+    model: dict[str, Any] = {"file": FILE_NAMES[sniffed.format], "format": sniffed.format}
+    max_batch = args.max_batch or (1 if sniffed.format == "aoti" and not spec.max_batch else 0)
+    if max_batch:
+        model["max_batch"] = max_batch
+    section = task_section(args, model)
+    notes = []
+    if spec.height and not args.input_size and args.task == "classification":
+        section.update(crop_sizes(spec.height))
+        notes.append(f"input {spec.height}x{spec.width or spec.height} read from the graph")
+    if spec.static_batch:
+        notes.append(f"static batch {spec.max_batch}: batches run in chunks of {spec.max_batch}")
+    if sniffed.format == "aoti":
+        notes.append("native code: serve only packages you built")
+    return Plan(section, notes)
+
+
+def graph_input_spec(path: Path, fmt: str) -> InputSpec:
+    """The input shape a traced graph accepts, where the file says it."""
+    if fmt == "aoti":
+        from torch._inductor import aoti_load_package
+
+        from servekit.program_backend import aoti_input_spec
+
+        return aoti_input_spec(dict(aoti_load_package(str(path)).get_metadata()), 0)
+    if fmt == "exported":
+        return exported_input_spec(torch.export.load(str(path)))
+    if fmt == "onnx":
+        import onnx
+
+        graph = onnx.load_model(str(path), load_external_data=False).graph
+        dims = graph.input[0].type.tensor_type.shape.dim
+        from servekit.onnx_backend import onnx_input_spec
+
+        return onnx_input_spec([d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims])
+    return InputSpec()
+
+
+def task_section(args: argparse.Namespace, model: dict[str, Any]) -> dict[str, Any]:
+    """The handler section with the task's defaults (a classifier's crop from SIZE when given)."""
     if args.task == "detection":
-        section.update(score_threshold=0.5, max_detections=100)
-    else:
-        section.update(resize=256, crop=224, topk=5)
-    return section
+        return {"task": args.task, "model": model, "labels": "labels.json", **DETECTOR_DEFAULTS}
+    sizes = crop_sizes(args.input_size) if args.input_size else {}
+    return {"task": args.task, "model": model, "labels": "labels.json", **CLASSIFIER_DEFAULTS, **sizes}
 
 
-def scaffold(args: argparse.Namespace) -> Path:
-    """Write the folder and check that the model loads; return the folder."""
-    folder = args.root / args.name
-    if folder.exists() and not args.force:
-        raise ConfigError(f"{folder} exists (use --force to overwrite)")
-    section = handler_section(args)
-    config = parse_handler_config(section)
+def crop_sizes(crop: int) -> dict[str, int]:
+    """A classifier's crop and the short side it is cut from (ImageNet's 224/256 ratio)."""
+    return {"resize": max(crop, round(crop * 256 / 224)), "crop": crop}
+
+
+def output_classes(folder: Path, config: Any) -> int | None:
+    """A classifier's output width, from one forward pass on a blank batch."""
+    if config.task != "classification":
+        return None
+    model = load_model(folder, config.model, torch.device("cpu"))
+    with torch.inference_mode():
+        out = model(torch.zeros(1, 3, config.crop, config.crop))
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise ConfigError(
+            f"the model returned {type(out).__name__} {getattr(out, 'shape', '')}; a classifier returns N x classes"
+        )
+    return int(out.shape[1])
+
+
+def label_names(args: argparse.Namespace, plan: Plan, classes: int) -> tuple[list[str], str]:
+    """The labels to write, checked against the class count, and a note on where they came from."""
+    layer, shape = plan.head if plan.head else (None, None)
+    if args.labels:
+        names = read_label_names(Path(args.labels))
+        if args.task == "detection" and len(names) == classes - 1 and BACKGROUND not in names:
+            return [BACKGROUND, *names], f"labels from {Path(args.labels).name} (with {BACKGROUND} as class 0)"
+        check_labels(len(names), classes, layer, shape)
+        return names, f"labels from {Path(args.labels).name}"
+    if args.architecture:
+        weights = torchvision.models.get_model_weights(args.architecture)
+        categories = list(next(iter(weights)).meta.get("categories", []))
+        if len(categories) == classes:
+            return categories, f"{args.architecture}'s {classes} standard names as labels"
+    return [f"class_{i}" for i in range(classes)], f"no LABELS given: names class_0..class_{classes - 1}"
+
+
+def smoke_test(folder: Path, config: Any) -> None:
+    """Serve one generated image through the kit's service, as a worker will."""
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    service = build_service(config, folder, torch.device("cpu"), max_batch=2)
+    answer = service.handle([{"body": buffer.getvalue()}] * 2).answers[0]
+    if isinstance(answer, BaseException):
+        raise ConfigError(f"the model failed on a test image: {type(answer).__name__}: {plain_line(str(answer))}")
+
+
+def write_folder(folder: Path, args: argparse.Namespace, plan: Plan) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(args.pt, folder / "model.pt")
+    target = folder / plan.section["model"]["file"]
+    if plan.state is not None and plan.notes:
+        save_weights(plan.state, target, plan.section["model"]["format"])
+    else:
+        shutil.copyfile(args.pt, target)
     if args.model_file:
         shutil.copyfile(args.model_file, folder / Path(args.model_file).name)
-    labels = json.loads(Path(args.labels).read_text()) if args.labels else []
-    (folder / "labels.json").write_text(json.dumps(labels, indent=0) + "\n")
-    document = {**FRONTEND_DEFAULTS, "handler": section}
-    (folder / "model-config.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
-    load_labels(folder / "labels.json")
-    load_model(folder, config.model, torch.device("cpu"))
-    return folder
+
+
+def save_weights(state: dict[str, torch.Tensor], target: Path, fmt: str) -> None:
+    """Write unwrapped weights: tensors only, in the format they came in."""
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous().clone() for k, v in state.items()}, str(target))
+    else:
+        torch.save(state, target)
+
+
+def scaffold(args: argparse.Namespace) -> tuple[Path, str]:
+    """Write the folder, check it serves; return it and the one line that says what was found."""
+    folder = args.root / args.name
+    if folder.exists() and not args.force:
+        raise ConfigError(f"{folder} exists (add FORCE=1 to overwrite)")
+    if args.model_file and not Path(args.model_file).is_file():
+        raise ConfigError(f"MODEL_FILE {args.model_file} does not exist")
+    sniffed = sniff_model_file(args.pt)
+    if args.torchscript and sniffed.format != "torchscript":
+        raise ConfigError(f"TORCHSCRIPT=1 was given but {args.pt.name} is {sniffed.description}")
+    plan = weights_plan(args, sniffed) if sniffed.format in WEIGHT_FORMATS else graph_plan(args, sniffed)
+    config = parse_handler_config(plan.section)
+    try:
+        write_folder(folder, args, plan)
+        (folder / "labels.json").write_text("[]\n")
+        classes = plan.classes or output_classes(folder, config)
+        if classes is None:
+            raise ConfigError("cannot tell the class count: pass NUM_CLASSES=<n>")
+        names, where = label_names(args, plan, classes)
+        (folder / "labels.json").write_text(json.dumps(names, indent=0) + "\n")
+        document = {**FRONTEND_DEFAULTS, "handler": plan.section}
+        (folder / "model-config.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+        smoke_test(folder, config)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    network = plan.section["model"].get("architecture") or plan.section["model"].get("model_class") or "its graph"
+    found = "; ".join([f"{sniffed.description}: format {sniffed.format}", *plan.notes])
+    return folder, f"found {args.pt.name}: {found}; {network}, {classes} classes; {where}"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--task", required=True, help="classification or detection")
+    parser.add_argument("--pt", type=Path, required=True, help="the model file, any suffix")
+    parser.add_argument("--architecture", help="torchvision architecture name of a state_dict")
+    parser.add_argument("--model-file", help="Python file defining the network of a state_dict")
+    parser.add_argument("--model-class", help="class name in --model-file")
+    parser.add_argument("--torchscript", action="store_true", help="(no longer needed) assert the file is TorchScript")
+    parser.add_argument("--num-classes", type=int, default=0)
+    parser.add_argument("--max-batch", type=int, default=0, help="largest batch a traced graph takes (0: as found)")
+    parser.add_argument("--input-size", type=int, default=0, help="a graph's input height/width if it does not say")
+    parser.add_argument("--labels", help="JSON list, index->name JSON mapping, or text with one name a line")
+    parser.add_argument("--root", type=Path, default=Path("models"))
+    parser.add_argument("--force", action="store_true")
+    return parser.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if not args.name or "/" in args.name or args.name.startswith("."):
+        raise ConfigError(f"NAME={args.name!r} must be a plain folder name")
+    if args.task not in ("classification", "detection"):
+        raise ConfigError(f"TASK must be classification or detection, got {args.task!r}")
+    if not str(args.pt) or str(args.pt) == ".":
+        raise ConfigError("PT=<model file> is required")
+    if args.architecture and args.model_file:
+        raise ConfigError("give ARCH or MODEL_FILE, not both")
+    if args.model_file and not args.model_class:
+        raise ConfigError("MODEL_FILE needs CLASS=<class name>")
+    if args.labels and not Path(args.labels).is_file():
+        raise ConfigError(f"LABELS {args.labels} does not exist")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--name", required=True)
-    parser.add_argument("--task", choices=("classification", "detection"), required=True)
-    parser.add_argument("--pt", type=Path, required=True, help="the .pt file (state_dict or TorchScript)")
-    kind = parser.add_mutually_exclusive_group(required=True)
-    kind.add_argument("--architecture", help="torchvision architecture name of a state_dict")
-    kind.add_argument("--model-file", help="Python file defining the network of a state_dict")
-    kind.add_argument("--torchscript", action="store_true", help="the .pt is TorchScript")
-    parser.add_argument("--model-class", help="class name in --model-file")
-    parser.add_argument("--num-classes", type=int, default=0)
-    parser.add_argument("--labels", help="JSON list of class names (or an index->name mapping)")
-    parser.add_argument("--root", type=Path, default=Path("models"))
-    parser.add_argument("--force", action="store_true")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     try:
-        folder = scaffold(args)
+        check_args(args)
+        folder, found = scaffold(args)
     except ConfigError as exc:
-        sys.stderr.write(f"error: {exc}\n")
+        sys.stderr.write(f"error: {plain_line(str(exc))}\n")
         return 2
-    sys.stdout.write(f"wrote {folder}; build it with: make archive MODEL={args.name}\n")
+    except Exception as exc:
+        sys.stderr.write(f"error: cannot scaffold from {args.pt}: {type(exc).__name__}: {plain_line(str(exc))[:300]}\n")
+        return 2
+    sys.stdout.write(f"{found}\nwrote {folder}; build it with: make archive MODEL={args.name}\n")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import zipfile
 from collections.abc import Iterator
@@ -124,19 +125,26 @@ class Server:
         return self.process.workdir / "key_file.json"
 
 
+@contextlib.contextmanager
+def serving(workdir: Path, store: Path, served: list[str], timeout: float = 300) -> Iterator[Server]:
+    """A real `torchserve` from the shipped config.properties (free loopback ports, token auth on)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = derive_config(REPO / "config.properties", workdir / "config.properties", random_endpoints().properties())
+    process = TorchServe(workdir, config, store, [f"{n}={n}.mar" for n in served])
+    process.start()
+    try:
+        keys = process.wait_ready(served, timeout=timeout)
+        yield Server(process, keys)
+    finally:
+        process.stop()
+    assert process.processes() == [], "torchserve left processes behind"
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A real `torchserve` serving every demo archive on free loopback ports, token auth on."""
     served = [*MODELS, *SERVED_VARIANTS]
     for name in served:
         archive(name)
-    workdir = tmp_path_factory.mktemp("torchserve")
-    config = derive_config(REPO / "config.properties", workdir / "config.properties", random_endpoints().properties())
-    process = TorchServe(workdir, config, MODEL_STORE, [f"{n}={n}.mar" for n in served])
-    process.start()
-    try:
-        keys = process.wait_ready(served, timeout=300)
-        yield Server(process, keys)
-    finally:
-        process.stop()
-    assert process.processes() == [], "torchserve left processes behind"
+    with serving(tmp_path_factory.mktemp("torchserve"), MODEL_STORE, served) as running:
+        yield running

@@ -52,7 +52,11 @@ def raw_model(name: str) -> torch.nn.Module:
 
 def class_probabilities(name: str, image: np.ndarray) -> torch.Tensor:
     """Softmax probabilities of a classifier on an HxWx3 uint8 image, via torchvision's v2 preset."""
-    section = handler_section(name)
+    return probabilities(raw_model(name), handler_section(name), image)
+
+
+def probabilities(model: Any, section: dict[str, Any], image: np.ndarray) -> torch.Tensor:
+    """Softmax probabilities of ``model`` on one image, preprocessed by torchvision's v2 preset."""
     preset = v2.Compose(
         [
             v2.Resize(section.get("resize", 256), antialias=True),
@@ -63,15 +67,19 @@ def class_probabilities(name: str, image: np.ndarray) -> torch.Tensor:
     )
     x = preset(torch.from_numpy(np.array(image)).permute(2, 0, 1))[None]
     with torch.inference_mode():
-        return torch.softmax(raw_model(name)(x), dim=1)[0]
+        return torch.softmax(model(x), dim=1)[0]
 
 
 def detections(name: str, image: np.ndarray) -> list[dict[str, Any]]:
     """Detections above the configured threshold, best first, on one image alone."""
-    section = handler_section(name)
+    return model_detections(raw_model(name), handler_section(name), image)
+
+
+def model_detections(model: Any, section: dict[str, Any], image: np.ndarray) -> list[dict[str, Any]]:
+    """Detections of ``model`` above the section's threshold, best first, on one image alone."""
     x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
     with torch.inference_mode():
-        out = raw_model(name)([x])[0]
+        out = model([x])[0]
     keep = out["scores"] >= section.get("score_threshold", 0.5)
     order = torch.argsort(out["scores"][keep], descending=True, stable=True)[: section.get("max_detections", 100)]
     return [

@@ -21,6 +21,7 @@ from servekit.errors import ConfigError
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+WEIGHT_FORMATS = ("state_dict", "safetensors")  # formats that need a network definition
 
 
 @dataclass(frozen=True)
@@ -42,17 +43,24 @@ class ImageLimits:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where the network comes from: a state_dict (with an architecture), a TorchScript or an ONNX file."""
+    """Where the network comes from: weights plus a network definition, or a self-contained graph.
+
+    ``state_dict`` and ``safetensors`` need an ``architecture`` (torchvision name) or a ``model_file``
+    with ``model_class``; ``torchscript``, ``exported``, ``aoti`` and ``onnx`` carry their graph.
+    ``max_batch`` bounds the batch a traced graph takes (0: any); larger batches run in chunks.
+    """
 
     file: str = "model.pt"
-    format: Literal["state_dict", "torchscript", "onnx"] = "state_dict"
+    format: Literal["state_dict", "safetensors", "torchscript", "exported", "aoti", "onnx"] = "state_dict"
     architecture: str | None = None
     model_file: str | None = None
     model_class: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    max_batch: int = 0
 
     def __post_init__(self) -> None:
-        if self.format == "state_dict":
+        _require(self.max_batch >= 0, "model.max_batch", "must be >= 0 (0: any batch size)")
+        if self.format in WEIGHT_FORMATS:
             has_arch = self.architecture is not None
             has_file = self.model_file is not None
             _require(
@@ -70,8 +78,16 @@ class ModelSource:
             _require(
                 self.architecture is None and self.model_file is None,
                 "model",
-                f"'architecture' and 'model_file' apply to state_dicts, not to format '{self.format}'",
+                f"'architecture' and 'model_file' apply to state_dict/safetensors, not to format '{self.format}'",
             )
+
+
+@dataclass(frozen=True)
+class CompileSettings:
+    """``handler.compile``: torch.compile the module at load, warmed up at every batch size it will see."""
+
+    mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    dynamic: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,6 +103,7 @@ class ClassifierConfig:
     std: tuple[float, ...] = IMAGENET_STD
     topk: int = 5
     threads: int = 0
+    compile: CompileSettings | None = None
     limits: ImageLimits = field(default_factory=ImageLimits)
 
     def __post_init__(self) -> None:
@@ -108,12 +125,14 @@ class DetectorConfig:
     score_threshold: float = 0.5
     max_detections: int = 100
     threads: int = 0
+    compile: CompileSettings | None = None
     limits: ImageLimits = field(default_factory=ImageLimits)
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.score_threshold <= 1.0, "score_threshold", "must be within [0, 1]")
         _require(self.max_detections >= 1, "max_detections", "must be >= 1")
         _require(self.threads >= 0, "threads", "must be >= 0 (0: cores / workers)")
+        _require(self.compile is None, "compile", "applies to classifiers (torchvision detectors do not compile whole)")
 
 
 HandlerConfig = ClassifierConfig | DetectorConfig
@@ -209,5 +228,7 @@ def _scalar(hint: type, value: Any, path: str) -> Any:
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if hint is str and isinstance(value, str):
+        return value
+    if hint is bool and isinstance(value, bool):
         return value
     raise ConfigError(f"'{path}' must be {hint.__name__}, got {value!r}")

@@ -1,19 +1,22 @@
-"""Loading a model folder safely: state_dicts with ``weights_only=True``, TorchScript, labels, threads."""
+"""One entry point that loads a model folder's network, whatever its format, plus labels and threads.
+
+:func:`load_model` dispatches on ``handler.model.format`` to one small module per format:
+``weights`` (``state_dict``, ``safetensors``), ``program_backend`` (``exported``, ``aoti``),
+``onnx_backend`` (``onnx``) and TorchScript here. Each returns something the services call alike.
+"""
 
 from __future__ import annotations
 
-import importlib.util
-import inspect
 import json
 import logging
-import pickle
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision
 
-from servekit.config import ModelSource
+from servekit.config import WEIGHT_FORMATS, CompileSettings, ModelSource
 from servekit.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -53,66 +56,75 @@ def load_labels(path: Path) -> list[str]:
 def load_model(model_dir: Path, source: ModelSource, device: torch.device) -> Any:
     """Build the network of a model folder on ``device``, in eval mode.
 
-    An ONNX file opens an ONNX Runtime session with the worker's torch thread count.
-
     Raises:
-        ConfigError: a missing file, an unknown architecture, or a ``.pt`` that holds pickled code
-            rather than tensors (refused by ``torch.load(weights_only=True)``; nothing in it runs).
+        ConfigError: a missing or damaged file, an unknown architecture, weights that do not fit
+            it, or a file holding pickled code (refused; nothing in it runs).
     """
     path = model_dir / source.file
     if not path.is_file():
         raise ConfigError(f"model file {source.file} is missing from the model folder")
-    if source.format == "onnx":
-        from servekit.onnx_backend import load_onnx
-
-        return load_onnx(path, device, torch.get_num_threads())
-    if source.format == "torchscript":
-        model = torch.jit.load(str(path), map_location=device)
-    else:
-        model = _build_network(model_dir, source)
-        model.load_state_dict(load_state_dict(path))
-        model = model.to(device)
-    return model.eval()
+    return LOADERS[source.format](path, model_dir, source, device).eval()
 
 
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Load tensors only: a file holding pickled code is refused with a clear message."""
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(
-            f"refused to load {path.name}: it is not a plain state_dict of tensors "
-            f"(torch.load with weights_only=True said: {first})"
-        ) from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ConfigError(f"{path.name} holds a {type(state).__name__}, not a state_dict")
-    return state
+def _weights(path: Path, model_dir: Path, source: ModelSource, device: torch.device) -> Any:
+    from servekit.weights import load_weights
+
+    return load_weights(path, model_dir, source).to(device)
 
 
-def _build_network(model_dir: Path, source: ModelSource) -> torch.nn.Module:
-    kwargs: dict[str, Any] = dict(source.kwargs)
-    if source.architecture is not None:
+def _torchscript(path: Path, model_dir: Path, source: ModelSource, device: torch.device) -> Any:
+    with warnings.catch_warnings():  # torch.jit.load warns that TorchScript is deprecated
+        warnings.simplefilter("ignore")
         try:
-            builder = torchvision.models.get_model_builder(source.architecture)
-        except ValueError:
-            raise ConfigError(f"unknown torchvision architecture {source.architecture!r}") from None
-        params = inspect.signature(builder).parameters
-        kwargs.setdefault("weights", None)  # never download: the weights are in the .pt
-        if "weights_backbone" in params:
-            kwargs.setdefault("weights_backbone", None)
-        return builder(**kwargs)
-    assert source.model_file is not None and source.model_class is not None
-    module_path = model_dir / source.model_file
-    if not module_path.is_file():
-        raise ConfigError(f"model_file {source.model_file} is missing from the model folder")
-    spec = importlib.util.spec_from_file_location(f"servekit_user_model_{module_path.stem}", module_path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cls = getattr(module, source.model_class, None)
-    if cls is None:
-        raise ConfigError(f"model_class {source.model_class!r} is not defined in {source.model_file}")
-    return cls(**kwargs)
+            return torch.jit.load(str(path), map_location=device)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
+            raise ConfigError(f"cannot load {path.name} as TorchScript: {first}") from None
+
+
+def _exported(path: Path, model_dir: Path, source: ModelSource, device: torch.device) -> Any:
+    from servekit.program_backend import load_exported
+
+    return load_exported(path, device, source.max_batch)
+
+
+def _aoti(path: Path, model_dir: Path, source: ModelSource, device: torch.device) -> Any:
+    from servekit.program_backend import load_aoti
+
+    return load_aoti(path, device, source.max_batch)
+
+
+def _onnx(path: Path, model_dir: Path, source: ModelSource, device: torch.device) -> Any:
+    from servekit.onnx_backend import load_onnx
+
+    return load_onnx(path, device, torch.get_num_threads(), source.max_batch)
+
+
+Loader = Callable[[Path, Path, ModelSource, torch.device], Any]
+LOADERS: dict[str, Loader] = {
+    **dict.fromkeys(WEIGHT_FORMATS, _weights),
+    "torchscript": _torchscript,
+    "exported": _exported,
+    "aoti": _aoti,
+    "onnx": _onnx,
+}
+
+
+def compile_module(model: Any, settings: CompileSettings, warmup: list[torch.Tensor]) -> Any:
+    """``torch.compile`` a module and run it once per warm-up batch, so no request pays a compile.
+
+    Raises:
+        ConfigError: the module is not a torch module, or compiling or a warm-up run failed.
+    """
+    if not isinstance(model, torch.nn.Module) or isinstance(model, torch.jit.ScriptModule):
+        raise ConfigError("handler.compile needs a state_dict/safetensors model (an nn.Module)")
+    try:
+        compiled = torch.compile(model, mode=settings.mode, dynamic=settings.dynamic)
+        with torch.inference_mode():
+            for batch in warmup:
+                compiled(batch)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConfigError(f"handler.compile (mode {settings.mode}) failed: {type(exc).__name__}: {first}") from None
+    logger.info("compiled with mode %s, warmed up at batch sizes %s", settings.mode, [len(b) for b in warmup])
+    return compiled

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from servekit.errors import ConfigError
+from servekit.program_backend import BoundedBatch, InputSpec
 
 CLASSIFIER_IO = ("input", "logits")
 DETECTOR_IO = ("image", ("boxes", "labels", "scores"))
@@ -42,16 +43,24 @@ def open_session(path: Path, device: torch.device, threads: int) -> Any:
 
 
 class OnnxModel:
-    """The part of ``torch.nn.Module`` the services use (``eval``, ``__call__``), over an ORT session."""
+    """The part of ``torch.nn.Module`` the services use (``eval``, ``__call__``), over an ORT session.
 
-    def __init__(self, session: Any) -> None:
+    A detector graph has the outputs ``boxes``, ``labels`` and ``scores`` (``scripts/export_onnx.py``);
+    any other graph is a classifier whose first input is the image batch and whose output ``logits``
+    (or else its first output) holds the scores. A graph with a static batch size runs in chunks.
+    """
+
+    def __init__(self, session: Any, max_batch: int = 0) -> None:
         self.session = session
-        self.input_name = session.get_inputs()[0].name
-        self.is_detector = self.input_name == DETECTOR_IO[0]
-        if self.input_name not in (DETECTOR_IO[0], CLASSIFIER_IO[0]):
-            raise ConfigError(
-                f"ONNX model input is named {self.input_name!r}; expected 'input' (classifier) or 'image' (detector)"
-            )
+        first = session.get_inputs()[0]
+        self.input_name = first.name
+        outputs = [o.name for o in session.get_outputs()]
+        self.is_detector = set(DETECTOR_IO[1]) <= set(outputs)
+        self.output_name = CLASSIFIER_IO[1] if CLASSIFIER_IO[1] in outputs else outputs[0]
+        if not self.is_detector and len(first.shape) != 4:
+            raise ConfigError(f"ONNX model input {first.name!r} has shape {first.shape}; expected N x 3 x H x W")
+        self.spec = onnx_input_spec(first.shape, max_batch)
+        self._bounded = BoundedBatch(self._classify, self.spec, torch.device("cpu"))
 
     def eval(self) -> OnnxModel:
         return self
@@ -60,7 +69,10 @@ class OnnxModel:
         if self.is_detector:
             return [self._detect(image) for image in inputs]
         assert isinstance(inputs, torch.Tensor)
-        (logits,) = self.session.run([CLASSIFIER_IO[1]], {self.input_name: inputs.cpu().numpy()})
+        return self._bounded(inputs)
+
+    def _classify(self, batch: torch.Tensor) -> torch.Tensor:
+        (logits,) = self.session.run([self.output_name], {self.input_name: batch.cpu().numpy()})
         return torch.from_numpy(logits)
 
     def _detect(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -69,6 +81,15 @@ class OnnxModel:
         return {name: torch.from_numpy(value) for name, value in zip(names, outputs)}
 
 
-def load_onnx(path: Path, device: torch.device, threads: int) -> OnnxModel:
+def onnx_input_spec(shape: Sequence[Any], max_batch: int = 0) -> InputSpec:
+    """Batch range and static height/width of an ONNX image input (a dim is an int, or a name if dynamic)."""
+    dims = list(shape) + [None] * (4 - len(shape))
+    static = [d if isinstance(d, int) and d > 0 else None for d in dims]
+    if static[0] is not None:
+        return InputSpec(static[0], static[0], static[2], static[3])
+    return InputSpec(1, max_batch or None, static[2], static[3])
+
+
+def load_onnx(path: Path, device: torch.device, threads: int, max_batch: int = 0) -> OnnxModel:
     """Open an exported classifier or detector graph."""
-    return OnnxModel(open_session(path, device, threads))
+    return OnnxModel(open_session(path, device, threads), max_batch)

@@ -19,7 +19,7 @@ import torch
 from servekit.config import ClassifierConfig, DetectorConfig, HandlerConfig, ImageLimits
 from servekit.decode import DecodedImage, decode_request
 from servekit.errors import KitError
-from servekit.loading import load_labels, load_model
+from servekit.loading import compile_module, load_labels, load_model
 from servekit.postprocess import detections_to_json, topk_to_json
 from servekit.transforms import (
     classifier_batch,
@@ -185,10 +185,20 @@ class DetectorService(VisionService[DecodedImage]):
         ]
 
 
-def build_service(config: HandlerConfig, model_dir: Path, device: torch.device) -> ClassifierService | DetectorService:
-    """Load the model folder's network and labels and return the service for its task."""
+def build_service(
+    config: HandlerConfig, model_dir: Path, device: torch.device, max_batch: int = 1
+) -> ClassifierService | DetectorService:
+    """Load the model folder's network and labels and return the service for its task.
+
+    With ``handler.compile``, the classifier is compiled and run once at every batch size from 1 to
+    ``max_batch`` (the frontend's ``batchSize``) before the first request.
+    """
     model = load_model(model_dir, config.model, device)
     labels = load_labels(model_dir / config.labels)
     if isinstance(config, ClassifierConfig):
+        if config.compile is not None:
+            shape = (3, config.crop, config.crop)
+            warmup = [torch.zeros(size, *shape, device=device) for size in range(1, max(1, max_batch) + 1)]
+            model = compile_module(model, config.compile, warmup)
         return ClassifierService(config, model, labels, device)
     return DetectorService(config, model, labels, device)

@@ -52,7 +52,8 @@ class TorchServeAdapter:
         gpu_id = properties.get("gpu_id")
         device = choose_device(int(gpu_id) if gpu_id is not None else None)
         self.model_name = str(getattr(context, "model_name", model_dir.name))
-        self.service = build_service(config, model_dir, device)
+        max_batch = int(properties.get("batch_size") or yaml_config.get("batchSize", 1) or 1)
+        self.service = build_service(config, model_dir, device, max_batch)
         self.initialized = True
         logger.info("servekit %s model %s loaded on %s with %d threads", self.task, self.model_name, device, threads)
 

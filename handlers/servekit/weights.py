@@ -1,0 +1,160 @@
+"""The ``state_dict`` and ``safetensors`` formats: tensors read safely, fitted to the network, loaded.
+
+``torch.load`` always runs with ``weights_only=True``: a file holding a whole pickled model is refused
+with one line naming its class and the command that converts it (``make convert ... TRUST=1``).
+The network comes from a torchvision architecture name or from a Python file in the model folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+
+from servekit.checkpoint import infer_num_classes, misfit, unwrap_checkpoint
+from servekit.config import ModelSource
+from servekit.errors import ConfigError
+from servekit.sniff import pickled_classes
+
+_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def plain_line(text: str) -> str:
+    """The first line of ``text`` without terminal escape codes or control characters."""
+    lines = [line.strip() for line in _ESCAPES.sub("", text).splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def read_weights(path: Path, fmt: str) -> Any:
+    """The object a weights file holds: tensors only (``weights_only=True`` or safetensors).
+
+    Raises:
+        ConfigError: the file is damaged, or holds pickled code (a whole model) that is refused.
+    """
+    if fmt == "safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:
+            raise ConfigError(f"cannot read {path.name} as safetensors: {plain_line(str(exc))}") from None
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise refusal(path, exc) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, AttributeError, OSError) as exc:
+        raise ConfigError(f"cannot read {path.name}: it is damaged or truncated ({plain_line(str(exc))})") from None
+
+
+def refusal(path: Path, exc: BaseException) -> ConfigError:
+    """The one-line refusal of a file that ``weights_only=True`` would not unpickle."""
+    classes = pickled_classes(path)
+    what = f"a whole pickled model ({classes[0]})" if classes else "pickled Python objects, not only tensors"
+    return ConfigError(
+        f"refused to load {path.name}: it holds {what}, and unpickling it would run code from the file; "
+        f"if you trust it, convert it once with: make convert PT={path} OUT=<new file> TRUST=1"
+    )
+
+
+def builder_default_classes(architecture: str) -> int:
+    """The class count torchvision builds an architecture with when none is given."""
+    detection = set(torchvision.models.list_models(module=torchvision.models.detection))
+    if architecture in detection:
+        return 2 if architecture.startswith("keypointrcnn") else 91
+    if architecture in set(torchvision.models.list_models(module=torchvision.models.segmentation)):
+        return 21
+    return 1000
+
+
+def build_network(model_dir: Path, source: ModelSource, **overrides: Any) -> torch.nn.Module:
+    """The untrained network named by ``source`` (torchvision architecture or model_file class)."""
+    kwargs: dict[str, Any] = {**source.kwargs, **overrides}
+    if source.architecture is not None:
+        try:
+            builder = torchvision.models.get_model_builder(source.architecture)
+        except ValueError:
+            raise ConfigError(f"unknown torchvision architecture {source.architecture!r}") from None
+        kwargs.setdefault("weights", None)  # never download: the weights are in the file
+        if "weights_backbone" in inspect.signature(builder).parameters:
+            kwargs.setdefault("weights_backbone", None)
+        return builder(**kwargs)
+    return user_class(model_dir, source)(**kwargs)
+
+
+def user_class(model_dir: Path, source: ModelSource) -> type:
+    """The network class defined in the model folder's ``model_file``."""
+    assert source.model_file is not None and source.model_class is not None
+    module_path = model_dir / source.model_file
+    if not module_path.is_file():
+        raise ConfigError(f"model_file {source.model_file} is missing from the model folder")
+    spec = importlib.util.spec_from_file_location(f"servekit_user_model_{module_path.stem}", module_path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cls = getattr(module, source.model_class, None)
+    if not isinstance(cls, type):
+        raise ConfigError(f"model_class {source.model_class!r} is not a class defined in {source.model_file}")
+    return cls
+
+
+def default_classes(model_dir: Path, source: ModelSource) -> int | None:
+    """The class count the network is built with, when it takes ``num_classes``."""
+    if "num_classes" in source.kwargs:
+        return int(source.kwargs["num_classes"])
+    if source.architecture is not None:
+        return builder_default_classes(source.architecture)
+    parameter = inspect.signature(user_class(model_dir, source)).parameters.get("num_classes")
+    if parameter is None or not isinstance(parameter.default, int):
+        return None
+    return parameter.default
+
+
+@dataclass
+class FittedWeights:
+    """A network with the file's weights loaded, and how they were made to fit."""
+
+    model: torch.nn.Module
+    state: dict[str, torch.Tensor]
+    steps: tuple[str, ...]
+    num_classes: int | None
+
+
+def fit_weights(obj: Any, model_dir: Path, source: ModelSource) -> FittedWeights:
+    """Unwrap the saved object, size the head from the weights when needed, and load them.
+
+    Raises:
+        ConfigError: one line naming the misfit (a layer and both shapes, or the missing keys).
+    """
+    name = source.architecture or source.model_class or "the network"
+    model = build_network(model_dir, source)
+    reference = model.state_dict()
+    unwrapped = unwrap_checkpoint(obj, set(reference))
+    problem = misfit(unwrapped.state, reference, name)
+    classes = default_classes(model_dir, source)
+    if problem and classes is not None and "num_classes" not in source.kwargs:
+        inferred = infer_num_classes(unwrapped.state, reference, classes)
+        if inferred is not None:
+            model = build_network(model_dir, source, num_classes=inferred)
+            problem = misfit(unwrapped.state, model.state_dict(), f"{name} with {inferred} classes")
+            classes = inferred
+    if problem:
+        raise ConfigError(problem)
+    model.load_state_dict(unwrapped.state)
+    return FittedWeights(model, unwrapped.state, unwrapped.steps, classes)
+
+
+def load_weights(path: Path, model_dir: Path, source: ModelSource) -> torch.nn.Module:
+    """The network of a ``state_dict`` or ``safetensors`` model folder, weights loaded, on the CPU."""
+    try:
+        return fit_weights(read_weights(path, source.format), model_dir, source).model
+    except ConfigError as exc:
+        message = str(exc)
+        raise ConfigError(message if message.startswith(("refused", "cannot")) else f"{path.name}: {message}") from None

@@ -1,0 +1,181 @@
+"""Bring your own model, end to end: files saved as users save them -> `make scaffold` -> `make archive`
+(`make -j4`, private archiver TMPDIRs) and `make aoti` -> a real TorchServe -> answers equal the in-process model's.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from user_models import FORMS, Form
+
+import demo_models
+import reference
+from client import KeyRing, RestClient
+from conftest import REPO, Server, serving
+
+pytestmark = pytest.mark.e2e
+PHOTOS = ("chelsea", "astronaut")
+
+
+def run_make(*args: str, **variables: Any) -> subprocess.CompletedProcess[str]:
+    """``make --no-print-directory <args> VAR=value ...`` in the repo, output captured."""
+    command = ["make", "--no-print-directory", *args, *(f"{k}={v}" for k, v in variables.items())]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1200, check=False)
+
+
+def apply_edits(folder: Path, form: Form) -> None:
+    """Set the model-config keys a user would set by hand after scaffolding."""
+    path = folder / "model-config.yaml"
+    document = yaml.safe_load(path.read_text())
+    document.update(form.frontend)
+    document["handler"].update(form.edits)
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+
+
+@dataclass
+class Deployment:
+    forms: dict[str, Form]
+    found: dict[str, str]
+    models: Path
+    server: Server
+    rest: RestClient
+    aoti_line: str
+
+    def form(self, name: str) -> Form:
+        """The form an archive serves (``<name>_aoti`` is built by `make aoti` from ``<name>``)."""
+        return self.forms[name] if name in self.forms else self.forms[name.removesuffix("_aoti")]
+
+    def section(self, name: str) -> dict[str, Any]:
+        folder = self.models / self.form(name).name
+        return yaml.safe_load((folder / "model-config.yaml").read_text())["handler"]
+
+
+@pytest.fixture(scope="module")
+def byom(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    root = tmp_path_factory.mktemp("byom")
+    files, models, store = root / "files", root / "models", root / "store"
+    files.mkdir()
+    forms = {form.name: form for form in (make(files) for make in FORMS)}
+    found = {}
+    for form in forms.values():
+        result = run_make("scaffold", MODELS=models, NAME=form.name, TASK=form.task, **form.make_vars)
+        assert result.returncode == 0, f"{form.name}: {result.stderr}"
+        found[form.name] = result.stdout.splitlines()[0]
+        apply_edits(models / form.name, form)
+    # An unrelated /tmp/<model name> must survive the archiver (it stages in a private TMPDIR).
+    bystander = Path("/tmp") / "byom_ckpt"
+    bystander.mkdir(exist_ok=True)
+    (bystander / "notes.txt").write_text("mine")
+    result = run_make("-j4", "archive", MODELS=models, STORE=store)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (bystander / "notes.txt").read_text() == "mine"
+    aoti = run_make("aoti", MODEL="byom_compiled", MODELS=models, STORE=store)
+    assert aoti.returncode == 0, aoti.stderr[-2000:]
+    served = sorted(p.stem for p in store.glob("*.mar"))
+    assert served == sorted([*forms, "byom_compiled_aoti"])
+    with serving(root / "torchserve", store, served, timeout=600) as server:
+        rest = RestClient(server.endpoints, KeyRing(server.key_file))
+        line = next(x for x in aoti.stdout.splitlines() if x.startswith("wrote"))
+        yield Deployment(forms, found, models, server, rest, line)
+
+
+EXPECTED_FINDINGS = {
+    "byom_ckpt": ["format state_dict", "weights under 'model'", "prefix 'module.' stripped", "7 classes"],
+    "byom_effnet": ["format state_dict", "efficientnet_b0, 5 classes", "labels from flowers.txt"],
+    "byom_safetensors": ["format safetensors", "prefix '_orig_mod.' stripped", "10 classes"],
+    "byom_torchscript": ["format torchscript", "4 classes"],
+    "byom_exported": ["format exported", "static batch 1", "7 classes"],
+    "byom_aoti": ["format aoti", "native code", "3 classes"],
+    "byom_onnx": ["format onnx", "input 224x224", "7 classes"],
+    "byom_detector": ["format state_dict", "4 classes", "__background__"],
+    "byom_compiled": ["format state_dict", "TinyNet, 3 classes"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_FINDINGS))
+def test_scaffold_says_in_one_line_what_it_found(byom: Deployment, name: str) -> None:
+    line = byom.found[name]
+    assert line.startswith(f"found {Path(byom.forms[name].make_vars['PT']).name}: ")
+    for words in EXPECTED_FINDINGS[name]:
+        assert words in line, line
+
+
+def png_and_pixels(image: np.ndarray) -> tuple[bytes, np.ndarray]:
+    data = demo_models.encode(image, "PNG")
+    return data, np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+CLASSIFIERS = [*sorted(n for n in EXPECTED_FINDINGS if n != "byom_detector"), "byom_compiled_aoti"]
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_served_classifier_equals_the_in_process_model(
+    byom: Deployment, name: str, photos: dict[str, np.ndarray]
+) -> None:
+    model = byom.form(name).reference
+    for photo in PHOTOS:
+        data, pixels = png_and_pixels(photos[photo])
+        reply = byom.rest.predict(name, data)
+        assert reply.status == 200, reply.body
+        reference.assert_classification_matches(reply.body, reference.probabilities(model, byom.section(name), pixels))
+
+
+@pytest.mark.parametrize("name", ["byom_exported", "byom_aoti", "byom_onnx", "byom_compiled", "byom_compiled_aoti"])
+def test_concurrent_batches_of_a_traced_graph_answer_each_image(
+    byom: Deployment, name: str, photos: dict[str, np.ndarray]
+) -> None:
+    """16 concurrent requests form batches the graph's own batch bounds do not allow; each is right."""
+    model = byom.form(name).reference
+    images = [png_and_pixels(np.roll(photos[PHOTOS[i % 2]], 37 * i, axis=1)) for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(lambda item: byom.rest.predict(name, item[0]), images))
+    for reply, (_, pixels) in zip(replies, images):
+        assert reply.status == 200, reply.body
+        reference.assert_classification_matches(reply.body, reference.probabilities(model, byom.section(name), pixels))
+
+
+def test_served_detector_with_its_own_class_count(byom: Deployment, photos: dict[str, np.ndarray]) -> None:
+    form = byom.forms["byom_detector"]
+    for photo in PHOTOS:
+        data, pixels = png_and_pixels(photos[photo])
+        reply = byom.rest.predict(form.name, data)
+        assert reply.status == 200, reply.body
+        expected = reference.model_detections(form.reference, byom.section(form.name), pixels)
+        assert expected, "the seeded detector should find something above 0.05"
+        reference.assert_detections_match(reply.body, expected)
+        assert {d["label"] for d in reply.body} <= {"circle", "square", "triangle"}
+
+
+def test_labels_come_from_the_users_file(byom: Deployment, photos: dict[str, np.ndarray]) -> None:
+    reply = byom.rest.predict("byom_effnet", png_and_pixels(photos["chelsea"])[0])
+    assert {item["label"] for item in reply.body} == {"daisy", "dandelion", "roses", "sunflowers", "tulips"}
+
+
+def test_make_aoti_reports_its_check_against_eager(byom: Deployment) -> None:
+    line = byom.aoti_line
+    assert "max abs difference from eager" in line, line
+    assert float(line.rsplit(" ", 1)[1]) < 1e-3
+
+
+def test_archives_are_self_contained(byom: Deployment) -> None:
+    """The archives built with -j4 each hold their own model (no staging area shared between builds)."""
+    import zipfile
+
+    store = byom.server.process.model_store
+    for name in byom.forms:
+        with zipfile.ZipFile(store / f"{name}.mar") as mar:
+            config = yaml.safe_load(mar.read("model-config.yaml"))
+            assert config["handler"]["model"]["file"] in mar.namelist()
+            manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))
+            assert manifest["model"]["modelName"] == name

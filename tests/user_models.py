@@ -1,0 +1,180 @@
+"""Model files saved the way training code and tutorials save them, for the bring-your-own-model tests.
+
+Each :class:`Form` makes one file in a folder and returns the ``make scaffold`` variables for it and
+the in-process module whose answers the served model must equal.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+
+TINY_SOURCE = '''import torch
+
+
+class TinyNet(torch.nn.Module):
+    """A small CNN a user might write: conv, pool, linear head."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3, stride=2), torch.nn.ReLU()
+        )
+        self.head = torch.nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean((2, 3)))
+'''
+
+
+@dataclass
+class Form:
+    """One way a model is saved: its scaffold variables and its in-process reference module."""
+
+    name: str
+    task: str
+    make_vars: dict[str, str]
+    reference: Any
+    edits: dict[str, Any] = field(default_factory=dict)  # handler keys a user would set after scaffold
+    frontend: dict[str, Any] = field(default_factory=dict)  # frontend keys (batchSize, ...) likewise
+
+
+def seeded(arch: str, **kwargs: Any) -> torch.nn.Module:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torchvision.models.get_model(arch, weights=None, **kwargs).eval()
+
+
+def tiny_class(folder: Path) -> type:
+    """Write ``tiny_net.py`` into ``folder`` and import its class."""
+    import importlib.util
+
+    path = folder / "tiny_net.py"
+    path.write_text(TINY_SOURCE)
+    spec = importlib.util.spec_from_file_location("tests_tiny_net", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.TinyNet
+
+
+def checkpoint_with_prefix(folder: Path) -> Form:
+    """A training checkpoint: weights under 'model' with DataParallel's 'module.' prefix, plus optimizer state."""
+    model = seeded("resnet18", num_classes=7)
+    state = {f"module.{k}": v for k, v in model.state_dict().items()}
+    path = folder / "epoch3.ckpt"
+    torch.save({"epoch": 3, "model": state, "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]}}, path)
+    return Form("byom_ckpt", "classification", {"PT": str(path), "ARCH": "resnet18"}, model)
+
+
+def efficientnet_five(folder: Path) -> Form:
+    """A 5-class efficientnet_b0 state_dict (``.bin``) with a 5-line labels file."""
+    model = seeded("efficientnet_b0", num_classes=5)
+    torch.save(model.state_dict(), folder / "flowers.bin")
+    (folder / "flowers.txt").write_text("daisy\ndandelion\nroses\nsunflowers\ntulips\n")
+    make_vars = {"PT": str(folder / "flowers.bin"), "ARCH": "efficientnet_b0", "LABELS": str(folder / "flowers.txt")}
+    return Form("byom_effnet", "classification", make_vars, model)
+
+
+def safetensors_compiled(folder: Path) -> Form:
+    """safetensors of a model trained under torch.compile (keys carry '_orig_mod.')."""
+    from safetensors.torch import save_file
+
+    model = seeded("mobilenet_v3_small", num_classes=10)
+    save_file({f"_orig_mod.{k}": v.contiguous() for k, v in model.state_dict().items()}, folder / "mnv3.safetensors")
+    return Form(
+        "byom_safetensors",
+        "classification",
+        {"PT": str(folder / "mnv3.safetensors"), "ARCH": "mobilenet_v3_small"},
+        model,
+    )
+
+
+def torchscript_file(folder: Path) -> Form:
+    model = seeded("mobilenet_v3_small", num_classes=4)
+    torch.jit.save(torch.jit.script(model), folder / "mnv3.torchscript")
+    return Form("byom_torchscript", "classification", {"PT": str(folder / "mnv3.torchscript")}, model)
+
+
+def exported_batch_one(folder: Path) -> Form:
+    """A torch.export program traced with batch 1 (static): the kit serves batches in chunks."""
+    model = seeded("resnet18", num_classes=7)
+    torch.export.save(torch.export.export(model, (torch.randn(1, 3, 224, 224),)), folder / "resnet.pt2")
+    return Form("byom_exported", "classification", {"PT": str(folder / "resnet.pt2")}, model)
+
+
+def aoti_package(folder: Path) -> Form:
+    """An AOTInductor package a user compiled (dynamic batch 1-8, 64x64 input)."""
+    torch.manual_seed(0)
+    model = tiny_class(folder)(num_classes=3).eval()
+    batch = torch.export.Dim("batch", min=1, max=8)
+    with torch.no_grad():
+        program = torch.export.export(model, (torch.randn(2, 3, 64, 64),), dynamic_shapes=({0: batch},))
+        torch._inductor.aoti_compile_and_package(program, package_path=str(folder / "tiny_aoti.pt2"))
+    make_vars = {"PT": str(folder / "tiny_aoti.pt2"), "MAX_BATCH": "8", "SIZE": "64"}
+    return Form("byom_aoti", "classification", make_vars, model)
+
+
+def onnx_file(folder: Path) -> Form:
+    """ONNX as torch.onnx.export writes it with a user's names (input 'x') and a dynamic batch."""
+    model = seeded("resnet18", num_classes=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (torch.randn(1, 3, 224, 224),),
+            str(folder / "resnet.onnx"),
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
+            dynamo=False,
+        )
+    return Form("byom_onnx", "classification", {"PT": str(folder / "resnet.onnx")}, model)
+
+
+def detector_four(folder: Path) -> Form:
+    """A torchvision detector fine-tuned to 3 classes + background, with a 3-name labels file."""
+    model = seeded("fasterrcnn_mobilenet_v3_large_320_fpn", num_classes=4, weights_backbone=None)
+    torch.save(model.state_dict(), folder / "shapes_detector.pth")
+    (folder / "shapes.txt").write_text("circle\nsquare\ntriangle\n")
+    make_vars = {
+        "PT": str(folder / "shapes_detector.pth"),
+        "ARCH": "fasterrcnn_mobilenet_v3_large_320_fpn",
+        "LABELS": str(folder / "shapes.txt"),
+    }
+    return Form("byom_detector", "detection", make_vars, model, {"score_threshold": 0.05})
+
+
+def model_file_compiled(folder: Path) -> Form:
+    """A state_dict of the user's own class (MODEL_FILE/CLASS), served with handler.compile."""
+    torch.manual_seed(1)
+    model = tiny_class(folder)(num_classes=3).eval()
+    torch.save(model.state_dict(), folder / "tiny.pt")
+    make_vars = {
+        "PT": str(folder / "tiny.pt"),
+        "MODEL_FILE": str(folder / "tiny_net.py"),
+        "CLASS": "TinyNet",
+        "SIZE": "64",
+    }
+    edits = {"compile": {"mode": "default", "dynamic": False}}
+    return Form("byom_compiled", "classification", make_vars, model, edits, {"batchSize": 4})
+
+
+FORMS: list[Callable[[Path], Form]] = [
+    checkpoint_with_prefix,
+    efficientnet_five,
+    safetensors_compiled,
+    torchscript_file,
+    exported_batch_one,
+    aoti_package,
+    onnx_file,
+    detector_four,
+    model_file_compiled,
+]

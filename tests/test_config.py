@@ -79,7 +79,7 @@ def test_detector_config() -> None:
         ({"task": "classification", "model": {"format": "onnxx"}}, "'handler.model.format' must be one of"),
         (
             {"task": "classification", "model": {"format": "torchscript", "architecture": "resnet18"}},
-            "apply to state_dicts",
+            "apply to state_dict/safetensors",
         ),
         (
             {"task": "detection", "model": {"architecture": "x"}, "score_threshold": 1.5},

@@ -199,7 +199,8 @@ def test_a_pt_with_pickled_code_is_refused_at_load(tmp_path: Path) -> None:
          "--stage", str(tmp_path / "stage"), "--export", str(tmp_path), "--handlers", str(REPO / "handlers")],
         capture_output=True, text=True, env=env, check=True,
     ).stdout.split()  # fmt: skip
-    subprocess.run([str(Path(sys.executable).parent / "torch-model-archiver"), *args], check=True, cwd=REPO)
+    archiver = str(Path(sys.executable).parent / "torch-model-archiver")
+    subprocess.run([archiver, *args], check=True, cwd=REPO, env={**env, "TMPDIR": str(tmp_path)})
     extracted = tmp_path / "extracted"
     with zipfile.ZipFile(tmp_path / "evil.mar") as mar:
         mar.extractall(extracted)
@@ -207,7 +208,7 @@ def test_a_pt_with_pickled_code_is_refused_at_load(tmp_path: Path) -> None:
 
     from servekit.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="refused to load model.pt: it is not a plain state_dict of tensors"):
+    with pytest.raises(ConfigError, match="refused to load model.pt: it holds pickled Python objects"):
         TsModelLoader().load("evil", str(extracted), "servekit_classifier.py", None, 8)
     assert not marker.exists()
 

@@ -11,7 +11,8 @@ import torch
 
 from servekit.config import ModelSource
 from servekit.errors import ConfigError
-from servekit.loading import intra_op_threads, load_labels, load_model, load_state_dict
+from servekit.loading import intra_op_threads, load_labels, load_model
+from servekit.weights import read_weights
 
 
 class _RunsCode:
@@ -28,8 +29,10 @@ def test_pickled_code_is_refused_and_never_runs(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     evil = tmp_path / "model.pt"
     torch.save({"weight": torch.zeros(2), "payload": _RunsCode(marker)}, evil)
-    with pytest.raises(ConfigError, match="refused to load model.pt: it is not a plain state_dict of tensors"):
-        load_state_dict(evil)
+    with pytest.raises(
+        ConfigError, match=r"refused to load model.pt: it holds pickled Python objects \(posix.system\)"
+    ):
+        read_weights(evil, "state_dict")
     assert not marker.exists()
 
 
@@ -45,7 +48,7 @@ def test_state_dict_with_architecture_and_model_file(tmp_path: Path) -> None:
     x = torch.rand(1, 3, 2, 2)
     torch.testing.assert_close(loaded(x), net(x))
     assert not loaded.training
-    with pytest.raises(ConfigError, match="model_class 'Nope' is not defined in net.py"):
+    with pytest.raises(ConfigError, match="model_class 'Nope' is not a class defined in net.py"):
         load_model(tmp_path, ModelSource(model_file="net.py", model_class="Nope"), torch.device("cpu"))
     with pytest.raises(ConfigError, match="unknown torchvision architecture 'resnet9000'"):
         load_model(tmp_path, ModelSource(architecture="resnet9000"), torch.device("cpu"))

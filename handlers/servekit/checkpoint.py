@@ -52,19 +52,19 @@ def nested_state_dicts(obj: Any, path: tuple[str, ...] = (), depth: int = 3) -> 
 
 
 def strip_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Remove wrapper prefixes shared by every key while that makes more keys match ``expected``."""
-    stripped: list[str] = []
+    """Remove wrapper prefixes shared by every key (``_orig_mod.module.`` too) if that matches more keys.
+
+    Each step strips one known prefix that all keys share; the step matching the most ``expected``
+    keys wins, the fewest strips on a tie, so a prefix that is part of the architecture's names stays.
+    """
+    chain: list[tuple[dict[str, torch.Tensor], list[str]]] = [(state, [])]
     while True:
-        matched = len(expected.intersection(state))
-        for prefix in PREFIXES:
-            if all(k.startswith(prefix) for k in state):
-                candidate = {k[len(prefix) :]: v for k, v in state.items()}
-                if len(expected.intersection(candidate)) > matched:
-                    state = candidate
-                    stripped.append(prefix)
-                    break
-        else:
-            return state, stripped
+        current, stripped = chain[-1]
+        prefix = next((p for p in PREFIXES if current and all(k.startswith(p) for k in current)), None)
+        if prefix is None:
+            break
+        chain.append(({k[len(prefix) :]: v for k, v in current.items()}, [*stripped, prefix]))
+    return max(chain, key=lambda step: len(expected.intersection(step[0])))
 
 
 def unwrap_checkpoint(obj: Any, expected: set[str]) -> Unwrapped:

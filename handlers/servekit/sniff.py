@@ -131,12 +131,18 @@ def pickled_classes(path: Path, limit: int = 5) -> list[str]:
             if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
                 strings.append(str(arg))
             name = _global_name(opcode.name, arg, strings)
-            if name and not name.startswith(("torch.", "collections.", "builtins.", "_codecs.", "numpy.")):
-                if name not in found:
-                    found.append(name)
+            if name and _is_user_class(name) and name not in found:
+                found.append(name)
     except Exception:
         pass
     return found[:limit]
+
+
+def _is_user_class(name: str) -> bool:
+    """A class a pickle imports that is not one of torch's storage/tensor helpers or a builtin."""
+    if name.startswith(("collections.", "builtins.", "__builtin__.", "_codecs.", "numpy.", "copyreg.")):
+        return False
+    return not name.startswith("torch.") or name.startswith("torch.nn.")
 
 
 def _global_name(opcode: str, arg: object, strings: list[str]) -> str | None:

@@ -57,10 +57,11 @@ def read_weights(path: Path, fmt: str) -> Any:
 def refusal(path: Path, exc: BaseException) -> ConfigError:
     """The one-line refusal of a file that ``weights_only=True`` would not unpickle."""
     classes = pickled_classes(path)
-    what = f"a whole pickled model ({classes[0]})" if classes else "pickled Python objects, not only tensors"
+    named = f" ({', '.join(classes[:2])})" if classes else ""
     return ConfigError(
-        f"refused to load {path.name}: it holds {what}, and unpickling it would run code from the file; "
-        f"if you trust it, convert it once with: make convert PT={path} OUT=<new file> TRUST=1"
+        f"refused to load {path.name}: it holds pickled Python objects{named}, as torch.save(model) writes for a "
+        f"whole model, not only tensors, and unpickling them would run code from the file; if you trust it, "
+        f"convert it once with: make convert PT={path} OUT=<new file> TRUST=1"
     )
 
 

@@ -91,7 +91,8 @@ $(STORE)/%_int8.mar: $(ONNX_DIR)/%/model.int8.onnx $(HANDLER_SRC) scripts/archiv
 # The side-by-side benchmark: stock-handler archives of the same weights, and every kit variant.
 STOCK_STORE := build/stock_store
 BENCH_INPUTS := $(foreach m,resnet18 mobilenet_v3_small fasterrcnn,model_store/$(m).mar model_store/$(m)_onnx.mar $(STOCK_STORE)/$(m)_stock.mar) \
-	model_store/digits_onnx.mar model_store/resnet18_int8.mar model_store/mobilenet_v3_small_int8.mar $(ONNX_DIR)/digits/model.int8.onnx \
+	model_store/digits_onnx.mar model_store/resnet18_int8.mar model_store/resnet18_aoti.mar model_store/resnet18_exported.mar \
+	model_store/resnet18_compile.mar model_store/mobilenet_v3_small_int8.mar $(ONNX_DIR)/digits/model.int8.onnx \
 	$(TRITON_STAMP)
 
 $(STOCK_STORE)/%_stock.mar: $$(filter-out %/__pycache__,$$(wildcard models/%/*)) scripts/stock_archives.py | $(STAMP)
@@ -147,6 +148,16 @@ $(AOTI_DIR)/%/model.pt2: $$(filter-out %/__pycache__,$$(wildcard $(MODELS)/%/*))
 
 $(STORE)/%_aoti.mar: $(AOTI_DIR)/%/model.pt2 $(HANDLER_SRC) scripts/archive_args.py
 	$(call archive,$*_aoti,$* --models $(MODELS) --variant $<)
+
+# The program that make aoti exported, served as it is (format exported), and the folder's model
+# served with handler.compile (torch.compile at load, warmed up at every batch size).
+$(AOTI_DIR)/%/program.pt2: $(AOTI_DIR)/%/model.pt2 ;
+
+$(STORE)/%_exported.mar: $(AOTI_DIR)/%/program.pt2 $(HANDLER_SRC) scripts/archive_args.py
+	$(call archive,$*_exported,$* --models $(MODELS) --variant $<)
+
+$(STORE)/%_compile.mar: $(MODELS)/%/model-config.yaml $$(filter-out %/__pycache__,$$(wildcard $(MODELS)/%/*)) $(HANDLER_SRC) scripts/archive_args.py | $(STAMP)
+	$(call archive,$*_compile,$* --models $(MODELS) --compile default)
 
 .PHONY: serve
 serve: archive ## Start TorchServe on loopback with every archive, wait until healthy, print endpoints

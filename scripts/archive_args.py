@@ -20,13 +20,23 @@ from servekit.config import ClassifierConfig, parse_handler_config, read_model_d
 from servekit.errors import ConfigError
 
 # A built variant of a model folder: its file name -> (archive suffix, handler.model.format).
-VARIANTS = {"model.onnx": ("onnx", "onnx"), "model.int8.onnx": ("int8", "onnx"), "model.pt2": ("aoti", "aoti")}
+VARIANTS = {
+    "model.onnx": ("onnx", "onnx"),
+    "model.int8.onnx": ("int8", "onnx"),
+    "model.pt2": ("aoti", "aoti"),
+    "program.pt2": ("exported", "exported"),
+}
 HANDLER_FILES = {"classification": "servekit_classifier.py", "detection": "servekit_detector.py"}
 
 
 def stage_servekit(handlers: Path, dest: Path) -> None:
     """Copy the ``servekit`` package (no caches) into ``dest``, for an archive or a Triton python step."""
     shutil.copytree(handlers / "servekit", dest / "servekit", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
+def compile_document(document: dict[str, Any], mode: str) -> dict[str, Any]:
+    """The model-config of a ``<name>_compile`` archive: the same model, ``torch.compile``d at load."""
+    return {**document, "handler": {**document["handler"], "compile": {"mode": mode, "dynamic": False}}}
 
 
 def variant_document(document: dict[str, Any], variant_file: Path) -> dict[str, Any]:
@@ -44,12 +54,21 @@ def variant_document(document: dict[str, Any], variant_file: Path) -> dict[str, 
 
 
 def archiver_args(
-    name: str, models: Path, handlers: Path, stage_root: Path, export: Path, *, variant: Path | None = None
+    name: str,
+    models: Path,
+    handlers: Path,
+    stage_root: Path,
+    export: Path,
+    *,
+    variant: Path | None = None,
+    compile_mode: str | None = None,
 ) -> list[str]:
     """Return torch-model-archiver's arguments for ``models/<name>``, staging the handler package.
 
     With ``variant`` (from ``make onnx``, ``make int8`` or ``make aoti``), the archive serves that file
-    and is named ``<name>_<variant>`` (``resnet18_onnx``, ``resnet18_int8``, ``resnet18_aoti``).
+    and is named ``<name>_<variant>`` (``resnet18_onnx``, ``resnet18_int8``, ``resnet18_aoti``,
+    ``resnet18_exported``). With ``compile_mode``, ``<name>_compile`` serves the folder's model with
+    ``handler.compile``.
     """
     model_dir = models / name
     config_file = model_dir / "model-config.yaml"
@@ -67,10 +86,15 @@ def archiver_args(
             raise ConfigError(f"{variant} is missing or not a variant (make onnx / int8 / aoti builds them)")
         name = f"{name}_{VARIANTS[variant.name][0]}"
         document = variant_document(document, variant)
+        serialized, needed = variant, [variant.name, config.labels]
+    elif compile_mode is not None:
+        name = f"{name}_compile"
+        document = compile_document(document, compile_mode)
+        parse_handler_config(document["handler"])
+    if variant is not None or compile_mode is not None:
         config_file = stage_root / f"{name}.config" / "model-config.yaml"
         config_file.parent.mkdir(parents=True, exist_ok=True)
         config_file.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
-        serialized, needed = variant, [variant.name, config.labels]
     stage = stage_root / name
     shutil.rmtree(stage, ignore_errors=True)
     stage_servekit(handlers, stage)
@@ -102,10 +126,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--handlers", type=Path, default=Path("handlers"))
     parser.add_argument("--stage", type=Path, default=Path("build/stage"))
     parser.add_argument("--export", type=Path, default=Path("model_store"))
-    parser.add_argument("--variant", type=Path, help="serve this built file (model.onnx, model.int8.onnx, model.pt2)")
+    parser.add_argument("--variant", type=Path, help="serve this built file (model.onnx, model.int8.onnx, *.pt2)")
+    parser.add_argument("--compile", dest="compile_mode", help="serve the folder's model with handler.compile MODE")
     args = parser.parse_args(argv)
     try:
-        words = archiver_args(args.name, args.models, args.handlers, args.stage, args.export, variant=args.variant)
+        words = archiver_args(
+            args.name,
+            args.models,
+            args.handlers,
+            args.stage,
+            args.export,
+            variant=args.variant,
+            compile_mode=args.compile_mode,
+        )
     except ConfigError as exc:
         sys.stderr.write(f"error: {args.name}: {exc}\n")
         return 2

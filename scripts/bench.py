@@ -29,15 +29,17 @@ import torch
 import demo_models
 from client import KeyRing, RestClient
 from loadgen import LoadResult, closed_loop, servekit_counters
-from servekit.config import ClassifierConfig, read_model_config
-from servekit.loading import load_model
+from servekit.config import ClassifierConfig, CompileSettings, read_model_config
+from servekit.loading import compile_module, load_model
 from servekit.onnx_backend import load_onnx
+from servekit.program_backend import load_aoti, load_exported
 from servekit.transforms import detector_inputs
 from tsctl import Endpoints, TorchServe, derive_config, random_endpoints
 
 logger = logging.getLogger("bench")
 CPU = torch.device("cpu")
 STORES = (Path("model_store"), Path("build/stock_store"))
+AOTI_DIR = Path("build/aoti")
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class Plan:
     inprocess_seconds: float
     inprocess_batches: tuple[int, ...]
     served: tuple[Served, ...]
+    backends: frozenset[str] = frozenset(("torch", "torchscript", "onnx", "int8", "exported", "aoti", "compile"))
 
 
 def _served(model: str, stock: bool, kit: Sequence[tuple[str, str]]) -> list[Served]:
@@ -68,8 +71,16 @@ def _served(model: str, stock: bool, kit: Sequence[tuple[str, str]]) -> list[Ser
     return rows + [Served(model, "kit", backend, archive) for backend, archive in kit]
 
 
+RESNET_KIT = [
+    ("torch", "resnet18"),
+    ("onnx", "resnet18_onnx"),
+    ("int8", "resnet18_int8"),
+    ("exported", "resnet18_exported"),
+    ("aoti", "resnet18_aoti"),
+    ("compile", "resnet18_compile"),
+]
 FULL_SERVED = (
-    *_served("resnet18", True, [("torch", "resnet18"), ("onnx", "resnet18_onnx"), ("int8", "resnet18_int8")]),
+    *_served("resnet18", True, RESNET_KIT),
     *_served(
         "mobilenet_v3_small",
         True,
@@ -86,17 +97,26 @@ FULL_SERVED = (
     Served("fasterrcnn", "triton", "onnx", "fasterrcnn", images="mixed"),
 )
 QUICK_SERVED = (
-    *_served("resnet18", True, [("torch", "resnet18"), ("int8", "resnet18_int8")]),
+    *_served("resnet18", True, [("torch", "resnet18"), ("int8", "resnet18_int8"), ("aoti", "resnet18_aoti")]),
     *_served("mobilenet_v3_small", True, [("onnx", "mobilenet_v3_small_onnx")]),
     *_served("fasterrcnn", True, [("torch", "fasterrcnn"), ("onnx", "fasterrcnn_onnx")]),
     Served("resnet18", "triton", "onnx", "resnet18"),
 )
 PLANS = {
     "full": Plan(15.0, 4.0, (1, 4, 16), 6.0, (1, 8), FULL_SERVED),
-    "quick": Plan(5.0, 2.0, (16,), 2.0, (8,), QUICK_SERVED),
+    # Quick leaves out compile (minutes of inductor compilation on 2 cores): the full bench has it.
+    "quick": Plan(
+        5.0,
+        2.0,
+        (16,),
+        2.0,
+        (8,),
+        QUICK_SERVED,
+        frozenset(("torch", "torchscript", "onnx", "int8", "exported", "aoti")),
+    ),
 }
 INPROCESS = {
-    "resnet18": ("torch", "onnx", "int8"),
+    "resnet18": ("torch", "onnx", "int8", "exported", "aoti", "compile"),
     "mobilenet_v3_small": ("torchscript", "onnx", "int8"),
     "fasterrcnn": ("torch", "onnx"),
 }
@@ -122,13 +142,22 @@ class Row:
 # ---------------------------------------------------------------- in process
 
 
-def backend_model(name: str, backend: str, onnx_dir: Path) -> Callable[[Any], Any]:
-    """The network of ``name`` on ``backend``, as the kit's services call it."""
+def backend_model(name: str, backend: str, onnx_dir: Path, batches: Sequence[int]) -> Callable[[Any], Any]:
+    """The network of ``name`` on ``backend``, as the kit's services call it (``make aoti`` builds the .pt2)."""
     threads = torch.get_num_threads()
     if backend in ("onnx", "int8"):
         return load_onnx(onnx_dir / name / ("model.onnx" if backend == "onnx" else "model.int8.onnx"), CPU, threads)
+    if backend == "exported":
+        return load_exported(AOTI_DIR / name / "program.pt2", CPU)
+    if backend == "aoti":
+        return load_aoti(AOTI_DIR / name / "model.pt2", CPU, max(batches))
     folder = Path("models") / name
-    return load_model(folder, read_model_config(folder).model, CPU)
+    config = read_model_config(folder)
+    model = load_model(folder, config.model, CPU)
+    if backend == "compile" and isinstance(config, ClassifierConfig):
+        warmup = [torch.zeros(b, 3, config.crop, config.crop) for b in batches]
+        return compile_module(model, CompileSettings("default", False), warmup)
+    return model
 
 
 def images_per_second(model: Callable[[Any], Any], inputs: Any, count: int, seconds: float) -> float:
@@ -148,7 +177,9 @@ def inprocess_rows(plan: Plan, onnx_dir: Path, photo: Any, progress: Progress) -
     for name, backends in INPROCESS.items():
         config = read_model_config(Path("models") / name)
         for backend in backends:
-            model = backend_model(name, backend, onnx_dir)
+            if backend not in plan.backends:
+                continue
+            model = backend_model(name, backend, onnx_dir, plan.inprocess_batches)
             for wanted in plan.inprocess_batches:
                 if isinstance(config, ClassifierConfig):
                     batch = wanted
@@ -352,6 +383,12 @@ def markdown(rows: Sequence[Row], plan_name: str, fidelity_report: dict[str, Any
         shown = f"{value:.2f}x" if value is not None else "n/a"
         met = "yes" if value is not None and value >= target else "no"
         lines.append(f"| {what} | {how} | {shown} | >= {target}x | {met} |")
+    lines += ["", "## Backends against eager torch (resnet18, in process, same run)", ""]
+    lines += ["| backend | batch | img/s | vs eager |", "|---|---|---|---|"]
+    for r in rows:
+        eager = rate_of(rows, model="resnet18", where="in-process", backend="torch", concurrency=r.concurrency)
+        if r.model == "resnet18" and r.where == "in-process" and eager:
+            lines.append(f"| {r.backend} | {r.concurrency} | {r.rate:.1f} | {r.rate / eager:.2f}x |")
     lines += ["", "## In process (the model alone, preprocessed tensors)", ""]
     lines += ["| model | backend | batch | img/s |", "|---|---|---|---|"]
     lines += [f"| {r.model} | {r.backend} | {r.concurrency} | {r.rate:.1f} |" for r in rows if r.where == "in-process"]
@@ -400,7 +437,12 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{os.cpu_count()} cores, {cpu}, torch {torch.__version__}, no GPU"
+    from servekit.program_backend import cpu_flags
+
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+    flags = " ".join(f for f in wanted if f in cpu_flags()) or "none of AVX2/AVX-512/AMX"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} cores, {cpu} (flags: {flags}), torch {torch.__version__}, {gpu}"
 
 
 def plots(rows: Sequence[Row], out: Path) -> list[Path]:
@@ -464,7 +506,7 @@ def run(plan_name: str, out: Path, onnx_dir: Path) -> Path:
     plan = PLANS[plan_name]
     out.mkdir(parents=True, exist_ok=True)
     photo, payloads = payload_sets()
-    inprocess_total = sum(len(b) for b in INPROCESS.values()) * len(plan.inprocess_batches)
+    inprocess_total = sum(len(plan.backends.intersection(b)) for b in INPROCESS.values()) * len(plan.inprocess_batches)
     progress = Progress(inprocess_total + len(plan.served) * len(plan.concurrencies))
     torch.set_num_threads(min(2, torch.get_num_threads()))
     rows = inprocess_rows(plan, onnx_dir, photo, progress)

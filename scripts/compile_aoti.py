@@ -1,5 +1,7 @@
 """AOTInductor package of a model folder (``make aoti MODEL=<name>``) -> ``build/aoti/<name>/model.pt2``.
 
+The exported program itself is kept beside it as ``program.pt2`` (served as format ``exported``).
+
 The folder's network is exported with ``torch.export`` (dynamic batch from 1 to the folder's
 ``batchSize``; height and width are the classifier's crop, which the kit always feeds), compiled with
 ``torch._inductor.aoti_compile_and_package``, loaded back and checked against eager at batch 1 and at
@@ -45,6 +47,7 @@ def compile_package(name: str, models: Path, out: Path) -> str:
         program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
         target = out / name / "model.pt2"
         target.parent.mkdir(parents=True, exist_ok=True)
+        torch.export.save(program, str(out / name / "program.pt2"))  # the same program, served as `exported`
         metadata = {SERVEKIT_BATCH: f"1-{max(2, max_batch)}", SERVEKIT_SIZE: f"{config.crop}x{config.crop}"}
         # No run-time lower bound of 2 on the batch: the kit's workers send single images too.
         configs = {"aot_inductor.metadata": metadata, "aot_inductor.check_lowerbound": False}

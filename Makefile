@@ -102,6 +102,10 @@ $(STOCK_STORE)/%_stock.mar: $$(filter-out %/__pycache__,$$(wildcard models/%/*))
 bench: $(BENCH_INPUTS) ## Full benchmark (about 25 min): raw model, stock handlers, kit per backend -> scripts/bench_results/
 	$(PY) scripts/bench.py --mode full --out scripts/bench_results
 
+.PHONY: bench-backends
+bench-backends: $(BENCH_INPUTS) ## resnet18 on every backend (eager, ONNX, int8, exported, AOTInductor, compile), in process and served -> build/bench-backends/
+	$(PY) scripts/bench.py --mode backends --out build/bench-backends
+
 .PHONY: gpu-bench
 gpu-bench: | $(STAMP) ## On a CUDA machine: eager fp32/fp16/compile/AOTInductor, nvJPEG vs Pillow, served stage times -> build/gpu/
 	$(PY) scripts/gpu_bench.py --out build/gpu

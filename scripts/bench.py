@@ -102,9 +102,12 @@ QUICK_SERVED = (
     *_served("fasterrcnn", True, [("torch", "fasterrcnn"), ("onnx", "fasterrcnn_onnx")]),
     Served("resnet18", "triton", "onnx", "resnet18"),
 )
+BACKENDS_SERVED = tuple(_served("resnet18", True, RESNET_KIT))
 PLANS = {
     "full": Plan(15.0, 4.0, (1, 4, 16), 6.0, (1, 8), FULL_SERVED),
     # Quick leaves out compile (minutes of inductor compilation on 2 cores): the full bench has it.
+    # resnet18 on every backend, in process and served, side by side (`make bench-backends`).
+    "backends": Plan(10.0, 4.0, (16,), 4.0, (1, 8), BACKENDS_SERVED),
     "quick": Plan(
         5.0,
         2.0,
@@ -174,7 +177,10 @@ def images_per_second(model: Callable[[Any], Any], inputs: Any, count: int, seco
 
 def inprocess_rows(plan: Plan, onnx_dir: Path, photo: Any, progress: Progress) -> list[Row]:
     rows = []
+    wanted = {s.model for s in plan.served}
     for name, backends in INPROCESS.items():
+        if name not in wanted:
+            continue
         config = read_model_config(Path("models") / name)
         for backend in backends:
             if backend not in plan.backends:
@@ -506,7 +512,9 @@ def run(plan_name: str, out: Path, onnx_dir: Path) -> Path:
     plan = PLANS[plan_name]
     out.mkdir(parents=True, exist_ok=True)
     photo, payloads = payload_sets()
-    inprocess_total = sum(len(plan.backends.intersection(b)) for b in INPROCESS.values()) * len(plan.inprocess_batches)
+    models = {s.model for s in plan.served}
+    per_batch = sum(len(plan.backends.intersection(b)) for m, b in INPROCESS.items() if m in models)
+    inprocess_total = per_batch * len(plan.inprocess_batches)
     progress = Progress(inprocess_total + len(plan.served) * len(plan.concurrencies))
     torch.set_num_threads(min(2, torch.get_num_threads()))
     rows = inprocess_rows(plan, onnx_dir, photo, progress)
@@ -514,13 +522,14 @@ def run(plan_name: str, out: Path, onnx_dir: Path) -> Path:
     rows += triton_rows(plan, payloads, Path("build") / f"bench-{plan_name}-triton", progress)
     import fidelity
 
+    models = ("resnet18",) if plan_name == "backends" else ("digits", "resnet18", "mobilenet_v3_small")
     report = {
         m: fidelity.compare_backends(
             m, Path("models"), {"onnx": onnx_dir / m / "model.onnx", "int8": onnx_dir / m / "model.int8.onnx"}
         )
-        for m in ("digits", "resnet18", "mobilenet_v3_small")
+        for m in models
     }
-    command = "make bench" if plan_name == "full" else "make bench-quick"
+    command = {"full": "make bench", "quick": "make bench-quick", "backends": "make bench-backends"}[plan_name]
     (out / "results.json").write_text(json.dumps({"rows": [asdict(r) for r in rows], "fidelity": report}, indent=1))
     (out / "results.md").write_text(markdown(rows, plan_name, report, command), encoding="utf-8")
     plots(rows, out)

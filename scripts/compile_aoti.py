@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
+from cli import report
 from servekit.config import ClassifierConfig, read_model_config, read_model_document
 from servekit.errors import ConfigError
 from servekit.loading import load_model
 from servekit.program_backend import SERVEKIT_BATCH, SERVEKIT_SIZE
-from servekit.weights import plain_line
 
 TOLERANCE = 1e-3
 
@@ -78,13 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("build/aoti"))
     args = parser.parse_args(argv)
     logging.getLogger("torch").setLevel(logging.ERROR)
-    try:
-        line = compile_package(args.name, args.models, args.out)
-    except ConfigError as exc:
-        sys.stderr.write(f"error: {args.name}: {plain_line(str(exc))}\n")
-        return 2
-    sys.stdout.write(line + "\n")
-    return 0
+    return report(lambda: compile_package(args.name, args.models, args.out), f"compile {args.name}")
 
 
 if __name__ == "__main__":

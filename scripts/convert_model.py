@@ -17,9 +17,9 @@ from typing import Any
 import torch
 import torchvision
 
+from cli import report
 from servekit.checkpoint import misfit
 from servekit.errors import ConfigError
-from servekit.weights import plain_line
 
 
 def find_module(obj: Any) -> torch.nn.Module:
@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.code:
         sys.path.insert(0, str(args.code.resolve()))
-    try:
+
+    def run() -> str:
         if not args.pt.is_file():
             raise ConfigError(f"{args.pt} does not exist")
         if not str(args.out) or str(args.out) == ".":
@@ -111,21 +112,15 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(
                 f"loading {args.pt.name} runs code from the file; add TRUST=1 only if you vouch for where it came from"
             )
-        line = convert(args.pt, args.out, args.size)
-    except ConfigError as exc:
-        sys.stderr.write(f"error: {plain_line(str(exc))}\n")
-        return 2
-    except ModuleNotFoundError as exc:
-        sys.stderr.write(
-            f"error: the pickled model's class needs module {exc.name!r}, which is not importable: "
-            f"add CODE=<folder holding {exc.name}.py>\n"
-        )
-        return 2
-    except Exception as exc:
-        sys.stderr.write(f"error: cannot convert {args.pt}: {type(exc).__name__}: {plain_line(str(exc))[:300]}\n")
-        return 2
-    sys.stdout.write(line + "\n")
-    return 0
+        try:
+            return convert(args.pt, args.out, args.size)
+        except ModuleNotFoundError as exc:
+            raise ConfigError(
+                f"the pickled model's class needs module {exc.name!r}, which is not importable: "
+                f"add CODE=<folder holding {exc.name}.py>"
+            ) from None
+
+    return report(run, f"convert {args.pt}")
 
 
 if __name__ == "__main__":

@@ -25,10 +25,11 @@ import torchvision
 import yaml
 from PIL import Image
 
+from cli import report
 from servekit.checkpoint import check_labels, head_key, shape_of
 from servekit.config import WEIGHT_FORMATS, ModelSource, parse_handler_config
 from servekit.errors import ConfigError
-from servekit.loading import load_model
+from servekit.loading import load_labels, load_model
 from servekit.program_backend import InputSpec, exported_input_spec
 from servekit.service import build_service
 from servekit.sniff import FILE_NAMES, Sniffed, sniff_model_file
@@ -49,24 +50,6 @@ class Plan:
     state: dict[str, torch.Tensor] | None = None  # unwrapped weights to write instead of copying the file
     classes: int | None = None
     head: tuple[str, tuple[int, ...]] | None = None
-
-
-def read_label_names(path: Path) -> list[str]:
-    """Class names from a JSON list, an index->name JSON mapping, or a text file with one name a line."""
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return [line.strip() for line in text.splitlines() if line.strip()]
-    if isinstance(data, list):
-        return [str(x) for x in data]
-    if isinstance(data, dict):
-        try:
-            indexed = {int(k): v for k, v in data.items()}
-        except ValueError:
-            raise ConfigError(f"labels file {path.name}: JSON keys must be class indices") from None
-        return [str(indexed.get(i, i)) for i in range(max(indexed, default=-1) + 1)]
-    raise ConfigError(f"labels file {path.name} must be a JSON list, an index->name mapping, or one name a line")
 
 
 def check_architecture(architecture: str, task: str) -> None:
@@ -196,7 +179,7 @@ def label_names(args: argparse.Namespace, plan: Plan, classes: int) -> tuple[lis
     """The labels to write, checked against the class count, and a note on where they came from."""
     layer, shape = plan.head if plan.head else (None, None)
     if args.labels:
-        names = read_label_names(Path(args.labels))
+        names = load_labels(Path(args.labels))
         if args.task == "detection" and len(names) == classes - 1 and BACKGROUND not in names:
             return [BACKGROUND, *names], f"labels from {Path(args.labels).name} (with {BACKGROUND} as class 0)"
         check_labels(len(names), classes, layer, shape)
@@ -307,17 +290,13 @@ def check_args(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def run() -> str:
         check_args(args)
         folder, found = scaffold(args)
-    except ConfigError as exc:
-        sys.stderr.write(f"error: {plain_line(str(exc))}\n")
-        return 2
-    except Exception as exc:
-        sys.stderr.write(f"error: cannot scaffold from {args.pt}: {type(exc).__name__}: {plain_line(str(exc))[:300]}\n")
-        return 2
-    sys.stdout.write(f"{found}\nwrote {folder}; build it with: make archive MODEL={args.name}\n")
-    return 0
+        return f"{found}\nwrote {folder}; build it with: make archive MODEL={args.name}"
+
+    return report(run, f"scaffold from {args.pt}")
 
 
 if __name__ == "__main__":

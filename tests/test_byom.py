@@ -3,6 +3,7 @@ checkpoints unwrapped, class counts from the weights, batch bounds of traced gra
 
 from __future__ import annotations
 
+import re
 import subprocess
 import zipfile
 from pathlib import Path
@@ -225,7 +226,7 @@ def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
     """The kit's error line; asserts there is exactly one and no traceback."""
     assert result.returncode != 0
     assert "Traceback" not in result.stderr + result.stdout
-    lines = [line for line in result.stderr.splitlines() if not line.startswith("make: ***")]
+    lines = [line for line in result.stderr.splitlines() if not re.match(r"make(\[\d+\])?: \*\*\*", line)]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ") and "\x1b" not in lines[0] and len(lines[0]) < 400
     return lines[0]

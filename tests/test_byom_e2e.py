@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from user_models import FORMS, Form
 
 import demo_models
 import reference
 from client import KeyRing, RestClient
 from conftest import REPO, Server, serving
+from user_models import FORMS, Form
 
 pytestmark = pytest.mark.e2e
 PHOTOS = ("chelsea", "astronaut")

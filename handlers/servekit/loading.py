@@ -37,20 +37,29 @@ def intra_op_threads(requested: int, workers: int, cores: int) -> int:
 
 
 def load_labels(path: Path) -> list[str]:
-    """Read labels from a JSON list, or a TorchServe-style ``{"0": "name", ...}`` mapping."""
+    """Read a model folder's labels file (see :func:`parse_label_names`)."""
     if not path.is_file():
         raise ConfigError(f"labels file {path.name} is missing from the model folder")
-    data = json.loads(path.read_text(encoding="utf-8"))
+    return parse_label_names(path.read_text(encoding="utf-8"), path.name)
+
+
+def parse_label_names(text: str, name: str) -> list[str]:
+    """Class names from a JSON list, TorchServe's ``{"0": "name"}`` (or ``{"0": ["id", "name"]}``)
+    mapping, or plain text with one name a line."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return [line.strip() for line in text.splitlines() if line.strip()]
     if isinstance(data, list):
         return [str(x) for x in data]
     if isinstance(data, dict):
         try:
             indexed = {int(k): v for k, v in data.items()}
         except ValueError:
-            raise ConfigError(f"labels file {path.name}: keys must be class indices") from None
+            raise ConfigError(f"labels file {name}: keys must be class indices") from None
         names = [indexed.get(i, i) for i in range(max(indexed, default=-1) + 1)]
         return [str(n[-1]) if isinstance(n, list) and n else str(n) for n in names]
-    raise ConfigError(f"labels file {path.name} must hold a JSON list or an index->name mapping")
+    raise ConfigError(f"labels file {name} must hold a JSON list, an index->name mapping, or one name a line")
 
 
 def load_model(model_dir: Path, source: ModelSource, device: torch.device) -> Any:

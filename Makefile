@@ -157,6 +157,9 @@ $(STORE)/%_aoti.mar: $(AOTI_DIR)/%/model.pt2 $(HANDLER_SRC) scripts/archive_args
 # served with handler.compile (torch.compile at load, warmed up at every batch size).
 $(AOTI_DIR)/%/program.pt2: $(AOTI_DIR)/%/model.pt2 ;
 
+# Built graphs are kept (the bench and the tests read them), not deleted as intermediate files.
+.PRECIOUS: $(AOTI_DIR)/%/model.pt2 $(AOTI_DIR)/%/program.pt2 $(ONNX_DIR)/%/model.onnx $(ONNX_DIR)/%/model.int8.onnx
+
 $(STORE)/%_exported.mar: $(AOTI_DIR)/%/program.pt2 $(HANDLER_SRC) scripts/archive_args.py
 	$(call archive,$*_exported,$* --models $(MODELS) --variant $<)
 

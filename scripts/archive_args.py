@@ -35,8 +35,13 @@ def stage_servekit(handlers: Path, dest: Path) -> None:
 
 
 def compile_document(document: dict[str, Any], mode: str) -> dict[str, Any]:
-    """The model-config of a ``<name>_compile`` archive: the same model, ``torch.compile``d at load."""
-    return {**document, "handler": {**document["handler"], "compile": {"mode": mode, "dynamic": False}}}
+    """The model-config of a ``<name>_compile`` archive: the same model, ``torch.compile``d at load.
+
+    Compiling and warming up every batch size takes minutes on a small CPU, so the worker gets a
+    ``startupTimeout`` of at least 10 minutes (TorchServe's default is 120 s).
+    """
+    handler = {**document["handler"], "compile": {"mode": mode, "dynamic": False}}
+    return {**document, "startupTimeout": max(600, int(document.get("startupTimeout", 0))), "handler": handler}
 
 
 def variant_document(document: dict[str, Any], variant_file: Path) -> dict[str, Any]:

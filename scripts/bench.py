@@ -177,9 +177,9 @@ def images_per_second(model: Callable[[Any], Any], inputs: Any, count: int, seco
 
 def inprocess_rows(plan: Plan, onnx_dir: Path, photo: Any, progress: Progress) -> list[Row]:
     rows = []
-    wanted = {s.model for s in plan.served}
+    served_models = {s.model for s in plan.served}
     for name, backends in INPROCESS.items():
-        if name not in wanted:
+        if name not in served_models:
             continue
         config = read_model_config(Path("models") / name)
         for backend in backends:
@@ -385,7 +385,11 @@ def markdown(rows: Sequence[Row], plan_name: str, fidelity_report: dict[str, Any
         "|---|---|---|---|---|",
     ]
     top = max(r.concurrency for r in rows if r.where != "in-process")
+    present = {r.model for r in rows}
+    absent = [m for m in INPROCESS if m not in present] + (["object_detector"] if "fasterrcnn" not in present else [])
     for what, how, value, target in targets(rows, top):
+        if value is None and any(m in what for m in absent):
+            continue  # a model this plan does not run
         shown = f"{value:.2f}x" if value is not None else "n/a"
         met = "yes" if value is not None and value >= target else "no"
         lines.append(f"| {what} | {how} | {shown} | >= {target}x | {met} |")

@@ -31,13 +31,15 @@ from servekit.config import WEIGHT_FORMATS, ModelSource, parse_handler_config
 from servekit.errors import ConfigError
 from servekit.loading import load_labels, load_model
 from servekit.program_backend import InputSpec, exported_input_spec
-from servekit.service import build_service
+from servekit.service import build_service, raw_tensor
 from servekit.sniff import FILE_NAMES, Sniffed, sniff_model_file
 from servekit.weights import fit_weights, plain_line, read_weights
+from servekit.yolo import PAD_VALUE, infer_layout, layout_classes
 
 FRONTEND_DEFAULTS = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 20, "responseTimeout": 60}
 CLASSIFIER_DEFAULTS = {"resize": 256, "crop": 224, "topk": 5}
 DETECTOR_DEFAULTS = {"score_threshold": 0.5, "max_detections": 100}
+YOLO_DEFAULTS = {"score_threshold": 0.25, "iou_threshold": 0.45, "max_detections": 300}
 BACKGROUND = "__background__"
 
 
@@ -103,11 +105,6 @@ def graph_plan(args: argparse.Namespace, sniffed: Sniffed) -> Plan:
     """A self-contained graph (TorchScript, torch.export, AOTInductor, ONNX): copied, input size read."""
     if args.architecture or args.model_file:
         raise ConfigError(f"{args.pt.name} is {sniffed.description}, which carries its network: drop ARCH/MODEL_FILE")
-    if args.task == "detection" and sniffed.format != "onnx":
-        raise ConfigError(
-            f"{args.pt.name} is {sniffed.description}; the detection handler serves torchvision detectors from "
-            "their weights (a state_dict with ARCH=<name>) or the kit's ONNX export"
-        )
     spec = graph_input_spec(args.pt, sniffed.format)
     model: dict[str, Any] = {"file": FILE_NAMES[sniffed.format], "format": sniffed.format}
     max_batch = args.max_batch or (1 if sniffed.format == "aoti" and not spec.max_batch else 0)
@@ -118,11 +115,45 @@ def graph_plan(args: argparse.Namespace, sniffed: Sniffed) -> Plan:
     if spec.height and not args.input_size and args.task == "classification":
         section.update(crop_sizes(spec.height))
         notes.append(f"input {spec.height}x{spec.width or spec.height} read from the graph")
+    if args.task == "detection" and not kit_onnx_detector(args.pt, sniffed.format):
+        size = args.input_size or spec.height or 640
+        section.update(YOLO_DEFAULTS, output="yolo", input_size=size)
     if spec.static_batch:
         notes.append(f"static batch {spec.max_batch}: batches run in chunks of {spec.max_batch}")
     if sniffed.format == "aoti":
         notes.append("native code: serve only packages you built")
     return Plan(section, notes)
+
+
+def kit_onnx_detector(path: Path, fmt: str) -> bool:
+    """An ONNX detector exported by the kit (outputs boxes, labels, scores), served like torchvision's."""
+    if fmt != "onnx":
+        return False
+    import onnx
+
+    outputs = {o.name for o in onnx.load_model(str(path), load_external_data=False).graph.output}
+    return {"boxes", "labels", "scores"} <= outputs
+
+
+def probe_yolo(folder: Path, config: Any, labels: int | None) -> tuple[str, int | None, list[int]]:
+    """One forward pass on a gray letterboxed image: the output's layout, class count and shape.
+
+    Raises:
+        ConfigError: the model's output is neither a torchvision detection nor a YOLO-style raw tensor.
+    """
+    model = load_model(folder, config.model, torch.device("cpu"))
+    gray = torch.full((1, 3, config.input_size, config.input_size), PAD_VALUE / 255.0)
+    try:
+        with torch.inference_mode():
+            out = raw_tensor(model(gray))
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{exc}; a detector's graph must return a YOLO-style tensor [N, A, 5+C], [N, 4+C, A] or [N, K, 6] "
+            "(torchvision detectors: scaffold their weights with ARCH=<name>)"
+        ) from None
+    shape = [int(d) for d in out.shape]
+    layout = infer_layout(shape, labels)
+    return layout, layout_classes(shape, layout), shape
 
 
 def graph_input_spec(path: Path, fmt: str) -> InputSpec:
@@ -239,7 +270,15 @@ def scaffold(args: argparse.Namespace) -> tuple[Path, str]:
     try:
         write_folder(folder, args, plan)
         (folder / "labels.json").write_text("[]\n")
-        classes = plan.classes or output_classes(folder, config)
+        classes = plan.classes
+        if config.task == "detection" and config.output == "yolo":
+            given = len(load_labels(Path(args.labels))) if args.labels else (args.num_classes or None)
+            layout, classes, shape = probe_yolo(folder, config, given)
+            plan.section["layout"] = layout
+            plan.notes.append(f"raw output {shape}: layout {layout}, letterbox {config.input_size}")
+            classes = classes or given
+            config = parse_handler_config(plan.section)
+        classes = classes or output_classes(folder, config)
         if classes is None:
             raise ConfigError("cannot tell the class count: pass NUM_CLASSES=<n>")
         names, where = label_names(args, plan, classes)

@@ -178,3 +178,75 @@ FORMS: list[Callable[[Path], Form]] = [
     detector_four,
     model_file_compiled,
 ]
+
+
+class GridDetector(torch.nn.Module):
+    """A deterministic raw-output detector: one box per grid cell, class scores from the cell's colour.
+
+    Classes are red, green and blue; boxes are 1.5 cells wide, so neighbours overlap and NMS matters.
+    ``layout`` picks the output: yolov8 ``[N, 4+C, A]``, yolov5 ``[N, A, 5+C]``, end2end ``[N, K, 6]``.
+    """
+
+    def __init__(self, layout: str, grid: int = 10, keep: int = 20) -> None:
+        super().__init__()
+        self.layout, self.grid, self.keep = layout, grid, keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, size = x.shape[0], x.shape[-1]
+        cells = torch.nn.functional.adaptive_avg_pool2d(x, self.grid)
+        others = cells.sum(1, keepdim=True) - cells
+        scores = torch.sigmoid((cells - others / 2 - 0.3) * 10)  # n, 3, g, g
+        step = size / self.grid
+        centers = (torch.arange(self.grid, dtype=x.dtype) + 0.5) * step
+        cy, cx = torch.meshgrid(centers, centers, indexing="ij")
+        width = step * (1.2 + 0.6 * cells.mean(1))  # n, g, g
+        boxes = torch.stack([cx.expand(n, -1, -1), cy.expand(n, -1, -1), width, width * 0.9], 1)
+        if self.layout == "yolov8":
+            return torch.cat([boxes, scores], 1).flatten(2)
+        if self.layout == "yolov5":
+            objectness = scores.amax(1, keepdim=True).sqrt()
+            return torch.cat([boxes, objectness, scores], 1).flatten(2).transpose(1, 2)
+        best, classes = scores.flatten(2).max(1)  # n, A
+        top, index = best.topk(self.keep, dim=1)
+        flat = boxes.flatten(2).transpose(1, 2)  # n, A, 4
+        chosen = torch.gather(flat, 1, index.unsqueeze(-1).expand(-1, -1, 4))
+        xyxy = torch.cat([chosen[..., :2] - chosen[..., 2:] / 2, chosen[..., :2] + chosen[..., 2:] / 2], -1)
+        picked = torch.gather(classes, 1, index).to(x.dtype)
+        return torch.cat([xyxy, top.unsqueeze(-1), picked.unsqueeze(-1)], -1)
+
+
+YOLO_FRONTEND = {"batchSize": 3, "maxBatchDelay": 1000}
+
+
+def yolov8_torchscript(folder: Path) -> Form:
+    model = GridDetector("yolov8").eval()
+    torch.jit.save(torch.jit.trace(model, torch.rand(1, 3, 320, 320)), str(folder / "grid_v8.torchscript"))
+    (folder / "rgb.txt").write_text("red\ngreen\nblue\n")
+    make_vars = {"PT": str(folder / "grid_v8.torchscript"), "LABELS": str(folder / "rgb.txt"), "SIZE": "320"}
+    return Form("yolo_v8", "detection", make_vars, model, {}, YOLO_FRONTEND)
+
+
+def yolov5_onnx(folder: Path) -> Form:
+    model = GridDetector("yolov5").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (torch.rand(1, 3, 320, 320),), str(folder / "grid_v5.onnx"), input_names=["images"],
+            output_names=["output0"], dynamic_axes={"images": {0: "n"}, "output0": {0: "n"}}, dynamo=False,
+        )  # fmt: skip
+    (folder / "rgb.txt").write_text("red\ngreen\nblue\n")
+    make_vars = {"PT": str(folder / "grid_v5.onnx"), "LABELS": str(folder / "rgb.txt")}
+    return Form("yolo_v5", "detection", make_vars, model, {}, YOLO_FRONTEND)
+
+
+def end2end_exported(folder: Path) -> Form:
+    model = GridDetector("end2end").eval()
+    batch = torch.export.Dim("batch", min=1, max=8)
+    program = torch.export.export(model, (torch.rand(2, 3, 320, 320),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(folder / "grid_e2e.pt2"))
+    (folder / "rgb.txt").write_text("red\ngreen\nblue\n")
+    make_vars = {"PT": str(folder / "grid_e2e.pt2"), "LABELS": str(folder / "rgb.txt")}
+    return Form("yolo_e2e", "detection", make_vars, model, {}, YOLO_FRONTEND)
+
+
+YOLO_FORMS: list[Callable[[Path], Form]] = [yolov8_torchscript, yolov5_onnx, end2end_exported]

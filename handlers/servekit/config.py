@@ -124,6 +124,13 @@ class DetectorConfig:
     labels: str = "labels.json"
     score_threshold: float = 0.5
     max_detections: int = 100
+    # output: torchvision (a list of images in, {boxes, labels, scores} out) or yolo (a letterboxed
+    # batch in, a raw [N, A, 5+C] / [N, 4+C, A] / [N, K, 6] tensor out; see servekit/yolo.py)
+    output: Literal["torchvision", "yolo"] = "torchvision"
+    layout: Literal["auto", "yolov5", "yolov8", "end2end"] = "auto"
+    input_size: int = 640
+    iou_threshold: float = 0.45
+    agnostic_nms: bool = False
     threads: int = 0
     compile: CompileSettings | None = None
     limits: ImageLimits = field(default_factory=ImageLimits)
@@ -131,6 +138,8 @@ class DetectorConfig:
     def __post_init__(self) -> None:
         _require(0.0 <= self.score_threshold <= 1.0, "score_threshold", "must be within [0, 1]")
         _require(self.max_detections >= 1, "max_detections", "must be >= 1")
+        _require(self.input_size >= 32, "input_size", "must be >= 32")
+        _require(0.0 < self.iou_threshold <= 1.0, "iou_threshold", "must be within (0, 1]")
         _require(self.threads >= 0, "threads", "must be >= 0 (0: cores / workers)")
         _require(self.compile is None, "compile", "applies to classifiers (torchvision detectors do not compile whole)")
 

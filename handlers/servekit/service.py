@@ -18,7 +18,7 @@ import torch
 
 from servekit.config import ClassifierConfig, DetectorConfig, HandlerConfig, ImageLimits
 from servekit.decode import DecodedImage, decode_request
-from servekit.errors import KitError
+from servekit.errors import ConfigError, KitError
 from servekit.loading import compile_module, load_labels, load_model
 from servekit.postprocess import detections_to_json, topk_to_json
 from servekit.transforms import (
@@ -28,6 +28,7 @@ from servekit.transforms import (
     detector_padded_shape,
     group_by_key,
 )
+from servekit.yolo import PAD_VALUE, Letterbox, YoloSettings, detect, infer_layout, letterbox
 
 logger = logging.getLogger(__name__)
 
@@ -185,9 +186,53 @@ class DetectorService(VisionService[DecodedImage]):
         ]
 
 
+class YoloDetectorService(VisionService[tuple[torch.Tensor, Letterbox]]):
+    """Raw-output detectors: every image letterboxed to one square, so a batch is one forward pass."""
+
+    def __init__(self, config: DetectorConfig, model: Network, labels: list[str], device: torch.device) -> None:
+        super().__init__(model, labels, config.limits, device)
+        self.config = config
+        layout = config.layout if config.layout != "auto" else self.probe_layout()
+        self.settings = YoloSettings(
+            layout, config.score_threshold, config.iou_threshold, config.max_detections, config.agnostic_nms
+        )
+
+    def probe_layout(self) -> str:
+        """The layout of this model's output, from one forward pass on a gray image."""
+        gray = torch.full((1, 3, self.config.input_size, self.config.input_size), PAD_VALUE / 255.0)
+        with torch.inference_mode():
+            out = raw_tensor(self.model(gray.to(self.device)))
+        return infer_layout(tuple(out.shape), len(self.labels) or None)
+
+    def prepare(self, row: Any) -> tuple[torch.Tensor, Letterbox]:
+        return letterbox(self.decode(row).pixels, self.config.input_size)
+
+    def infer(self, items: list[tuple[torch.Tensor, Letterbox]]) -> torch.Tensor:
+        batch = torch.stack([pixels for pixels, _ in items]).to(self.device).to(torch.float32).div_(255.0)
+        with torch.inference_mode():
+            return raw_tensor(self.model(batch)).float().cpu()
+
+    def finish(self, raw: torch.Tensor, items: list[tuple[torch.Tensor, Letterbox]]) -> list[Any]:
+        results = []
+        for out, (_, geometry) in zip(raw, items):
+            found = detect(out, geometry, self.settings)
+            size = (geometry.width, geometry.height)
+            results.append(detections_to_json(found, self.labels, size, 0.0, self.config.max_detections))
+        return results
+
+
+def raw_tensor(output: Any) -> torch.Tensor:
+    """The raw prediction tensor of a model output (the first element of a tuple or list)."""
+    while isinstance(output, (tuple, list)):
+        output = output[0]
+    if not isinstance(output, torch.Tensor):
+        raise ConfigError(f"the model returned {type(output).__name__}, not a raw prediction tensor")
+    return output
+
+
 def build_service(
     config: HandlerConfig, model_dir: Path, device: torch.device, max_batch: int = 1
-) -> ClassifierService | DetectorService:
+) -> ClassifierService | DetectorService | YoloDetectorService:
     """Load the model folder's network and labels and return the service for its task.
 
     With ``handler.compile``, the classifier is compiled and run once at every batch size from 1 to
@@ -201,4 +246,6 @@ def build_service(
             warmup = [torch.zeros(size, *shape, device=device) for size in range(1, max(1, max_batch) + 1)]
             model = compile_module(model, config.compile, warmup)
         return ClassifierService(config, model, labels, device)
+    if config.output == "yolo":
+        return YoloDetectorService(config, model, labels, device)
     return DetectorService(config, model, labels, device)

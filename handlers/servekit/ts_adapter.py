@@ -20,7 +20,7 @@ import torch
 from servekit.config import parse_handler_config
 from servekit.errors import ConfigError, NotReady, error_body, status_of
 from servekit.loading import choose_device, intra_op_threads
-from servekit.service import BatchOutcome, ClassifierService, DetectorService, build_service
+from servekit.service import BatchOutcome, VisionService, build_service
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class TorchServeAdapter:
     task: ClassVar[str] = ""
 
     def __init__(self) -> None:
-        self.service: ClassifierService | DetectorService | None = None
+        self.service: VisionService[Any] | None = None
         self.model_name = ""
         self.initialized = False
 

@@ -62,7 +62,7 @@ archive: $(if $(MODEL),$(STORE)/$(MODEL).mar,$(ALL_MARS)) ## Build .mar archives
 $(foreach m,$(DEMOS),$(eval $(STORE)/$(m).mar: models/$(m)/model.pt))
 
 .SECONDEXPANSION:
-$(STORE)/%.mar: $(MODELS)/%/model-config.yaml $$(filter-out %/__pycache__,$$(wildcard $(MODELS)/%/*)) $(HANDLER_SRC) scripts/archive_args.py | $(STAMP)
+$(STORE)/%.mar: $(MODELS)/%/model-config.yaml $$(filter-out %/__pycache__,$$(wildcard $(MODELS)/$$*/*)) $(HANDLER_SRC) scripts/archive_args.py | $(STAMP)
 	$(call archive,$*,$* --models $(MODELS))
 
 # ONNX exports, int8 quantization, and archives that serve them with ONNX Runtime.
@@ -76,7 +76,7 @@ onnx: $(foreach m,$(DEMOS),$(ONNX_DIR)/$(m)/model.onnx) ## Export every model to
 .PHONY: int8
 int8: $(foreach m,$(CLASSIFIERS),$(ONNX_DIR)/$(m)/model.int8.onnx) ## Static int8 quantization of the classifiers' ONNX graphs, with fidelity
 
-$(ONNX_DIR)/%/model.onnx: $$(filter-out %/__pycache__,$$(wildcard models/%/*)) scripts/export_onnx.py handlers/servekit/onnx_backend.py | $(STAMP)
+$(ONNX_DIR)/%/model.onnx: $$(filter-out %/__pycache__,$$(wildcard models/$$*/*)) scripts/export_onnx.py handlers/servekit/onnx_backend.py | $(STAMP)
 	$(PY) scripts/export_onnx.py $*
 
 $(ONNX_DIR)/%/model.int8.onnx: $(ONNX_DIR)/%/model.onnx scripts/quantize_onnx.py scripts/fidelity.py
@@ -95,7 +95,7 @@ BENCH_INPUTS := $(foreach m,resnet18 mobilenet_v3_small fasterrcnn,model_store/$
 	model_store/resnet18_compile.mar model_store/mobilenet_v3_small_int8.mar $(ONNX_DIR)/digits/model.int8.onnx \
 	$(TRITON_STAMP)
 
-$(STOCK_STORE)/%_stock.mar: $$(filter-out %/__pycache__,$$(wildcard models/%/*)) scripts/stock_archives.py | $(STAMP)
+$(STOCK_STORE)/%_stock.mar: $$(filter-out %/__pycache__,$$(wildcard models/$$*/*)) scripts/stock_archives.py | $(STAMP)
 	$(PY) scripts/stock_archives.py $* --export $(STOCK_STORE)
 
 .PHONY: bench
@@ -147,7 +147,7 @@ AOTI_DIR := build/aoti
 .PHONY: aoti
 aoti: $(if $(MODEL),$(STORE)/$(MODEL)_aoti.mar) ## AOTInductor package of MODEL=<name> -> build/aoti/<name>/model.pt2 and model_store/<name>_aoti.mar
 
-$(AOTI_DIR)/%/model.pt2: $$(filter-out %/__pycache__,$$(wildcard $(MODELS)/%/*)) scripts/compile_aoti.py $(HANDLER_SRC) | $(STAMP)
+$(AOTI_DIR)/%/model.pt2: $$(filter-out %/__pycache__,$$(wildcard $(MODELS)/$$*/*)) scripts/compile_aoti.py $(HANDLER_SRC) | $(STAMP)
 	$(PY) scripts/compile_aoti.py $* --models $(MODELS) --out $(AOTI_DIR)
 
 $(STORE)/%_aoti.mar: $(AOTI_DIR)/%/model.pt2 $(HANDLER_SRC) scripts/archive_args.py
@@ -163,7 +163,7 @@ $(AOTI_DIR)/%/program.pt2: $(AOTI_DIR)/%/model.pt2 ;
 $(STORE)/%_exported.mar: $(AOTI_DIR)/%/program.pt2 $(HANDLER_SRC) scripts/archive_args.py
 	$(call archive,$*_exported,$* --models $(MODELS) --variant $<)
 
-$(STORE)/%_compile.mar: $(MODELS)/%/model-config.yaml $$(filter-out %/__pycache__,$$(wildcard $(MODELS)/%/*)) $(HANDLER_SRC) scripts/archive_args.py | $(STAMP)
+$(STORE)/%_compile.mar: $(MODELS)/%/model-config.yaml $$(filter-out %/__pycache__,$$(wildcard $(MODELS)/$$*/*)) $(HANDLER_SRC) scripts/archive_args.py | $(STAMP)
 	$(call archive,$*_compile,$* --models $(MODELS) --compile default)
 
 .PHONY: serve

@@ -120,3 +120,56 @@ def assert_detections_close(
         same = [d for d in answer if d["index"] == want["index"] and abs(d["score"] - want["score"]) <= score_tol]
         assert same, want
         assert min(max(abs(a - b) for a, b in zip(d["box"], want["box"])) for d in same) <= 0.5, want
+
+
+def iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
+    x2, y2 = min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, float(x2 - x1)) * max(0.0, float(y2 - y1))
+    union = float((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1])) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def greedy_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, threshold: float) -> list[int]:
+    """NMS from its definition: per class, keep the best box, drop those overlapping it by more than the threshold."""
+    kept: list[int] = []
+    for cls in classes.unique().tolist():
+        order = [int(i) for i in torch.argsort(scores, descending=True, stable=True) if classes[i] == cls]
+        while order:
+            best = order.pop(0)
+            kept.append(best)
+            order = [i for i in order if iou(boxes[best], boxes[i]) <= threshold]
+    return sorted(kept, key=lambda i: (-float(scores[i]), i))
+
+
+def yolo_detections(model: Any, section: dict[str, Any], image: np.ndarray) -> list[dict[str, Any]]:
+    """A raw-output detector's answer computed here: the layouts decoded and NMS done from their definitions."""
+    from servekit.yolo import letterbox
+
+    size = section.get("input_size", 640)
+    boxed, geometry = letterbox(torch.from_numpy(np.array(image)).permute(2, 0, 1), size)
+    with torch.inference_mode():
+        raw = model(boxed[None].float() / 255)[0].float()
+    layout = section["layout"]
+    if layout == "end2end":
+        boxes, scores, classes = raw[:, :4], raw[:, 4], raw[:, 5].round().long()
+    else:
+        rows = raw.T if layout == "yolov8" else raw
+        cx, cy, w, h = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]
+        boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
+        class_scores = rows[:, 4:] if layout == "yolov8" else rows[:, 5:] * rows[:, 4:5]
+        scores, classes = class_scores.max(1)
+    keep = torch.nonzero(scores >= section.get("score_threshold", 0.25)).flatten()
+    order = list(range(len(keep)))
+    if layout != "end2end":
+        order = greedy_nms(boxes[keep], scores[keep], classes[keep], section.get("iou_threshold", 0.45))
+    order = sorted(order, key=lambda i: (-float(scores[keep][i]), i))[: section.get("max_detections", 300)]
+    result = []
+    for i in order:
+        x1, y1, x2, y2 = boxes[keep][i].tolist()
+        mapped = [(x1 - geometry.left) / geometry.scale_x, (y1 - geometry.top) / geometry.scale_y,
+                  (x2 - geometry.left) / geometry.scale_x, (y2 - geometry.top) / geometry.scale_y]  # fmt: skip
+        limits = [geometry.width, geometry.height] * 2
+        box = [min(max(v, 0.0), limit) for v, limit in zip(mapped, limits)]
+        result.append({"index": int(classes[keep][i]), "score": float(scores[keep][i]), "box": box})
+    return result

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import requests
 import yaml
 from PIL import Image
 
@@ -22,7 +23,7 @@ import demo_models
 import reference
 from client import KeyRing, RestClient
 from conftest import REPO, Server, serving
-from user_models import FORMS, Form
+from user_models import FORMS, YOLO_FORMS, Form
 
 pytestmark = pytest.mark.e2e
 PHOTOS = ("chelsea", "astronaut")
@@ -66,7 +67,7 @@ def byom(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     root = tmp_path_factory.mktemp("byom")
     files, models, store = root / "files", root / "models", root / "store"
     files.mkdir()
-    forms = {form.name: form for form in (make(files) for make in FORMS)}
+    forms = {form.name: form for form in (make(files) for make in [*FORMS, *YOLO_FORMS])}
     found = {}
     for form in forms.values():
         result = run_make("scaffold", MODELS=models, NAME=form.name, TASK=form.task, **form.make_vars)
@@ -100,7 +101,11 @@ EXPECTED_FINDINGS = {
     "byom_onnx": ["format onnx", "input 224x224", "7 classes"],
     "byom_detector": ["format state_dict", "4 classes", "__background__"],
     "byom_compiled": ["format state_dict", "TinyNet, 3 classes"],
+    "yolo_v8": ["format torchscript", "raw output [1, 7, 100]: layout yolov8, letterbox 320", "3 classes"],
+    "yolo_v5": ["format onnx", "raw output [1, 100, 8]: layout yolov5, letterbox 320", "3 classes"],
+    "yolo_e2e": ["format exported", "raw output [1, 20, 6]: layout end2end, letterbox 320", "3 classes"],
 }
+YOLO = ["yolo_v8", "yolo_v5", "yolo_e2e"]
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_FINDINGS))
@@ -116,7 +121,7 @@ def png_and_pixels(image: np.ndarray) -> tuple[bytes, np.ndarray]:
     return data, np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
-CLASSIFIERS = [*sorted(n for n in EXPECTED_FINDINGS if n != "byom_detector"), "byom_compiled_aoti"]
+CLASSIFIERS = [*sorted(n for n in EXPECTED_FINDINGS if n != "byom_detector" and n not in YOLO), "byom_compiled_aoti"]
 
 
 @pytest.mark.parametrize("name", CLASSIFIERS)
@@ -179,3 +184,47 @@ def test_archives_are_self_contained(byom: Deployment) -> None:
             assert config["handler"]["model"]["file"] in mar.namelist()
             manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))
             assert manifest["model"]["modelName"] == name
+
+
+def scene(width: int, height: int, colour: int) -> tuple[bytes, np.ndarray]:
+    """A gray image with one square of pure red, green or blue (the grid detector's classes)."""
+    image = np.full((height, width, 3), 90, np.uint8)
+    side = min(width, height) // 2
+    top, left = (height - side) // 3, (width - side) // 2
+    image[top : top + side, left : left + side] = 0
+    image[top : top + side, left : left + side, colour] = 255
+    return png_and_pixels(image)
+
+
+@pytest.mark.parametrize("name", YOLO)
+def test_yolo_batch_of_three_sizes_is_one_forward_pass(byom: Deployment, name: str) -> None:
+    """Three images of three sizes in one batch (letterboxed alike): each answer is its own image's."""
+    from loadgen import servekit_counters
+
+    form = byom.form(name)
+    metrics = f"{byom.server.endpoints.url('metrics')}/metrics"
+
+    def counters() -> dict[str, float]:
+        return servekit_counters(requests.get(metrics, timeout=10).text, name)
+
+    scenes = [scene(640, 480, 0), scene(300, 500, 1), scene(1000, 400, 2)]
+    before = counters()
+    with ThreadPoolExecutor(3) as pool:
+        replies = list(pool.map(lambda item: byom.rest.predict(name, item[0]), scenes))
+    after = counters()
+    assert after["Requests"] - before.get("Requests", 0.0) == 3
+    assert after["Batches"] - before.get("Batches", 0.0) == 1, "the three images were not one batch"
+    for reply, (_, pixels), colour in zip(replies, scenes, ("red", "green", "blue")):
+        assert reply.status == 200, reply.body
+        expected = reference.yolo_detections(form.reference, byom.section(name), pixels)
+        assert expected and reply.body[0]["label"] == colour
+        reference.assert_detections_match(reply.body, expected, box_tol=0.5, score_tol=1e-4)
+
+
+def test_a_corrupt_image_fails_alone_on_the_yolo_path(byom: Deployment) -> None:
+    good = scene(500, 300, 0)[0]
+    payloads = [good, good[:200], good]
+    with ThreadPoolExecutor(3) as pool:
+        replies = list(pool.map(lambda data: byom.rest.predict("yolo_v8", data), payloads))
+    assert [r.status for r in replies] == [200, 400, 200]
+    assert "corrupt or truncated" in replies[1].body["error"]

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from reference import greedy_nms
 from servekit.errors import ConfigError
 from servekit.yolo import (
     YoloSettings,
@@ -16,26 +17,6 @@ from servekit.yolo import (
     suppress,
     unletterbox,
 )
-
-
-def iou(a: torch.Tensor, b: torch.Tensor) -> float:
-    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
-    x2, y2 = min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, float(x2 - x1)) * max(0.0, float(y2 - y1))
-    union = float((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1])) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def greedy_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, threshold: float) -> list[int]:
-    """NMS from its definition: per class, take the best box, drop boxes overlapping it by more than the threshold."""
-    kept: list[int] = []
-    for cls in classes.unique().tolist():
-        order = [int(i) for i in torch.argsort(scores, descending=True, stable=True) if classes[i] == cls]
-        while order:
-            best = order.pop(0)
-            kept.append(best)
-            order = [i for i in order if iou(boxes[best], boxes[i]) <= threshold]
-    return sorted(kept, key=lambda i: (-float(scores[i]), i))
 
 
 @settings(max_examples=200, deadline=None)

@@ -23,7 +23,7 @@ import demo_models
 import reference
 from client import KeyRing, RestClient
 from conftest import REPO, Server, serving
-from user_models import FORMS, YOLO_FORMS, Form
+from user_models import FORMS, MASK_FORMS, YOLO_FORMS, Form
 
 pytestmark = pytest.mark.e2e
 PHOTOS = ("chelsea", "astronaut")
@@ -40,7 +40,14 @@ def apply_edits(folder: Path, form: Form) -> None:
     path = folder / "model-config.yaml"
     document = yaml.safe_load(path.read_text())
     document.update(form.frontend)
-    document["handler"].update(form.edits)
+    for key, value in form.edits.items():
+        if isinstance(value, dict) and isinstance(document["handler"].get(key), dict):
+            merged = {**document["handler"][key]}
+            for inner, item in value.items():
+                merged[inner] = {**merged.get(inner, {}), **item} if isinstance(item, dict) else item
+            document["handler"][key] = merged
+        else:
+            document["handler"][key] = value
     path.write_text(yaml.safe_dump(document, sort_keys=False))
 
 
@@ -67,7 +74,7 @@ def byom(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     root = tmp_path_factory.mktemp("byom")
     files, models, store = root / "files", root / "models", root / "store"
     files.mkdir()
-    forms = {form.name: form for form in (make(files) for make in [*FORMS, *YOLO_FORMS])}
+    forms = {form.name: form for form in (make(files) for make in [*FORMS, *YOLO_FORMS, *MASK_FORMS])}
     found = {}
     for form in forms.values():
         result = run_make("scaffold", MODELS=models, NAME=form.name, TASK=form.task, **form.make_vars)
@@ -101,11 +108,14 @@ EXPECTED_FINDINGS = {
     "byom_onnx": ["format onnx", "input 224x224", "7 classes"],
     "byom_detector": ["format state_dict", "4 classes", "__background__"],
     "byom_compiled": ["format state_dict", "TinyNet, 3 classes"],
+    "byom_maskrcnn": ["format state_dict", "maskrcnn_resnet50_fpn, 2 classes", "__background__"],
+    "byom_keypointrcnn": ["format state_dict", "keypointrcnn_resnet50_fpn, 2 classes", "__background__"],
     "yolo_v8": ["format torchscript", "raw output [1, 7, 100]: layout yolov8, letterbox 320", "3 classes"],
     "yolo_v5": ["format onnx", "raw output [1, 100, 8]: layout yolov5, letterbox 320", "3 classes"],
     "yolo_e2e": ["format exported", "raw output [1, 20, 6]: layout end2end, letterbox 320", "3 classes"],
 }
 YOLO = ["yolo_v8", "yolo_v5", "yolo_e2e"]
+MASKED = ["byom_maskrcnn", "byom_keypointrcnn"]
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_FINDINGS))
@@ -228,3 +238,40 @@ def test_a_corrupt_image_fails_alone_on_the_yolo_path(byom: Deployment) -> None:
         replies = list(pool.map(lambda data: byom.rest.predict("yolo_v8", data), payloads))
     assert [r.status for r in replies] == [200, 400, 200]
     assert "corrupt or truncated" in replies[1].body["error"]
+
+
+@pytest.mark.parametrize("name", MASKED)
+def test_masks_as_rle_and_keypoints_equal_the_in_process_model(
+    byom: Deployment, name: str, photos: dict[str, np.ndarray]
+) -> None:
+    """Mask R-CNN's masks come back as COCO RLE (IoU >= 0.99 with the model's), keypoints within 0.5 px."""
+    import torch
+    from pycocotools import mask as coco_mask
+
+    form = byom.form(name)
+    section = byom.section(name)
+    data, pixels = png_and_pixels(photos["chelsea"])
+    reply = byom.rest.predict(name, data)
+    assert reply.status == 200, reply.body
+    x = torch.from_numpy(np.array(pixels)).permute(2, 0, 1).float() / 255
+    with torch.inference_mode():
+        out = form.reference([x])[0]
+    order = torch.argsort(out["scores"], descending=True, stable=True)
+    order = order[out["scores"][order] >= section["score_threshold"]][: section["max_detections"]]
+    assert len(reply.body) == len(order) > 0
+    for item, index in zip(reply.body, order.tolist()):
+        assert abs(item["score"] - float(out["scores"][index])) <= 1e-4
+        if "masks" in out:
+            rle = {"size": item["mask"]["size"], "counts": item["mask"]["counts"].encode("ascii")}
+            served = coco_mask.decode(rle).astype(bool)
+            assert served.shape == pixels.shape[:2]
+            wanted = (out["masks"][index, 0] >= 0.5).numpy()
+            union = np.logical_or(served, wanted).sum()
+            assert union == 0 or np.logical_and(served, wanted).sum() / union >= 0.99
+        else:
+            expected = out["keypoints"][index]
+            assert len(item["keypoints"]) == 17
+            for (px, py, score), (ex, ey, _), es in zip(
+                item["keypoints"], expected.tolist(), out["keypoints_scores"][index].tolist()
+            ):
+                assert abs(px - ex) <= 0.5 and abs(py - ey) <= 0.5 and abs(score - es) <= 1e-3

@@ -110,3 +110,29 @@ def test_run_batch_all_bad_never_calls_the_model() -> None:
 
     outcome = run_batch([1, 2], prepare, lambda items: pytest.fail("model called"), lambda raw, items: raw)
     assert outcome.good == 0
+
+
+def test_masks_become_coco_rle_and_keypoints_triples() -> None:
+    import numpy as np
+    from pycocotools import mask as coco_mask
+
+
+    masks = torch.zeros(2, 1, 6, 8)
+    masks[0, 0, 1:4, 2:5] = 0.9
+    masks[1, 0, 0, 0] = 0.4  # below the 0.5 mask threshold: an empty mask
+    output = {
+        "boxes": torch.tensor([[2.0, 1.0, 5.0, 4.0], [0.0, 0.0, 1.0, 1.0]]),
+        "labels": torch.tensor([1, 1]),
+        "scores": torch.tensor([0.9, 0.8]),
+        "masks": masks,
+        "keypoints": torch.tensor([[[2.5, 1.5, 1.0]], [[0.2, 0.3, 1.0]]]),
+        "keypoints_scores": torch.tensor([[3.25], [0.5]]),
+    }
+    items = detections_to_json(output, ["bg", "thing"], (8, 6), 0.5, 10)
+    assert [i["label"] for i in items] == ["thing", "thing"]
+    first = items[0]["mask"]
+    assert first["size"] == [6, 8] and isinstance(first["counts"], str)
+    decoded = coco_mask.decode({"size": first["size"], "counts": first["counts"].encode("ascii")})
+    assert np.array_equal(decoded.astype(bool), (masks[0, 0] >= 0.5).numpy())
+    assert coco_mask.decode({"size": [6, 8], "counts": items[1]["mask"]["counts"].encode()}).sum() == 0
+    assert items[0]["keypoints"] == [[2.5, 1.5, 3.25]]

@@ -215,6 +215,28 @@ class GridDetector(torch.nn.Module):
         return torch.cat([xyxy, top.unsqueeze(-1), picked.unsqueeze(-1)], -1)
 
 
+def rcnn_form(folder: Path, name: str, architecture: str, label: str) -> Form:
+    """A seeded one-class Mask/Keypoint R-CNN, at a small input size for a 2-core CI."""
+    sizes = {"min_size": 320, "max_size": 480}
+    model = seeded(architecture, num_classes=2, weights_backbone=None, **sizes)
+    torch.save(model.state_dict(), folder / f"{name}.pth")
+    (folder / f"{name}.txt").write_text(f"{label}\n")
+    make_vars = {"PT": str(folder / f"{name}.pth"), "ARCH": architecture, "LABELS": str(folder / f"{name}.txt")}
+    edits = {"score_threshold": 0.05, "max_detections": 5, "model": {"kwargs": sizes}}
+    return Form(name, "detection", make_vars, model, edits, {"batchSize": 2, "responseTimeout": 300})
+
+
+def mask_rcnn(folder: Path) -> Form:
+    return rcnn_form(folder, "byom_maskrcnn", "maskrcnn_resnet50_fpn", "thing")
+
+
+def keypoint_rcnn(folder: Path) -> Form:
+    return rcnn_form(folder, "byom_keypointrcnn", "keypointrcnn_resnet50_fpn", "person")
+
+
+MASK_FORMS: list[Callable[[Path], Form]] = [mask_rcnn, keypoint_rcnn]
+
+
 YOLO_FRONTEND = {"batchSize": 3, "maxBatchDelay": 1000}
 
 

@@ -124,6 +124,7 @@ class DetectorConfig:
     labels: str = "labels.json"
     score_threshold: float = 0.5
     max_detections: int = 100
+    mask_threshold: float = 0.5  # Mask R-CNN: a mask pixel is in at this probability
     # output: torchvision (a list of images in, {boxes, labels, scores} out) or yolo (a letterboxed
     # batch in, a raw [N, A, 5+C] / [N, 4+C, A] / [N, K, 6] tensor out; see servekit/yolo.py)
     output: Literal["torchvision", "yolo"] = "torchvision"

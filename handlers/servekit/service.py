@@ -180,7 +180,12 @@ class DetectorService(VisionService[DecodedImage]):
     def finish(self, raw: list[Mapping[str, torch.Tensor]], items: list[DecodedImage]) -> list[Any]:
         return [
             detections_to_json(
-                out, self.labels, (item.width, item.height), self.config.score_threshold, self.config.max_detections
+                out,
+                self.labels,
+                (item.width, item.height),
+                self.config.score_threshold,
+                self.config.max_detections,
+                mask_threshold=self.config.mask_threshold,
             )
             for out, item in zip(raw, items)
         ]

@@ -79,7 +79,7 @@ def byom(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     for form in forms.values():
         result = run_make("scaffold", MODELS=models, NAME=form.name, TASK=form.task, **form.make_vars)
         assert result.returncode == 0, f"{form.name}: {result.stderr}"
-        found[form.name] = result.stdout.splitlines()[0]
+        found[form.name] = next(line for line in result.stdout.splitlines() if line.startswith("found "))
         apply_edits(models / form.name, form)
     # An unrelated /tmp/<model name> must survive the archiver (it stages in a private TMPDIR).
     bystander = Path("/tmp") / "byom_ckpt"
@@ -131,7 +131,8 @@ def png_and_pixels(image: np.ndarray) -> tuple[bytes, np.ndarray]:
     return data, np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
-CLASSIFIERS = [*sorted(n for n in EXPECTED_FINDINGS if n != "byom_detector" and n not in YOLO), "byom_compiled_aoti"]
+DETECTORS = ["byom_detector", *YOLO, *MASKED]
+CLASSIFIERS = [*sorted(n for n in EXPECTED_FINDINGS if n not in DETECTORS), "byom_compiled_aoti"]
 
 
 @pytest.mark.parametrize("name", CLASSIFIERS)

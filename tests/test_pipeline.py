@@ -116,7 +116,6 @@ def test_masks_become_coco_rle_and_keypoints_triples() -> None:
     import numpy as np
     from pycocotools import mask as coco_mask
 
-
     masks = torch.zeros(2, 1, 6, 8)
     masks[0, 0, 1:4, 2:5] = 0.9
     masks[1, 0, 0, 0] = 0.4  # below the 0.5 mask threshold: an empty mask

@@ -10,8 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from servekit.errors import ConfigError
-from servekit.weights import plain_line
+from servekit.errors import ConfigError, plain_line
 
 
 def report(action: Callable[[], str], subject: str) -> int:

@@ -28,12 +28,12 @@ from PIL import Image
 from cli import report
 from servekit.checkpoint import check_labels, head_key, shape_of
 from servekit.config import WEIGHT_FORMATS, ModelSource, parse_handler_config
-from servekit.errors import ConfigError
+from servekit.errors import ConfigError, plain_line
 from servekit.loading import load_labels, load_model
 from servekit.program_backend import InputSpec, exported_input_spec
 from servekit.service import build_service, raw_tensor
 from servekit.sniff import FILE_NAMES, Sniffed, sniff_model_file
-from servekit.weights import fit_weights, plain_line, read_weights
+from servekit.weights import fit_weights, read_weights
 from servekit.yolo import PAD_VALUE, infer_layout, layout_classes
 
 FRONTEND_DEFAULTS = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 20, "responseTimeout": 60}

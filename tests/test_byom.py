@@ -14,7 +14,7 @@ import torch
 from conftest import REPO
 from servekit.checkpoint import check_labels, infer_num_classes, misfit, strip_prefixes, unwrap_checkpoint
 from servekit.config import ModelSource, parse_handler_config
-from servekit.errors import ConfigError
+from servekit.errors import ConfigError, plain_line
 from servekit.loading import compile_module
 from servekit.onnx_backend import onnx_input_spec
 from servekit.program_backend import (
@@ -25,7 +25,7 @@ from servekit.program_backend import (
     exported_input_spec,
 )
 from servekit.sniff import pickled_classes, sniff_model_file
-from servekit.weights import fit_weights, plain_line, read_weights
+from servekit.weights import fit_weights, read_weights
 
 
 def small_net() -> torch.nn.Module:

@@ -6,8 +6,11 @@ that turns any exception into the JSON a client sees, so REST, gRPC and Triton a
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 from typing import Any, ClassVar
+
+_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")
 
 
 class KitError(Exception):
@@ -46,6 +49,12 @@ class NotReady(KitError):
 
 class ConfigError(ValueError):
     """A model's configuration is invalid; raised when an archive is built or loaded."""
+
+
+def plain_line(text: str) -> str:
+    """The first line of ``text`` without terminal escape codes or control characters."""
+    lines = [line.strip() for line in _ESCAPES.sub("", text).splitlines() if line.strip()]
+    return lines[0] if lines else ""
 
 
 INTERNAL_MESSAGE = "internal error while running the model; the server log has the details"

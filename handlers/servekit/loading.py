@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from servekit.config import WEIGHT_FORMATS, CompileSettings, ModelSource
-from servekit.errors import ConfigError
+from servekit.errors import ConfigError, plain_line
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +87,9 @@ def _torchscript(path: Path, model_dir: Path, source: ModelSource, device: torch
         try:
             return torch.jit.load(str(path), map_location=device)
         except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
-            raise ConfigError(f"cannot load {path.name} as TorchScript: {first}") from None
+            raise ConfigError(
+                f"cannot load {path.name} as TorchScript: {plain_line(str(exc)) or 'unreadable'}"
+            ) from None
 
 
 def _exported(path: Path, model_dir: Path, source: ModelSource, device: torch.device) -> Any:
@@ -133,7 +134,7 @@ def compile_module(model: Any, settings: CompileSettings, warmup: list[torch.Ten
             for batch in warmup:
                 compiled(batch)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ConfigError(f"handler.compile (mode {settings.mode}) failed: {type(exc).__name__}: {first}") from None
+        why = f"{type(exc).__name__}: {plain_line(str(exc))}"
+        raise ConfigError(f"handler.compile (mode {settings.mode}) failed: {why}") from None
     logger.info("compiled with mode %s, warmed up at batch sizes %s", settings.mode, [len(b) for b in warmup])
     return compiled

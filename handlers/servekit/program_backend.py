@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from servekit.errors import ConfigError
+from servekit.errors import ConfigError, plain_line
 
 logger = logging.getLogger(__name__)
 # CPU instruction sets an AOTInductor package may be compiled for, from the lowest.
@@ -103,7 +103,8 @@ def load_exported(path: Path, device: torch.device, max_batch: int = 0) -> Bound
     try:
         program = torch.export.load(str(path))
     except Exception as exc:
-        raise ConfigError(f"cannot load {path.name} as a torch.export program: {type(exc).__name__}: {exc}") from None
+        why = f"{type(exc).__name__}: {plain_line(str(exc))}"
+        raise ConfigError(f"cannot load {path.name} as a torch.export program: {why}") from None
     spec = exported_input_spec(program)
     if max_batch and (spec.max_batch is None or spec.max_batch > max_batch):
         spec = InputSpec(spec.min_batch, max_batch, spec.height, spec.width)
@@ -163,7 +164,8 @@ def load_aoti(path: Path, device: torch.device, max_batch: int = 0) -> BoundedBa
     try:
         compiled = aoti_load_package(str(path))
     except Exception as exc:
-        raise ConfigError(f"cannot load {path.name} as an AOTInductor package: {type(exc).__name__}: {exc}") from None
+        why = f"{type(exc).__name__}: {plain_line(str(exc))}"
+        raise ConfigError(f"cannot load {path.name} as an AOTInductor package: {why}") from None
     metadata = dict(compiled.get_metadata())
     package_device = torch.device(metadata.get("AOTI_DEVICE_KEY") or "cpu")
     if package_device.type == "cpu":

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import pickle
-import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,16 +20,8 @@ import torchvision
 
 from servekit.checkpoint import infer_num_classes, misfit, unwrap_checkpoint
 from servekit.config import ModelSource
-from servekit.errors import ConfigError
+from servekit.errors import ConfigError, plain_line
 from servekit.sniff import pickled_classes
-
-_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")
-
-
-def plain_line(text: str) -> str:
-    """The first line of ``text`` without terminal escape codes or control characters."""
-    lines = [line.strip() for line in _ESCAPES.sub("", text).splitlines() if line.strip()]
-    return lines[0] if lines else ""
 
 
 def read_weights(path: Path, fmt: str) -> Any:

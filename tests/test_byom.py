@@ -293,3 +293,31 @@ def test_convert_needs_trust_then_scaffolds(user_dir: Path, tmp_path: Path) -> N
 def test_help_prints_colour_only_on_a_terminal() -> None:
     result = make("help")
     assert result.returncode == 0 and "scaffold" in result.stdout and "\x1b" not in result.stdout
+
+
+def test_convert_a_custom_class_to_an_exported_program(tmp_path: Path) -> None:
+    """A whole pickled model of the user's own class becomes a torch.export program that scaffolds."""
+    import sys
+
+    from user_models import TINY_SOURCE
+
+    (tmp_path / "tiny_net.py").write_text(TINY_SOURCE)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import tiny_net
+
+        torch.manual_seed(0)
+        torch.save(tiny_net.TinyNet(num_classes=3).eval(), tmp_path / "whole_tiny.pt")
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("tiny_net", None)
+    out = tmp_path / "tiny.pt2"
+    assert "CODE=<folder holding tiny_net.py>" in one_line_error(
+        make("convert", PT=tmp_path / "whole_tiny.pt", OUT=out, TRUST=1, SIZE=64)
+    )
+    result = make("convert", PT=tmp_path / "whole_tiny.pt", OUT=out, TRUST=1, SIZE=64, CODE=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "a torch.export program of TinyNet (input N x 3 x 64 x 64, batch 1-256)" in result.stdout
+    scaffolded = make("scaffold", MODELS=tmp_path / "models", NAME="tiny", TASK="classification", PT=out)
+    assert scaffolded.returncode == 0, scaffolded.stderr
+    assert "format exported; input 64x64 read from the graph" in scaffolded.stdout

@@ -31,10 +31,10 @@ from servekit.config import WEIGHT_FORMATS, ModelSource, parse_handler_config
 from servekit.errors import ConfigError, plain_line
 from servekit.loading import load_labels, load_model
 from servekit.program_backend import InputSpec, exported_input_spec
-from servekit.service import build_service, raw_tensor
+from servekit.service import build_service, raw_output_shape
 from servekit.sniff import FILE_NAMES, Sniffed, sniff_model_file
 from servekit.weights import fit_weights, read_weights
-from servekit.yolo import PAD_VALUE, infer_layout, layout_classes
+from servekit.yolo import infer_layout, layout_classes
 
 FRONTEND_DEFAULTS = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 20, "responseTimeout": 60}
 CLASSIFIER_DEFAULTS = {"resize": 256, "crop": 224, "topk": 5}
@@ -142,16 +142,13 @@ def probe_yolo(folder: Path, config: Any, labels: int | None) -> tuple[str, int 
         ConfigError: the model's output is neither a torchvision detection nor a YOLO-style raw tensor.
     """
     model = load_model(folder, config.model, torch.device("cpu"))
-    gray = torch.full((1, 3, config.input_size, config.input_size), PAD_VALUE / 255.0)
     try:
-        with torch.inference_mode():
-            out = raw_tensor(model(gray))
+        shape = raw_output_shape(model, config.input_size, torch.device("cpu"))
     except ConfigError as exc:
         raise ConfigError(
             f"{exc}; a detector's graph must return a YOLO-style tensor [N, A, 5+C], [N, 4+C, A] or [N, K, 6] "
             "(torchvision detectors: scaffold their weights with ARCH=<name>)"
         ) from None
-    shape = [int(d) for d in out.shape]
     layout = infer_layout(shape, labels)
     return layout, layout_classes(shape, layout), shape
 

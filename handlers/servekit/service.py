@@ -204,10 +204,8 @@ class YoloDetectorService(VisionService[tuple[torch.Tensor, Letterbox]]):
 
     def probe_layout(self) -> str:
         """The layout of this model's output, from one forward pass on a gray image."""
-        gray = torch.full((1, 3, self.config.input_size, self.config.input_size), PAD_VALUE / 255.0)
-        with torch.inference_mode():
-            out = raw_tensor(self.model(gray.to(self.device)))
-        return infer_layout(tuple(out.shape), len(self.labels) or None)
+        shape = raw_output_shape(self.model, self.config.input_size, self.device)
+        return infer_layout(shape, len(self.labels) or None)
 
     def prepare(self, row: Any) -> tuple[torch.Tensor, Letterbox]:
         return letterbox(self.decode(row).pixels, self.config.input_size)
@@ -224,6 +222,13 @@ class YoloDetectorService(VisionService[tuple[torch.Tensor, Letterbox]]):
             size = (geometry.width, geometry.height)
             results.append(detections_to_json(found, self.labels, size, 0.0, self.config.max_detections))
         return results
+
+
+def raw_output_shape(model: Network, size: int, device: torch.device) -> list[int]:
+    """The shape of a raw-output detector's prediction for one gray letterboxed ``size`` x ``size`` image."""
+    gray = torch.full((1, 3, size, size), PAD_VALUE / 255.0, device=device)
+    with torch.inference_mode():
+        return [int(d) for d in raw_tensor(model(gray)).shape]
 
 
 def raw_tensor(output: Any) -> torch.Tensor:

@@ -7,7 +7,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 PY := PYTHONPATH=handlers:scripts $(VENV)/bin/python
 ARCHIVER := $(VENV)/bin/torch-model-archiver
-DEMOS := digits resnet18 mobilenet_v3_small fasterrcnn
+DEMOS := digits resnet18 mobilenet_v3_small fasterrcnn shapes
 HANDLER_SRC := $(wildcard handlers/*.py handlers/servekit/*.py)
 GRPC_STUBS := scripts/ts_grpc/inference_pb2_grpc.py
 MODELS ?= models
@@ -48,12 +48,13 @@ $(GRPC_STUBS): $(STAMP) scripts/gen_grpc.py
 grpc-stubs: $(GRPC_STUBS) ## Generate gRPC stubs from the protos inside TorchServe's frontend jar
 
 .PHONY: models
-models: $(foreach m,$(DEMOS),models/$(m)/model.pt) ## Build the demo models (trained digits CNN, seeded torchvision nets)
+models: $(foreach m,$(DEMOS),models/$(m)/model.pt) ## Build the demo models (trained digits CNN and shapes detector, seeded torchvision nets)
 
 models/%/model.pt: | $(STAMP)
 	$(PY) scripts/make_models.py $*
 
 models/digits/model.pt: models/digits/model.py scripts/demo_models.py
+models/shapes/model.pt: models/shapes/model.py scripts/shapes.py
 
 .PHONY: archive
 archive: $(if $(MODEL),$(STORE)/$(MODEL).mar,$(ALL_MARS)) ## Build .mar archives (all, or MODEL=<name>)
@@ -91,7 +92,7 @@ $(STORE)/%_int8.mar: $(ONNX_DIR)/%/model.int8.onnx $(HANDLER_SRC) scripts/archiv
 # The side-by-side benchmark: stock-handler archives of the same weights, and every kit variant.
 STOCK_STORE := build/stock_store
 BENCH_INPUTS := $(foreach m,resnet18 mobilenet_v3_small fasterrcnn,model_store/$(m).mar model_store/$(m)_onnx.mar $(STOCK_STORE)/$(m)_stock.mar) \
-	model_store/digits_onnx.mar model_store/resnet18_int8.mar model_store/resnet18_aoti.mar model_store/resnet18_exported.mar \
+	model_store/digits_onnx.mar model_store/shapes_onnx.mar model_store/resnet18_int8.mar model_store/resnet18_aoti.mar model_store/resnet18_exported.mar \
 	model_store/resnet18_compile.mar model_store/mobilenet_v3_small_int8.mar $(ONNX_DIR)/digits/model.int8.onnx \
 	$(TRITON_STAMP)
 
@@ -105,6 +106,10 @@ bench: $(BENCH_INPUTS) ## Full benchmark (about 25 min): raw model, stock handle
 .PHONY: bench-backends
 bench-backends: $(BENCH_INPUTS) ## resnet18 on every backend (eager, ONNX, int8, exported, AOTInductor, compile), in process and served -> build/bench-backends/
 	$(PY) scripts/bench.py --mode backends --out build/bench-backends
+
+.PHONY: bench-shapes
+bench-shapes: model_store/shapes.mar model_store/shapes_onnx.mar $(TRITON_STAMP) ## The shapes detector (yolo path): raw in process, TorchScript and ONNX served, Triton; one size and mixed -> build/bench-shapes/
+	$(PY) scripts/bench.py --mode shapes --out build/bench-shapes
 
 .PHONY: gpu-bench
 gpu-bench: | $(STAMP) ## On a CUDA machine: eager fp32/fp16/compile/AOTInductor, nvJPEG vs Pillow, served stage times -> build/gpu/

@@ -34,6 +34,7 @@ from servekit.loading import compile_module, load_model
 from servekit.onnx_backend import load_onnx
 from servekit.program_backend import load_aoti, load_exported
 from servekit.transforms import detector_inputs
+from servekit.yolo import letterbox
 from tsctl import Endpoints, TorchServe, derive_config, random_endpoints
 
 logger = logging.getLogger("bench")
@@ -96,6 +97,17 @@ FULL_SERVED = (
     *(Served(m, "triton", "onnx", m) for m in ("resnet18", "mobilenet_v3_small", "fasterrcnn")),
     Served("fasterrcnn", "triton", "onnx", "fasterrcnn", images="mixed"),
 )
+# The shapes detector (the yolo path): TorchScript and ONNX archives and the Triton ensemble, scenes of
+# one size and of three sizes.
+SHAPES_SERVED = tuple(
+    Served("shapes", server, backend, archive, images=images)
+    for images in ("same", "mixed")
+    for server, backend, archive in (
+        ("kit", "torchscript", "shapes"),
+        ("kit", "onnx", "shapes_onnx"),
+        ("triton", "onnx", "shapes"),
+    )
+)
 QUICK_SERVED = (
     *_served("resnet18", True, [("torch", "resnet18"), ("int8", "resnet18_int8"), ("aoti", "resnet18_aoti")]),
     *_served("mobilenet_v3_small", True, [("onnx", "mobilenet_v3_small_onnx")]),
@@ -104,7 +116,9 @@ QUICK_SERVED = (
 )
 BACKENDS_SERVED = tuple(_served("resnet18", True, RESNET_KIT))
 PLANS = {
-    "full": Plan(15.0, 4.0, (1, 4, 16), 6.0, (1, 8), FULL_SERVED),
+    "full": Plan(15.0, 4.0, (1, 4, 16), 6.0, (1, 8), FULL_SERVED + SHAPES_SERVED),
+    # The shapes detector alone (`make bench-shapes`).
+    "shapes": Plan(10.0, 3.0, (1, 4, 16), 4.0, (1, 8), SHAPES_SERVED),
     # Quick leaves out compile (minutes of inductor compilation on 2 cores): the full bench has it.
     # resnet18 on every backend, in process and served, side by side (`make bench-backends`).
     "backends": Plan(10.0, 4.0, (16,), 4.0, (1, 8), BACKENDS_SERVED),
@@ -122,6 +136,7 @@ INPROCESS = {
     "resnet18": ("torch", "onnx", "int8", "exported", "aoti", "compile"),
     "mobilenet_v3_small": ("torchscript", "onnx", "int8"),
     "fasterrcnn": ("torch", "onnx"),
+    "shapes": ("torchscript", "onnx"),
 }
 
 
@@ -175,24 +190,31 @@ def images_per_second(model: Callable[[Any], Any], inputs: Any, count: int, seco
     return done / (time.perf_counter() - start)
 
 
-def inprocess_rows(plan: Plan, onnx_dir: Path, photo: Any, progress: Progress) -> list[Row]:
+def model_inputs(name: str, photo: Any, wanted: int) -> tuple[Any, int]:
+    """What the kit's service hands ``name``'s network for a batch of ``wanted`` copies of one image."""
+    config = read_model_config(Path("models") / name)
+    pixels = torch.from_numpy(photo.copy()).permute(2, 0, 1)
+    if isinstance(config, ClassifierConfig):
+        return demo_models.classifier_inputs([photo] * wanted, config), wanted
+    if config.output == "yolo":
+        square, _ = letterbox(pixels, config.input_size)
+        return square.float().div(255).expand(wanted, -1, -1, -1).contiguous(), wanted
+    batch = min(wanted, 4)  # the detector archive's batchSize
+    return detector_inputs([pixels]) * batch, batch
+
+
+def inprocess_rows(plan: Plan, onnx_dir: Path, photos: dict[str, Any], progress: Progress) -> list[Row]:
     rows = []
     served_models = {s.model for s in plan.served}
     for name, backends in INPROCESS.items():
         if name not in served_models:
             continue
-        config = read_model_config(Path("models") / name)
         for backend in backends:
             if backend not in plan.backends:
                 continue
             model = backend_model(name, backend, onnx_dir, plan.inprocess_batches)
             for wanted in plan.inprocess_batches:
-                if isinstance(config, ClassifierConfig):
-                    batch = wanted
-                    inputs: Any = demo_models.classifier_inputs([photo] * batch, config)
-                else:
-                    batch = min(wanted, 4)  # the detector archive's batchSize
-                    inputs = detector_inputs([torch.from_numpy(photo).permute(2, 0, 1)]) * batch
+                inputs, batch = model_inputs(name, photos.get(name, photos["*"]), wanted)
                 rate = images_per_second(model, inputs, batch, plan.inprocess_seconds)
                 rows.append(Row(name, "in-process", backend, "same", batch, rate))
                 progress.step(f"{name} in process, {backend}, batch {batch}: {rate:.1f} img/s")
@@ -244,7 +266,7 @@ def measure_all(
     rows = []
     for served in rows_for:
         for concurrency in plan.concurrencies:
-            images = payloads[served.images]
+            images = payloads.get(f"{served.model}:{served.images}", payloads[served.images])
             row = served_row(served, concurrency, plan, client=client, payloads=images, metrics=metrics)
             rows.append(row)
             progress.step(
@@ -373,6 +395,33 @@ def targets(rows: Sequence[Row], concurrency: int) -> list[tuple[str, str, float
     return out
 
 
+def shapes_ratios(rows: Sequence[Row]) -> list[tuple[str, float | None]]:
+    """The shapes detector side by side: served vs raw, Triton vs TorchServe, mixed vs one size."""
+
+    def rate(**match: Any) -> float | None:
+        return rate_of(rows, model="shapes", **match)
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a and b else None
+
+    top = max((r.concurrency for r in rows if r.model == "shapes" and r.where != "in-process"), default=0)
+    batch = max((r.concurrency for r in rows if r.model == "shapes" and r.where == "in-process"), default=0)
+    out = []
+    for backend in INPROCESS["shapes"]:
+        served = rate(where="kit", backend=backend, images="same", concurrency=top)
+        raw = rate(where="in-process", backend=backend, concurrency=batch)
+        out.append((f"kit served (c={top}) / raw in process (batch {batch}), {backend}", ratio(served, raw)))
+    for images in ("same", "mixed"):
+        triton = rate(where="triton", backend="onnx", images=images, concurrency=top)
+        kit = rate(where="kit", backend="onnx", images=images, concurrency=top)
+        out.append((f"Triton / TorchServe kit, ONNX, {images} images, c={top}", ratio(triton, kit)))
+    for where in ("kit", "triton"):
+        mixed = rate(where=where, backend="onnx", images="mixed", concurrency=top)
+        same = rate(where=where, backend="onnx", images="same", concurrency=top)
+        out.append((f"{where} mixed sizes / one size, ONNX, c={top}", ratio(mixed, same)))
+    return out
+
+
 def markdown(rows: Sequence[Row], plan_name: str, fidelity_report: dict[str, Any], command: str) -> str:
     lines = [
         f"# Benchmark ({plan_name})",
@@ -393,6 +442,9 @@ def markdown(rows: Sequence[Row], plan_name: str, fidelity_report: dict[str, Any
         shown = f"{value:.2f}x" if value is not None else "n/a"
         met = "yes" if value is not None and value >= target else "no"
         lines.append(f"| {what} | {how} | {shown} | >= {target}x | {met} |")
+    if any(r.model == "shapes" for r in rows):
+        lines += ["", "## The shapes detector side by side (same run)", "", "| ratio | measured |", "|---|---|"]
+        lines += [f"| {what} | {value:.2f}x |" if value else f"| {what} | n/a |" for what, value in shapes_ratios(rows)]
     lines += ["", "## Backends against eager torch (resnet18, in process, same run)", ""]
     lines += ["| backend | batch | img/s | vs eager |", "|---|---|---|---|"]
     for r in rows:
@@ -505,35 +557,52 @@ def plots(rows: Sequence[Row], out: Path) -> list[Path]:
 # ---------------------------------------------------------------- main
 
 
-def payload_sets() -> tuple[Any, dict[str, list[bytes]]]:
-    """The 451x300 photo (as JPEG) for every row; three sizes for the mixed detector rows."""
+def payload_sets() -> tuple[dict[str, Any], dict[str, list[bytes]]]:
+    """The 451x300 photo (as JPEG) for every row; three sizes for the mixed detector rows. The shapes
+    detector gets held-out scenes instead: the first for "same"; the smallest, the middle and the largest
+    of the first 20 for "mixed"."""
+    import shapes
+
     photos = demo_models.sample_photos(("chelsea", "astronaut", "coffee"))
     jpegs = [demo_models.encode(photos[n], "JPEG", quality=90) for n in ("chelsea", "astronaut", "coffee")]
-    return photos["chelsea"], {"same": jpegs[:1], "mixed": jpegs}
+    ranked = sorted(shapes.held_out(20), key=lambda s: s.image.shape[0] * s.image.shape[1])
+    scenes, one = [ranked[0], ranked[10], ranked[-1]], shapes.make_scene(shapes.HELD_OUT_SEED)
+    payloads = {
+        "same": jpegs[:1],
+        "mixed": jpegs,
+        "shapes:same": [shapes.encode_jpeg(one.image)],
+        "shapes:mixed": [shapes.encode_jpeg(s.image) for s in scenes],
+    }
+    return {"*": photos["chelsea"], "shapes": one.image}, payloads
 
 
 def run(plan_name: str, out: Path, onnx_dir: Path) -> Path:
     plan = PLANS[plan_name]
     out.mkdir(parents=True, exist_ok=True)
-    photo, payloads = payload_sets()
+    photos, payloads = payload_sets()
     models = {s.model for s in plan.served}
     per_batch = sum(len(plan.backends.intersection(b)) for m, b in INPROCESS.items() if m in models)
     inprocess_total = per_batch * len(plan.inprocess_batches)
     progress = Progress(inprocess_total + len(plan.served) * len(plan.concurrencies))
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    rows = inprocess_rows(plan, onnx_dir, photo, progress)
+    rows = inprocess_rows(plan, onnx_dir, photos, progress)
     rows += torchserve_rows(plan, payloads, Path("build") / f"bench-{plan_name}-server", progress)
     rows += triton_rows(plan, payloads, Path("build") / f"bench-{plan_name}-triton", progress)
     import fidelity
 
-    models = ("resnet18",) if plan_name == "backends" else ("digits", "resnet18", "mobilenet_v3_small")
+    models = {"backends": ("resnet18",), "shapes": ()}.get(plan_name, ("digits", "resnet18", "mobilenet_v3_small"))
     report = {
         m: fidelity.compare_backends(
             m, Path("models"), {"onnx": onnx_dir / m / "model.onnx", "int8": onnx_dir / m / "model.int8.onnx"}
         )
         for m in models
     }
-    command = {"full": "make bench", "quick": "make bench-quick", "backends": "make bench-backends"}[plan_name]
+    command = {
+        "full": "make bench",
+        "quick": "make bench-quick",
+        "backends": "make bench-backends",
+        "shapes": "make bench-shapes",
+    }[plan_name]
     (out / "results.json").write_text(json.dumps({"rows": [asdict(r) for r in rows], "fidelity": report}, indent=1))
     (out / "results.md").write_text(markdown(rows, plan_name, report, command), encoding="utf-8")
     plots(rows, out)

@@ -16,11 +16,13 @@ import numpy as np
 import requests
 
 import demo_models
+import shapes
 from client import GrpcClient, KeyRing, Reply, RestClient, predict_many
 from tsctl import TorchServe, derive_config, random_endpoints
 
 logger = logging.getLogger("demo")
-MODELS = ("digits", "resnet18", "mobilenet_v3_small", "fasterrcnn")
+MODELS = ("digits", "resnet18", "mobilenet_v3_small", "fasterrcnn", "shapes")
+SHAPE_SCENES = 4
 
 
 def show(title: str, reply: Reply, top: int = 3) -> None:
@@ -36,6 +38,22 @@ def batch_counters(metrics_url: str) -> dict[str, dict[str, float]]:
     for name, model, value in re.findall(r'^Servekit(\w+)\{ModelName="([^"]+)"[^}]*\} ([0-9.eE+-]+)$', text, re.M):
         found.setdefault(model, {})[name] = float(value)
     return found
+
+
+def detect_shapes(rest: RestClient, workdir: Path) -> None:
+    """The detector trained here, on held-out generated scenes of mixed sizes; the boxes drawn to a PNG."""
+    logger.info("Shapes (a detector trained here by `make models`; held-out scenes of mixed sizes, one batch)")
+    scenes = shapes.held_out(SHAPE_SCENES)
+    replies = predict_many(rest, "shapes", [shapes.encode_jpeg(s.image) for s in scenes], concurrency=SHAPE_SCENES)
+    drawn = []
+    for scene, reply in zip(scenes, replies):
+        height, width = scene.image.shape[:2]
+        truth = ", ".join(sorted(shapes.CLASSES[k] for k in scene.classes.tolist()))
+        show(f"shapes REST {width}x{height} ({truth})", reply, top=2)
+        drawn.append(shapes.draw_answer(scene.image, reply.body if reply.status == 200 else []))
+    target = workdir / "detections.png"
+    target.write_bytes(demo_models.encode(shapes.mosaic(drawn), "PNG"))
+    logger.info("  boxes drawn on the %d scenes: %s", len(scenes), target.resolve())
 
 
 def run(workdir: Path) -> None:
@@ -74,6 +92,8 @@ def run(workdir: Path) -> None:
         logger.info("Detection (seeded weights, COCO names; boxes in the pixels of the image sent)")
         for name in ("astronaut", "rocket"):
             show(f"fasterrcnn gRPC {name}.jpg", grpc_client.predict("fasterrcnn", jpegs[name]))
+
+        detect_shapes(rest, workdir)
 
         logger.info("One corrupt image among 7 good ones, sent concurrently")
         batch = [*pngs[:3], pngs[3][:200], *pngs[4:8]]

@@ -4,8 +4,9 @@ Classifiers: input ``input`` (N x 3 x crop x crop, dynamic N), output ``logits``
 dynamo exporter (``onnxscript``); TorchScript files go through the legacy exporter, which is the only
 one that takes them. Detectors (torchvision R-CNN): input ``image`` (3 x H x W, dynamic H and W, values
 in [0, 1]), outputs ``boxes``, ``labels``, ``scores``, legacy exporter at opset 17 (the dynamo exporter
-fails on torchvision's detection code). Writes ``build/onnx/<name>/model.onnx`` and a JSON report with
-the largest difference from torch.
+fails on torchvision's detection code). Raw-output (``output: yolo``) detectors: input ``images``
+(N x 3 x S x S, dynamic N), output ``output0`` (the raw prediction), as ultralytics names them.
+Writes ``build/onnx/<name>/model.onnx`` and a JSON report with the largest difference from torch.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from typing import Any
 
 import torch
 
-from servekit.config import ClassifierConfig, read_model_config
+from servekit.config import ClassifierConfig, DetectorConfig, read_model_config
 from servekit.loading import load_model
-from servekit.onnx_backend import CLASSIFIER_IO, DETECTOR_IO, load_onnx
+from servekit.onnx_backend import CLASSIFIER_IO, DETECTOR_IO, RAW_IO, load_onnx
+from servekit.service import raw_tensor
+from servekit.yolo import candidates, infer_layout
 
 logger = logging.getLogger("export_onnx")
 OPSET = 17
@@ -46,12 +49,12 @@ class ExportCheck:
         return self.max_abs_probability <= PROBABILITY_TOLERANCE and self.max_abs_box <= BOX_TOLERANCE
 
 
-def export_classifier(model: Any, crop: int, path: Path, scripted: bool) -> str:
-    """Export with a dynamic batch axis; returns the exporter used."""
+def export_classifier(model: Any, crop: int, path: Path, scripted: bool, io: tuple[str, str] = CLASSIFIER_IO) -> str:
+    """Export a batch of crop x crop images with a dynamic batch axis; returns the exporter used."""
     example = torch.rand(2, 3, crop, crop)
-    names = {"input_names": [CLASSIFIER_IO[0]], "output_names": [CLASSIFIER_IO[1]]}
+    names = {"input_names": [io[0]], "output_names": [io[1]]}
     if scripted:
-        axes = {CLASSIFIER_IO[0]: {0: "batch"}, CLASSIFIER_IO[1]: {0: "batch"}}
+        axes = {io[0]: {0: "batch"}, io[1]: {0: "batch"}}
         torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=OPSET, dynamic_axes=axes, **names)
         return "legacy"
     batch = torch.export.Dim("batch", min=1, max=1024)
@@ -95,6 +98,22 @@ def check_classifier(name: str, exporter: str, model: Any, onnx_model: Any, crop
     )
 
 
+def check_raw(name: str, exporter: str, model: Any, onnx_model: Any, config: DetectorConfig) -> ExportCheck:
+    """Compare a raw-output detector's candidate boxes (pixels) and scores on a seeded batch of 2 images."""
+    size = config.input_size
+    inputs = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = raw_tensor(model(inputs)).float()
+    got = onnx_model(inputs)
+    layout = config.layout if config.layout != "auto" else infer_layout(expected.shape)
+    box_diff = score_diff = 0.0
+    for mine, theirs in zip(expected, got):
+        (boxes, scores, _), (got_boxes, got_scores, _) = candidates(mine, layout), candidates(theirs, layout)
+        box_diff = max(box_diff, float((boxes - got_boxes).abs().max()))
+        score_diff = max(score_diff, float((scores - got_scores).abs().max()))
+    return ExportCheck(name, exporter, max_abs_probability=score_diff, max_abs_box=box_diff)
+
+
 def check_detector(name: str, exporter: str, model: Any, onnx_model: Any) -> ExportCheck:
     """Compare boxes and scores of the confident detections on two image sizes."""
     generator = torch.Generator().manual_seed(0)
@@ -120,9 +139,13 @@ def export(name: str, models: Path, out: Path) -> ExportCheck:
     model = load_model(model_dir, config.model, torch.device("cpu"))
     target = out / name / "model.onnx"
     target.parent.mkdir(parents=True, exist_ok=True)
+    scripted = config.model.format == "torchscript"
     if isinstance(config, ClassifierConfig):
-        exporter = export_classifier(model, config.crop, target, config.model.format == "torchscript")
+        exporter = export_classifier(model, config.crop, target, scripted)
         check = check_classifier(name, exporter, model, load_onnx(target, torch.device("cpu"), 2), config.crop)
+    elif isinstance(config, DetectorConfig) and config.output == "yolo":
+        exporter = export_classifier(model, config.input_size, target, scripted, RAW_IO)
+        check = check_raw(name, exporter, model, load_onnx(target, torch.device("cpu"), 2), config)
     else:
         exporter = export_detector(model, target)
         check = check_detector(name, exporter, model, load_onnx(target, torch.device("cpu"), 2))

@@ -13,8 +13,11 @@ image, ``IMAGE``, ``TYPE_STRING``) and get the same JSON (``ANSWER``):
 Each ensemble is ``<name>_preprocess`` -> ``<name>_model`` -> ``<name>_postprocess``; the two python
 steps run the kit's own decode, transforms and answers (``servekit.triton_steps``). Classifiers batch
 (``max_batch_size`` 16); the detector takes images of any size one request at a time
-(``max_batch_size: 0``, dynamic height and width, variable-length outputs). Every ``config.pbtxt`` is
-parsed with tritonclient's ``ModelConfig`` protobuf before it is written.
+(``max_batch_size: 0``, dynamic height and width, variable-length outputs). A raw-output (``output: yolo``)
+detector batches like a classifier: the preprocess letterboxes every image to one square and passes its
+geometry (``TYPE_FP64``, 6 values) around the model to the postprocess, which runs the kit's NMS; the
+model's tensors keep the ONNX graph's own names (``images``/``output0`` for ultralytics' exports).
+Every ``config.pbtxt`` is parsed with tritonclient's ``ModelConfig`` protobuf before it is written.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from archive_args import stage_servekit
-from servekit.config import ClassifierConfig, HandlerConfig, read_model_config
+from servekit.config import ClassifierConfig, DetectorConfig, HandlerConfig, read_model_config
 from servekit.loading import load_labels
 
 logger = logging.getLogger("triton_repo")
@@ -52,6 +55,27 @@ def _io(kind: str, tensors: list[Tensor]) -> str:
 
 
 @dataclass(frozen=True)
+class RawGraph:
+    """A raw-output detector's ONNX graph: its input and output names, and one image's output dims."""
+
+    image_name: str
+    raw_name: str
+    raw_dims: tuple[int, ...]
+
+    @classmethod
+    def probe(cls, onnx_file: Path, input_size: int) -> RawGraph:
+        """Names from the graph, dims from one forward pass on a gray image."""
+        import torch
+
+        from servekit.onnx_backend import load_onnx
+        from servekit.service import raw_output_shape
+
+        model = load_onnx(onnx_file, torch.device("cpu"), 1)
+        shape = raw_output_shape(model, input_size, torch.device("cpu"))
+        return cls(model.input_name, model.output_name, tuple(shape[1:]))
+
+
+@dataclass(frozen=True)
 class Signature:
     """The tensors between the steps of one model's ensemble."""
 
@@ -61,7 +85,15 @@ class Signature:
     extra: list[Tensor]  # preprocess outputs that skip the model and go to postprocess
 
     @classmethod
-    def of(cls, config: HandlerConfig, classes: int) -> Signature:
+    def of(cls, config: HandlerConfig, classes: int, raw: RawGraph | None = None) -> Signature:
+        if raw is not None:  # a raw-output detector: letterboxed images batch like a classifier's crops
+            size = config.input_size if isinstance(config, DetectorConfig) else 0
+            return cls(
+                MAX_BATCH,
+                [Tensor(raw.image_name, "TYPE_FP32", (3, size, size))],
+                [Tensor(raw.raw_name, "TYPE_FP32", raw.raw_dims)],
+                [Tensor("geometry", "TYPE_FP64", (6,))],
+            )
         if isinstance(config, ClassifierConfig):
             crop = config.crop
             return cls(
@@ -93,13 +125,14 @@ def _batching(sig: Signature, delay_us: int) -> str:
 
 
 def _python(name: str, step: str, sig: Signature, *, inputs: list[Tensor], outputs: list[Tensor], delay_us: int) -> str:
+    parameters = {"servekit_step": step, "image_name": sig.model_in[0].name, "raw_name": sig.model_out[0].name}
     return (
         f'name: "{name}"\nbackend: "python"\nmax_batch_size: {sig.batch}\n'
         + _io("input", inputs)
         + _io("output", outputs)
         + _batching(sig, delay_us)
         + "instance_group [ { kind: KIND_CPU count: 1 } ]\n"
-        + f'parameters {{ key: "servekit_step" value: {{ string_value: "{step}" }} }}\n'
+        + "".join(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}\n' for k, v in parameters.items())
     )
 
 
@@ -111,7 +144,7 @@ def _gpu_model(name: str, sig: Signature, delay_us: int) -> str:
         + _batching(sig, delay_us)
         + "instance_group [ { kind: KIND_GPU count: 1 } ]\n"
     )
-    if not sig.batch:  # the detector: CUDA provider; TensorRT engines for every image size would not pay
+    if not sig.batch:  # the torchvision detector: CUDA provider; TensorRT engines for every image size would not pay
         return text
     first = sig.model_in[0]
     dims = ", ".join(str(d) for d in first.dims)
@@ -154,9 +187,11 @@ def _ensemble(name: str, sig: Signature) -> str:
     )
 
 
-def model_configs(name: str, config: HandlerConfig, classes: int, kind: str, delay_us: int = 2000) -> dict[str, str]:
+def model_configs(
+    name: str, config: HandlerConfig, classes: int, kind: str, *, delay_us: int = 2000, raw: RawGraph | None = None
+) -> dict[str, str]:
     """Every ``config.pbtxt`` of one model's ensemble, by Triton model name."""
-    sig = Signature.of(config, classes)
+    sig = Signature.of(config, classes, raw)
     configs = {
         name: _ensemble(name, sig),
         f"{name}_preprocess": _python(
@@ -205,7 +240,10 @@ def write_model(name: str, models: Path, onnx_dir: Path, out: Path, *, kind: str
     if not onnx_file.is_file():
         raise SystemExit(f"{onnx_file} is missing: run `make onnx` first")
     classes = len(load_labels(model_dir / config.labels))
-    configs = model_configs(name, config, classes, kind)
+    raw = None
+    if isinstance(config, DetectorConfig) and config.output == "yolo":
+        raw = RawGraph.probe(onnx_file, config.input_size)
+    configs = model_configs(name, config, classes, kind, raw=raw)
     for model_name, text in configs.items():
         parse_config(text)
         folder = out / model_name

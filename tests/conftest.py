@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 
 import demo_models
+import shapes
 from tsctl import Endpoints, Keys, TorchServe, derive_config, random_endpoints
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_STORE = REPO / "model_store"
-SERVED_VARIANTS = ["fasterrcnn_onnx"]  # the detector's ONNX Runtime archive, to compare with Triton's ONNX model
-MODELS = ("digits", "resnet18", "mobilenet_v3_small", "fasterrcnn")
+# the detectors' ONNX Runtime archives, to compare with Triton's ONNX models
+SERVED_VARIANTS = ["fasterrcnn_onnx", "shapes_onnx"]
+MODELS = ("digits", "resnet18", "mobilenet_v3_small", "fasterrcnn", "shapes")
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +40,13 @@ def digits_test() -> tuple[list[bytes], list[int]]:
     """The held-out digits (never seen in training), as PNG bytes, with their labels."""
     images, labels = demo_models.digit_images("test")
     return [demo_models.encode(img, "PNG") for img in images], labels
+
+
+@pytest.fixture(scope="session")
+def shape_scenes() -> tuple[list[shapes.Scene], list[bytes]]:
+    """The held-out shapes scenes (never in training) and their JPEG bytes."""
+    scenes = shapes.held_out(shapes.HELD_OUT_COUNT)
+    return scenes, [shapes.encode_jpeg(s.image) for s in scenes]
 
 
 def archive(name: str) -> Path:

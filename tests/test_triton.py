@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,14 +18,16 @@ from test_handlers import CORRUPT
 
 import demo_models
 import reference
+import shapes
 from client import KeyRing, Reply, RestClient, TritonClient
 from conftest import MODELS, REPO, Server
 from servekit.config import read_model_config
-from triton_repo import model_configs, parse_config
+from triton_repo import RawGraph, model_configs, parse_config
 from tritonctl import ADMIN_HEADER, Triton, TritonEndpoints, ensembles
 
 REPOSITORY = REPO / "model_repository"
-SERVED = ["resnet18", "fasterrcnn"]
+SERVED = ["resnet18", "fasterrcnn", "shapes"]
+SHAPES_RAW = RawGraph("images", "output0", (7, 1600))
 
 
 def repository(kind: str) -> Path:
@@ -38,7 +41,8 @@ def repository(kind: str) -> Path:
 @pytest.mark.parametrize("name", MODELS)
 def test_generated_configs_parse(kind: str, name: str) -> None:
     config = read_model_config(REPO / "models" / name)
-    configs = {model: parse_config(text) for model, text in model_configs(name, config, 91, kind).items()}
+    raw = SHAPES_RAW if name == "shapes" else None
+    configs = {model: parse_config(text) for model, text in model_configs(name, config, 91, kind, raw=raw).items()}
     ensemble = configs[name]
     assert ensemble.platform == "ensemble"
     assert [s.model_name for s in ensemble.ensemble_scheduling.step] == [
@@ -48,7 +52,7 @@ def test_generated_configs_parse(kind: str, name: str) -> None:
     ]
     assert ensemble.input[0].name == "IMAGE" and ensemble.output[0].name == "ANSWER"
     model = configs[f"{name}_model"]
-    detector = name == "fasterrcnn"
+    detector = name == "fasterrcnn"  # the torchvision detector; shapes (raw output) batches like a classifier
     assert model.max_batch_size == (0 if detector else 16)
     assert detector or model.dynamic_batching.max_queue_delay_microseconds > 0
     if kind == "gpu":
@@ -62,6 +66,11 @@ def test_generated_configs_parse(kind: str, name: str) -> None:
     else:
         assert model.backend == "python"
         assert model.instance_group[0].kind == model.instance_group[0].KIND_CPU
+    if name == "shapes":
+        pre = configs["shapes_preprocess"]
+        assert [(t.name, list(t.dims)) for t in pre.output] == [("images", [3, 320, 320]), ("geometry", [6])]
+        assert [(t.name, list(t.dims)) for t in model.output] == [("output0", [7, 1600])]
+        assert [t.name for t in configs["shapes_postprocess"].input] == ["output0", "geometry"]
 
 
 def test_a_bad_config_is_reported_with_line_and_column() -> None:
@@ -195,3 +204,73 @@ def test_bad_inputs_get_the_kits_errors(triton_client: TritonClient) -> None:
     assert text.status == 400 and "not an image" in text.body["error"], text
     bomb = triton_client.predict("fasterrcnn", json.dumps({"data": "@@@"}).encode())
     assert bomb.status == 400 and "base64" in bomb.body["error"], bomb
+
+
+@pytest.mark.e2e
+def test_shapes_detector_map_through_triton_equals_torchserve(
+    triton_client: TritonClient, server: Server, shape_scenes: tuple[list[shapes.Scene], list[bytes]]
+) -> None:
+    # Triton runs the ONNX graph, so its answers are compared with TorchServe's shapes_onnx archive.
+    scenes, images = shape_scenes
+    with ThreadPoolExecutor(8) as pool:
+        replies: list[Reply] = list(pool.map(lambda d: triton_client.predict("shapes", d), images))
+    assert all(r.status == 200 for r in replies), next(r for r in replies if r.status != 200)
+    score = shapes.map50(scenes, [r.body for r in replies])
+    sys.stderr.write(
+        f"\n[shapes] mAP@0.5 through Triton ({triton_client.protocol}) on {len(scenes)} scenes: {score:.3f}\n"
+    )
+    assert score >= shapes.MIN_MAP50
+    torchserve = RestClient(server.endpoints, KeyRing(server.key_file))
+    for image, ours in zip(images[:24], replies[:24]):
+        theirs = torchserve.predict("shapes_onnx", image)
+        assert theirs.status == 200
+        assert [d["label"] for d in ours.body] == [d["label"] for d in theirs.body]
+        for a, b in zip(ours.body, theirs.body):
+            assert abs(a["score"] - b["score"]) <= 1e-4
+            assert max(abs(x - y) for x, y in zip(a["box"], b["box"])) <= 0.5
+
+
+@pytest.mark.e2e
+def test_shapes_images_of_mixed_sizes_batch_and_a_corrupt_one_fails_alone(
+    triton: Triton, triton_client: TritonClient, shape_scenes: tuple[list[shapes.Scene], list[bytes]]
+) -> None:
+    images = shape_scenes[1][:15]
+    expected = [triton_client.predict("shapes", d).body for d in images]
+    payloads: list[bytes] = [*images[:5], CORRUPT, *images[5:]]
+    inferences, executions = _stats(triton, "shapes_model")
+    with ThreadPoolExecutor(16) as pool:
+        replies: list[Reply] = list(pool.map(lambda d: triton_client.predict("shapes", d), payloads))
+    after_inferences, after_executions = _stats(triton, "shapes_model")
+    assert [r.status for r in replies] == [400 if d is CORRUPT else 200 for d in payloads]
+    assert "corrupt or truncated" in replies[5].body["error"], replies[5]
+    for reply, want in zip([r for r in replies if r.status == 200], expected):
+        assert [d["label"] for d in reply.body] == [d["label"] for d in want]
+        assert_same_answer(reply.body, want, tol=1e-3)
+    assert after_inferences - inferences == 15
+    assert after_executions - executions < 15, (after_executions - executions, "no batch formed")
+
+
+def test_yolo_steps_answer_as_the_torchserve_service(shape_scenes: tuple[list[shapes.Scene], list[bytes]]) -> None:
+    # The ensemble's steps, run in process around the same network, give the handler's exact answers.
+    import torch
+
+    from servekit.config import read_model_config as read
+    from servekit.loading import load_model
+    from servekit.service import build_service
+    from servekit.triton_steps import YoloSteps, load_steps
+
+    folder = REPO / "models" / "shapes"
+    images = [*shape_scenes[1][:3], CORRUPT]
+    steps = load_steps(folder)
+    assert isinstance(steps, YoloSteps) and steps.batched
+    outcomes = steps.preprocess(images)
+    assert isinstance(outcomes[3], Exception) and "corrupt" in str(outcomes[3])
+    good = outcomes[:3]
+    model = load_model(folder, read(folder).model, torch.device("cpu"))
+    with torch.inference_mode():
+        raw = model(torch.from_numpy(np.stack([o["images"] for o in good]))).numpy()
+    geometry = np.stack([o["geometry"] for o in good])
+    answers = [json.loads(a) for a in steps.postprocess({"output0": raw, "geometry": geometry})]
+    service = build_service(read(folder), folder, torch.device("cpu"), max_batch=4)
+    expected = service.handle([{"body": data} for data in images]).answers
+    assert answers == expected[:3] and isinstance(expected[3], Exception)

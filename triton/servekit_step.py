@@ -22,10 +22,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))  # the staged servekit package sits beside this file
 
-from servekit.triton_steps import ClassifierSteps, error_message, image_bytes, load_steps  # noqa: E402
-
-CLASSIFIER_OUTPUTS = ("logits",)
-DETECTOR_OUTPUTS = ("boxes", "labels", "scores")
+from servekit.triton_steps import error_message, image_bytes, load_steps  # noqa: E402
 
 
 def _input(request: Any, name: str) -> np.ndarray:
@@ -41,26 +38,25 @@ class TritonPythonModel:
 
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
-        self.step = config["parameters"]["servekit_step"]["string_value"]
-        self.steps = load_steps(HERE)
-        self.classifier = isinstance(self.steps, ClassifierSteps)
+        parameters = {key: value["string_value"] for key, value in config["parameters"].items()}
+        self.step = parameters["servekit_step"]
+        self.inputs = [tensor["name"] for tensor in config["input"]]
+        self.outputs = [tensor["name"] for tensor in config["output"]]
+        self.steps = load_steps(HERE, parameters.get("image_name", "images"), parameters.get("raw_name", "output0"))
         if self.step == "model":
             import torch
 
             from servekit.onnx_backend import load_onnx
 
-            threads = int(config["parameters"].get("threads", {}).get("string_value", "0")) or (os.cpu_count() or 1)
+            threads = int(parameters.get("threads", "0")) or (os.cpu_count() or 1)
             self.model = load_onnx(HERE / "model.onnx", torch.device("cpu"), threads)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         run = {"preprocess": self._preprocess, "model": self._model, "postprocess": self._postprocess}[self.step]
         return run(requests)
 
-    # ------------------------------------------------------------------ preprocess
-
     def _preprocess(self, requests: list[Any]) -> list[Any]:
-        if not self.classifier:
-            return [self._preprocess_detector(request) for request in requests]
+        """Every image of every request prepared alone; a request with a bad image fails alone."""
         images = [[image_bytes(v) for v in _input(r, "IMAGE").reshape(-1)] for r in requests]
         outcomes = self.steps.preprocess([item for request in images for item in request])
         responses, start = [], 0
@@ -69,50 +65,39 @@ class TritonPythonModel:
             failed = next((o for o in mine if isinstance(o, BaseException)), None)
             if failed is not None:
                 responses.append(_fail(failed))
-            else:
-                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("input", np.stack(mine))]))
+                continue
+            join = np.stack if self.steps.batched else (lambda arrays: arrays[0])
+            tensors = [pb_utils.Tensor(name, join([o[name] for o in mine])) for name in self.outputs]
+            responses.append(pb_utils.InferenceResponse(tensors))
         return responses
 
-    def _preprocess_detector(self, request: Any) -> Any:
-        try:
-            pixels, size = self.steps.preprocess(image_bytes(_input(request, "IMAGE").reshape(-1)[0]))
-        except Exception as exc:
-            return _fail(exc)
-        return pb_utils.InferenceResponse([pb_utils.Tensor("image", pixels), pb_utils.Tensor("size", size)])
-
-    # ------------------------------------------------------------------ model
-
     def _model(self, requests: list[Any]) -> list[Any]:
+        """ONNX Runtime on the CPU: the requests of a batched model run as one batch."""
         import torch
 
-        if not self.classifier:
+        if not self.steps.batched:
             responses = []
             for request in requests:
-                (out,) = self.model([torch.from_numpy(_input(request, "image"))])
-                tensors = [pb_utils.Tensor(name, out[name].numpy()) for name in DETECTOR_OUTPUTS]
-                responses.append(pb_utils.InferenceResponse(tensors))
+                (out,) = self.model([torch.from_numpy(_input(request, self.inputs[0]))])
+                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(n, out[n].numpy()) for n in self.outputs]))
             return responses
-        inputs = [_input(r, "input") for r in requests]
-        logits = self.model(torch.from_numpy(np.concatenate(inputs))).numpy()
+        inputs = [_input(r, self.inputs[0]) for r in requests]
+        raw = self.model(torch.from_numpy(np.concatenate(inputs))).numpy()
         bounds = np.cumsum([0] + [len(x) for x in inputs])
         return [
-            pb_utils.InferenceResponse([pb_utils.Tensor("logits", logits[a:b])]) for a, b in itertools.pairwise(bounds)
+            pb_utils.InferenceResponse([pb_utils.Tensor(self.outputs[0], raw[a:b])])
+            for a, b in itertools.pairwise(bounds)
         ]
-
-    # ------------------------------------------------------------------ postprocess
 
     def _postprocess(self, requests: list[Any]) -> list[Any]:
         responses = []
         for request in requests:
             try:
-                if self.classifier:
-                    answers = self.steps.postprocess(_input(request, "logits"))
-                    out = np.array(answers, dtype=np.object_).reshape(-1, 1)
-                else:
-                    boxes, labels, scores, size = (_input(request, n) for n in (*DETECTOR_OUTPUTS, "size"))
-                    out = np.array([self.steps.postprocess(boxes, labels, scores, size)], dtype=np.object_)
+                answers = self.steps.postprocess({name: _input(request, name) for name in self.inputs})
             except Exception as exc:
                 responses.append(_fail(exc))
                 continue
+            shape = (-1, 1) if self.steps.batched else (-1,)
+            out = np.array(answers, dtype=np.object_).reshape(shape)
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("ANSWER", out)]))
         return responses

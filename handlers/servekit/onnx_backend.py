@@ -19,6 +19,7 @@ from servekit.program_backend import BoundedBatch, InputSpec
 
 CLASSIFIER_IO = ("input", "logits")
 DETECTOR_IO = ("image", ("boxes", "labels", "scores"))
+RAW_IO = ("images", "output0")  # a raw-output (YOLO-style) detector, named as ultralytics' exports name them
 
 
 def providers(device: torch.device, available: Sequence[str]) -> list[str]:

@@ -197,10 +197,7 @@ class YoloDetectorService(VisionService[tuple[torch.Tensor, Letterbox]]):
     def __init__(self, config: DetectorConfig, model: Network, labels: list[str], device: torch.device) -> None:
         super().__init__(model, labels, config.limits, device)
         self.config = config
-        layout = config.layout if config.layout != "auto" else self.probe_layout()
-        self.settings = YoloSettings(
-            layout, config.score_threshold, config.iou_threshold, config.max_detections, config.agnostic_nms
-        )
+        self.settings = yolo_settings(config, config.layout if config.layout != "auto" else self.probe_layout())
 
     def probe_layout(self) -> str:
         """The layout of this model's output, from one forward pass on a gray image."""
@@ -216,12 +213,26 @@ class YoloDetectorService(VisionService[tuple[torch.Tensor, Letterbox]]):
             return raw_tensor(self.model(batch)).float().cpu()
 
     def finish(self, raw: torch.Tensor, items: list[tuple[torch.Tensor, Letterbox]]) -> list[Any]:
-        results = []
-        for out, (_, geometry) in zip(raw, items):
-            found = detect(out, geometry, self.settings)
-            size = (geometry.width, geometry.height)
-            results.append(detections_to_json(found, self.labels, size, 0.0, self.config.max_detections))
-        return results
+        geometries = [geometry for _, geometry in items]
+        return yolo_answers(raw, geometries, self.settings, self.labels, self.config.max_detections)
+
+
+def yolo_settings(config: DetectorConfig, layout: str) -> YoloSettings:
+    """The postprocessing of a raw-output detector's config, with its layout resolved."""
+    return YoloSettings(
+        layout, config.score_threshold, config.iou_threshold, config.max_detections, config.agnostic_nms
+    )
+
+
+def yolo_answers(
+    raw: torch.Tensor, geometries: Sequence[Letterbox], settings: YoloSettings, labels: list[str], max_detections: int
+) -> list[Any]:
+    """One JSON answer per image of a raw-output batch: thresholds, NMS, boxes in the pixels as sent."""
+    answers = []
+    for out, geometry in zip(raw, geometries):
+        found = detect(out, geometry, settings)
+        answers.append(detections_to_json(found, labels, (geometry.width, geometry.height), 0.0, max_detections))
+    return answers
 
 
 def raw_output_shape(model: Network, size: int, device: torch.device) -> list[int]:

@@ -1,6 +1,11 @@
 """The Triton ensemble's steps, as pure functions over numpy: the same decode, transforms and answers as
 the TorchServe handlers (this module imports neither Triton nor TorchServe).
 
+Every step class answers per image: ``preprocess`` gives, for each encoded image, its tensors by name
+(or the exception that image ended in), and ``postprocess`` gives one JSON document per image of a
+request. ``batched`` says whether the ensemble has a batch dimension (classifiers and raw-output
+detectors, letterboxed to one square) or takes one image per request (torchvision detectors).
+
 An ensemble takes the encoded image bytes (``IMAGE``, ``TYPE_STRING``) and answers the JSON bytes
 (``ANSWER``) that TorchServe would send. A request that fails gets, as its Triton error message, the
 same JSON body ``{"error": ..., "code": ...}`` that TorchServe sends.
@@ -21,9 +26,11 @@ from servekit.config import ClassifierConfig, DetectorConfig, HandlerConfig, rea
 from servekit.decode import decode_request
 from servekit.errors import error_body
 from servekit.loading import load_labels
+from servekit.onnx_backend import RAW_IO
 from servekit.postprocess import detections_to_json, topk_to_json
-from servekit.service import run_batch
+from servekit.service import run_batch, yolo_answers, yolo_settings
 from servekit.transforms import classifier_batch, classifier_crop, detector_inputs
+from servekit.yolo import Letterbox, infer_layout, letterbox
 
 Outcome = Any  # a step's result for one request, or the exception it failed with
 
@@ -43,12 +50,16 @@ def image_bytes(value: Any) -> bytes:
     return bytes(value) if not isinstance(value, str) else value.encode("utf-8")
 
 
+Tensors = dict[str, np.ndarray]  # one image's tensors by Triton name
+
+
 @dataclass(frozen=True)
 class ClassifierSteps:
     """Preprocess (bytes -> normalized crop) and postprocess (logits -> top-k JSON) of a classifier."""
 
     config: ClassifierConfig
     labels: list[str]
+    batched = True
 
     def preprocess(self, images: Sequence[bytes]) -> list[Outcome]:
         """Decode and crop each image alone; normalize the good ones as one batch."""
@@ -60,47 +71,93 @@ class ClassifierSteps:
         def normalize(crops: list[torch.Tensor]) -> torch.Tensor:
             return classifier_batch(crops, self.config)
 
-        def split(batch: torch.Tensor, _crops: list[torch.Tensor]) -> list[np.ndarray]:
-            return list(batch.numpy())
+        def split(batch: torch.Tensor, _crops: list[torch.Tensor]) -> list[Tensors]:
+            return [{"input": row} for row in batch.numpy()]
 
         return run_batch(images, prepare, normalize, split).answers
 
-    def postprocess(self, logits: np.ndarray) -> list[bytes]:
+    def postprocess(self, tensors: Tensors) -> list[bytes]:
         """Top-k answers of a batch of logits, one JSON document each."""
-        return [answer_bytes(a) for a in topk_to_json(torch.from_numpy(logits), self.labels, self.config.topk)]
+        logits = torch.from_numpy(tensors["logits"])
+        return [answer_bytes(a) for a in topk_to_json(logits, self.labels, self.config.topk)]
+
+
+@dataclass(frozen=True)
+class YoloSteps:
+    """Preprocess (bytes -> letterboxed image and its geometry) and postprocess (raw output -> NMS -> JSON).
+
+    ``image_name`` and ``raw_name`` are the ONNX graph's input and output names.
+    """
+
+    config: DetectorConfig
+    labels: list[str]
+    image_name: str = RAW_IO[0]
+    raw_name: str = RAW_IO[1]
+    batched = True
+
+    def preprocess(self, images: Sequence[bytes]) -> list[Outcome]:
+        """Each image letterboxed alone (float32 in [0, 1]), with its geometry (float64, 6 values)."""
+
+        def prepare(data: bytes) -> Tensors:
+            decoded = decode_request({"body": data}, self.config.limits)
+            pixels, geometry = letterbox(decoded.pixels, self.config.input_size)
+            return {
+                self.image_name: pixels.to(torch.float32).div_(255.0).numpy(),
+                "geometry": np.array(geometry.values(), dtype=np.float64),
+            }
+
+        return run_batch(images, prepare, list, lambda tensors, _: tensors).answers
+
+    def postprocess(self, tensors: Tensors) -> list[bytes]:
+        """One JSON answer per image of a batch of raw outputs, as the TorchServe handler answers."""
+        raw = torch.from_numpy(tensors[self.raw_name])
+        layout = self.config.layout
+        if layout == "auto":
+            layout = infer_layout(raw.shape, len(self.labels) or None)
+        geometries = [Letterbox.from_values(row) for row in tensors["geometry"]]
+        answers = yolo_answers(
+            raw, geometries, yolo_settings(self.config, layout), self.labels, self.config.max_detections
+        )
+        return [answer_bytes(a) for a in answers]
 
 
 @dataclass(frozen=True)
 class DetectorSteps:
-    """Preprocess (bytes -> float image and its size) and postprocess (raw detections -> JSON)."""
+    """Preprocess (bytes -> float image and its size) and postprocess (raw detections -> JSON), one image
+    per request: a torchvision detector takes images of any size."""
 
     config: DetectorConfig
     labels: list[str]
+    batched = False
 
-    def preprocess(self, data: bytes) -> tuple[np.ndarray, np.ndarray]:
-        """One image as float32 3 x H x W in [0, 1], and its (width, height)."""
-        decoded = decode_request({"body": data}, self.config.limits)
-        pixels = detector_inputs([decoded.pixels])[0].contiguous().numpy()
-        return pixels, np.array([decoded.width, decoded.height], dtype=np.int32)
+    def preprocess(self, images: Sequence[bytes]) -> list[Outcome]:
+        """Each image as float32 3 x H x W in [0, 1], and its (width, height)."""
 
-    def postprocess(self, boxes: np.ndarray, classes: np.ndarray, scores: np.ndarray, size: np.ndarray) -> bytes:
-        output = {
-            "boxes": torch.from_numpy(boxes),
-            "labels": torch.from_numpy(classes),
-            "scores": torch.from_numpy(scores),
-        }
-        width, height = (int(v) for v in np.asarray(size).reshape(-1)[:2])
-        return answer_bytes(
-            detections_to_json(
-                output, self.labels, (width, height), self.config.score_threshold, self.config.max_detections
-            )
+        def prepare(data: bytes) -> Tensors:
+            decoded = decode_request({"body": data}, self.config.limits)
+            pixels = detector_inputs([decoded.pixels])[0].contiguous().numpy()
+            return {"image": pixels, "size": np.array([decoded.width, decoded.height], dtype=np.int32)}
+
+        return run_batch(images, prepare, list, lambda tensors, _: tensors).answers
+
+    def postprocess(self, tensors: Tensors) -> list[bytes]:
+        output = {name: torch.from_numpy(tensors[name]) for name in ("boxes", "labels", "scores")}
+        width, height = (int(v) for v in np.asarray(tensors["size"]).reshape(-1)[:2])
+        answer = detections_to_json(
+            output, self.labels, (width, height), self.config.score_threshold, self.config.max_detections
         )
+        return [answer_bytes(answer)]
 
 
-def load_steps(folder: Path) -> ClassifierSteps | DetectorSteps:
+Steps = ClassifierSteps | YoloSteps | DetectorSteps
+
+
+def load_steps(folder: Path, image_name: str = RAW_IO[0], raw_name: str = RAW_IO[1]) -> Steps:
     """The steps of the model whose ``model-config.yaml`` and labels were copied into ``folder``."""
     config: HandlerConfig = read_model_config(folder)
     labels = load_labels(folder / config.labels)
     if isinstance(config, ClassifierConfig):
         return ClassifierSteps(config, labels)
+    if config.output == "yolo":
+        return YoloSteps(config, labels, image_name, raw_name)
     return DetectorSteps(config, labels)

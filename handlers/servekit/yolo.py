@@ -36,6 +36,16 @@ class Letterbox:
     left: int
     top: int
 
+    def values(self) -> list[float]:
+        """The geometry as six numbers (width, height, scale_x, scale_y, left, top), e.g. for a Triton tensor."""
+        return [self.width, self.height, self.scale_x, self.scale_y, self.left, self.top]
+
+    @classmethod
+    def from_values(cls, values: Sequence[float]) -> Letterbox:
+        """The geometry that :meth:`values` wrote."""
+        width, height, scale_x, scale_y, left, top = (float(v) for v in values)
+        return cls(round(width), round(height), scale_x, scale_y, round(left), round(top))
+
 
 def letterbox_geometry(width: int, height: int, size: int) -> tuple[int, int, Letterbox]:
     """The resized width and height of an image fitted into ``size`` x ``size``, and its geometry."""

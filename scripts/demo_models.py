@@ -172,3 +172,52 @@ def make_detector(model_dir: Path) -> None:
 
 def _write_labels(model_dir: Path, labels: list[str]) -> None:
     (model_dir / "labels.json").write_text(json.dumps(labels, indent=0) + "\n", encoding="utf-8")
+
+
+# Images as users send them: (name, width, height, format). The 451x300 JPEG is the kit's old bench image.
+USER_IMAGES = (
+    ("phone_4032x3024.jpg", 4032, 3024, "JPEG"),
+    ("frame_1920x1080.jpg", 1920, 1080, "JPEG"),
+    ("photo_640x480.jpg", 640, 480, "JPEG"),
+    ("screenshot_1280x800.png", 1280, 800, "PNG"),
+    ("chelsea_451x300.jpg", 451, 300, "JPEG"),
+)
+
+
+def user_image(name: str) -> bytes:
+    """One of :data:`USER_IMAGES`, made here: a real photo scaled to the size with sensor-like noise
+    (so a 12 MP JPEG at quality 90 carries real detail and weighs megabytes), or a screenshot-like PNG."""
+    _, width, height, fmt = next(entry for entry in USER_IMAGES if entry[0] == name)
+    if name.startswith("chelsea"):
+        return encode(sample_photos(("chelsea",))["chelsea"], "JPEG", quality=90)
+    if fmt == "PNG":
+        return encode(screenshot(width, height), "PNG")
+    return encode(photo_at(width, height), "JPEG", quality=90)
+
+
+def photo_at(width: int, height: int, seed: int = SEED) -> np.ndarray:
+    """scikit-image's astronaut and coffee side by side, resized to ``width`` x ``height``, with noise."""
+    photos = sample_photos(("astronaut", "coffee"))
+    side = np.concatenate([photos["astronaut"][:400, :512], photos["coffee"][:400, :512]], axis=1)
+    big = np.asarray(Image.fromarray(side).resize((width, height), Image.BICUBIC), dtype=np.int16)
+    noise = np.random.default_rng(seed).normal(0, 6, size=big.shape).astype(np.int16)
+    return np.clip(big + noise, 0, 255).astype(np.uint8)
+
+
+def screenshot(width: int, height: int) -> np.ndarray:
+    """A flat, screenshot-like RGB image: window bars, panels and lines of text."""
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (width, height), (245, 246, 248))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([0, 0, width, 40], fill=(40, 44, 52))
+    draw.rectangle([0, 40, 220, height], fill=(230, 232, 236))
+    for row, top in enumerate(range(60, height - 20, 22)):
+        draw.text(
+            (240, top),
+            f"line {row}: the quick brown fox jumps over the lazy dog {row * 7919 % 1000}",
+            fill=(20, 20, 20),
+        )
+        draw.text((12, top), f"item {row}", fill=(60, 60, 60))
+    draw.rectangle([width - 300, 80, width - 40, 300], outline=(30, 120, 220), width=3, fill=(220, 235, 250))
+    return np.asarray(image)

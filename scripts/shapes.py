@@ -2,7 +2,7 @@
 
 A scene is a random-colour background with noise and a few lines, and 1 to 6 filled shapes (circle,
 axis-aligned square, upward triangle) of sides 20 to 120 px in colours that stand out, overlapping at
-most a little, on an image of sides 320 to 800 px. Every scene comes from its own seed, so the training
+most a little (a tenth of the smaller box), on an image of sides 320 to 800 px. Every scene comes from its own seed, so the training
 scenes and the held-out ones never meet. ``models/shapes/model.py`` holds the network.
 """
 
@@ -34,7 +34,7 @@ CLASSES = ("circle", "square", "triangle")
 SIDE_RANGE = (320, 800)
 OBJECT_RANGE = (20, 120)
 MAX_OBJECTS = 6
-MAX_OVERLAP_IOU = 0.1
+MAX_OVERLAP = 0.1  # of the smaller shape's box: a shape is never hidden under a bigger one
 MIN_CONTRAST = 120.0  # RGB distance between a shape's colour and the background's
 HELD_OUT_SEED = 1_000_000  # held-out scenes use seeds from here; training scenes from 0
 INPUT_SIZE = 320
@@ -51,12 +51,11 @@ class Scene:
     classes: np.ndarray
 
 
-def _iou(a: Sequence[float], b: Sequence[float]) -> float:
+def overlap(a: Sequence[float], b: Sequence[float]) -> float:
+    """The share of the smaller of two boxes that the other one covers."""
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union
+    return ix * iy / min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
 
 
 def _colour(rng: np.random.Generator, background: np.ndarray) -> tuple[int, int, int]:
@@ -105,7 +104,7 @@ def make_scene(seed: int) -> Scene:
             side = int(rng.integers(OBJECT_RANGE[0], OBJECT_RANGE[1] + 1))
             x1, y1 = int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1))
             box = [x1, y1, x1 + side, y1 + side]
-            if all(_iou(box, other) <= MAX_OVERLAP_IOU for other in boxes):
+            if all(overlap(box, other) <= MAX_OVERLAP for other in boxes):
                 kind = int(rng.integers(0, len(CLASSES)))
                 _draw(draw, kind, box, _colour(rng, background))
                 boxes.append(box)

@@ -127,3 +127,64 @@ def test_base64_over_byte_limit_is_refused_before_decoding() -> None:
     limits = ImageLimits(max_bytes=100)
     with pytest.raises(PayloadTooLarge):
         request_image_bytes({"body": {"data": "A" * 400}}, limits)
+
+
+# ---------------------------------------------------------------- reduced-scale JPEG decode
+
+
+def photo_jpeg(width: int, height: int, orientation: int = 1) -> bytes:
+    """A smooth gradient photo (JPEG quality 95), optionally with an EXIF orientation."""
+    ys, xs = np.mgrid[0:height, 0:width]
+    pixels = np.stack([xs * 255 // width, ys * 255 // height, (xs + ys) * 127 // (width + height)], -1)
+    image = Image.fromarray(pixels.astype(np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(("min_side", "scale"), [(100, 8), (200, 4), (300, 2), (500, 2), (600, 1)])
+def test_a_big_jpeg_decodes_at_the_smallest_dct_scale_that_keeps_min_side(min_side: int, scale: int) -> None:
+    image = decode_image(photo_jpeg(1600, 1000), LIMITS, min_side)
+    assert (image.width, image.height) == (1600, 1000)  # the size as sent, always
+    assert tuple(image.pixels.shape) == (3, -(-1000 // scale), -(-1600 // scale))
+    assert min(image.pixels.shape[1:]) >= min_side
+
+
+def test_the_reduced_decode_keeps_exif_rotation_and_the_size_as_sent() -> None:
+    image = decode_image(photo_jpeg(1600, 1000, orientation=6), LIMITS, 200)
+    assert (image.width, image.height) == (1000, 1600)
+    assert tuple(image.pixels.shape) == (3, 400, 250)
+
+
+def test_reduced_decode_is_off_for_png_small_jpegs_and_when_configured() -> None:
+    assert decode_image(encoded(size=(1600, 1000)), LIMITS, 100).pixels.shape == (3, 1000, 1600)
+    assert decode_image(photo_jpeg(300, 200), LIMITS, 160).pixels.shape == (3, 200, 300)
+    off = ImageLimits(reduced_jpeg=False)
+    assert decode_image(photo_jpeg(1600, 1000), off, 100).pixels.shape == (3, 1000, 1600)
+
+
+def test_the_reduced_decode_stays_close_to_the_full_decode_after_the_resize() -> None:
+    from servekit.transforms import classifier_crop
+
+    data = photo_jpeg(2400, 1600)
+    full = classifier_crop(decode_image(data, LIMITS).pixels, 256, 224).float()
+    reduced = classifier_crop(decode_image(data, LIMITS, 256).pixels, 256, 224).float()
+    assert (full - reduced).abs().mean() < 1.5 and (full - reduced).abs().max() < 16
+
+
+def test_boxes_come_back_in_the_pixels_as_sent_through_a_reduced_decode() -> None:
+    import torch
+
+    from servekit.yolo import letterbox, unletterbox
+
+    image = decode_image(photo_jpeg(2400, 1600), LIMITS, 320)
+    assert image.pixels.shape[2] < 2400
+    _, geometry = letterbox(image.pixels, 320, (image.width, image.height))
+    box = torch.tensor([[600.0, 400.0, 1800.0, 1200.0]])
+    square = box.clone()
+    square[:, 0::2] = square[:, 0::2] * geometry.scale_x + geometry.left
+    square[:, 1::2] = square[:, 1::2] * geometry.scale_y + geometry.top
+    assert torch.allclose(unletterbox(square, geometry), box, atol=1.0)
+    assert (geometry.width, geometry.height) == (2400, 1600)

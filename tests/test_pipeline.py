@@ -95,6 +95,31 @@ def test_run_batch_fails_only_the_bad_rows() -> None:
     assert outcome.good == 2
 
 
+def test_run_batch_prepares_in_parallel_and_keeps_each_rows_error() -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    names: set[str] = set()
+    barrier = threading.Barrier(2, timeout=10)  # two rows prepared at once, or this times out
+
+    def prepare(row: int) -> int:
+        names.add(threading.current_thread().name)
+        if row in (1, 2):
+            barrier.wait()
+        if row < 0:
+            raise BadInput(f"negative: {row}")
+        if row == 99:
+            raise ZeroDivisionError("unexpected")
+        return row
+
+    with ThreadPoolExecutor(2, thread_name_prefix="decode") as pool:
+        outcome = run_batch([1, 2, -3, 99, 4], prepare, lambda items: items, lambda raw, items: raw, pool)
+    assert outcome.answers[:2] == [1, 2] and outcome.answers[4] == 4
+    assert error_body(outcome.answers[2]) == {"error": "negative: -3", "code": 400}
+    assert error_body(outcome.answers[3])["code"] == 500
+    assert all(name.startswith("decode") for name in names)
+
+
 def test_run_batch_model_failure_is_a_500_without_internals() -> None:
     def infer(items: list[int]) -> list[int]:
         raise RuntimeError("CUDA kernel exploded at 0xdeadbeef")

@@ -26,7 +26,7 @@ def test_a_scene_keeps_the_rules(seed: int) -> None:
         (scene.boxes[:, :2] >= 0).all() and (scene.boxes[:, 2] <= width).all() and (scene.boxes[:, 3] <= height).all()
     )
     for a, b in itertools.combinations(scene.boxes.tolist(), 2):
-        assert shapes._iou(a, b) <= shapes.MAX_OVERLAP_IOU
+        assert shapes.overlap(a, b) <= shapes.MAX_OVERLAP
 
 
 def test_the_same_seed_gives_the_same_scene_and_held_out_seeds_are_apart() -> None:

@@ -32,6 +32,9 @@ class ImageLimits:
     max_pixels: int = 40_000_000
     max_aspect_ratio: float = 50.0
     formats: tuple[str, ...] = IMAGE_FORMATS
+    # A JPEG far larger than the model's input is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain
+    # (never below what the model needs), then resized: less time and memory, pixels a little different.
+    reduced_jpeg: bool = True
 
     def __post_init__(self) -> None:
         _require(self.max_bytes > 0, "limits.max_bytes", "must be > 0")

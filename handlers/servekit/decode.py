@@ -30,16 +30,26 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """An image ready for the model, with the size the user sees (after EXIF rotation)."""
+    """An image ready for the model, with the size the user sees (after EXIF rotation).
 
-    pixels: torch.Tensor  # uint8, shape (3, height, width)
+    ``pixels`` is the whole image, at reduced scale when the caller asked for at most ``min_side`` and
+    the JPEG was decoded in the DCT domain; ``width`` and ``height`` are always the size as sent, the
+    pixels that answers (boxes) are given in.
+    """
+
+    pixels: torch.Tensor  # uint8, shape (3, h, w): (height, width) or a reduced scale of it
     width: int
     height: int
 
 
-def decode_request(row: Mapping[str, Any], limits: ImageLimits) -> DecodedImage:
-    """Extract the encoded image of one request row and decode it within ``limits``."""
-    return decode_image(request_image_bytes(row, limits), limits)
+# EXIF orientations that turn the stored image by 90 or 270 degrees
+_TRANSPOSED = (5, 6, 7, 8)
+_ORIENTATION = 0x0112
+
+
+def decode_request(row: Mapping[str, Any], limits: ImageLimits, min_side: int = 0) -> DecodedImage:
+    """Extract the encoded image of one request row and decode it within ``limits`` (see :func:`decode_image`)."""
+    return decode_image(request_image_bytes(row, limits), limits, min_side)
 
 
 def request_image_bytes(row: Mapping[str, Any], limits: ImageLimits) -> bytes:
@@ -107,11 +117,13 @@ def _looks_like_base64(text: str) -> bool:
     return bool(text) and all(c.isascii() and (c.isalnum() or c in "+/=\r\n") for c in text)
 
 
-def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
+def decode_image(data: bytes, limits: ImageLimits, min_side: int = 0) -> DecodedImage:
     """Decode encoded image bytes into an RGB uint8 tensor, enforcing ``limits`` first.
 
     Grayscale, palette, RGBA, CMYK and 16-bit images become RGB; EXIF orientation is applied; an
-    animated GIF or WebP gives its first frame.
+    animated GIF or WebP gives its first frame. With ``min_side`` (the smallest side the caller needs)
+    and ``limits.reduced_jpeg``, a JPEG at least twice that on both sides is decoded at the smallest
+    DCT scale (1/2, 1/4, 1/8) that keeps both sides at or above ``min_side``.
 
     Raises:
         BadInput: empty, not an image, corrupt or truncated.
@@ -124,12 +136,17 @@ def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
     image = _open(data, limits)
     try:
         image.seek(0)
-        image = ImageOps.exif_transpose(image) or image
+        orientation = image.getexif().get(_ORIENTATION, 1)
+        width, height = image.size[::-1] if orientation in _TRANSPOSED else image.size
+        if min_side and limits.reduced_jpeg and image.format == "JPEG" and min(image.size) >= 2 * min_side:
+            image.draft("RGB", (min_side, min_side))
+        if orientation != 1:
+            image = ImageOps.exif_transpose(image) or image
         rgb = _to_rgb(image)
+        array = np.array(rgb, dtype=np.uint8)  # one copy, writable, owned by the tensor
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise BadInput(f"image data is corrupt or truncated ({image.format}): {exc}") from None
-    pixels = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)
-    return DecodedImage(pixels=pixels, width=rgb.width, height=rgb.height)
+    return DecodedImage(pixels=torch.from_numpy(array).permute(2, 0, 1), width=width, height=height)
 
 
 def _open(data: bytes, limits: ImageLimits) -> Image.Image:
@@ -188,7 +205,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _check_bytes(size: int, limits: ImageLimits) -> None:

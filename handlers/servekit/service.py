@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Executor, ThreadPoolExecutor
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,26 +65,26 @@ def run_batch(
     prepare: Callable[[Any], Prepared],
     infer: Callable[[list[Prepared]], list[Any]],
     finish: Callable[[list[Any], list[Prepared]], list[Any]],
+    pool: Executor | None = None,
 ) -> BatchOutcome:
     """Prepare each row alone, run the good ones together, and scatter results back in order.
 
     A :class:`KitError` from ``prepare`` fails its row alone. An exception from ``infer`` or
-    ``finish`` fails the rows that were in the model's batch, each with its own answer.
+    ``finish`` fails the rows that were in the model's batch, each with its own answer. With a
+    ``pool``, the rows are prepared in parallel on its threads (decode and resize release the GIL).
     """
     times = StageTimes()
+    start = time.perf_counter()
+    outcomes = list(pool.map(_attempt(prepare), rows)) if pool and len(rows) > 1 else map(_attempt(prepare), rows)
     answers: list[Answer] = [None] * len(rows)
     good_idx: list[int] = []
     prepared: list[Prepared] = []
-    start = time.perf_counter()
-    for i, row in enumerate(rows):
-        try:
-            prepared.append(prepare(row))
+    for i, (ok, value) in enumerate(outcomes):
+        if ok:
+            prepared.append(value)
             good_idx.append(i)
-        except KitError as exc:
-            answers[i] = exc
-        except Exception as exc:
-            logger.exception("unexpected error while decoding request %d", i)
-            answers[i] = exc
+        else:
+            answers[i] = value
     times.preprocess_ms = (time.perf_counter() - start) * 1000
     if not prepared:
         return BatchOutcome(answers, times)
@@ -102,6 +103,21 @@ def run_batch(
     return BatchOutcome(answers, times)
 
 
+def _attempt(prepare: Callable[[Any], Prepared]) -> Callable[[Any], tuple[bool, Any]]:
+    """``prepare`` as (True, result) or (False, the exception): one row's failure stays its own."""
+
+    def run(row: Any) -> tuple[bool, Any]:
+        try:
+            return True, prepare(row)
+        except KitError as exc:
+            return False, exc
+        except Exception as exc:
+            logger.exception("unexpected error while decoding a request")
+            return False, exc
+
+    return run
+
+
 class VisionService(Generic[Prepared]):
     """What both tasks share: the model, its labels, its device and its input limits."""
 
@@ -110,14 +126,26 @@ class VisionService(Generic[Prepared]):
         self.labels = labels
         self.limits = limits
         self.device = device
+        self._pool: Executor | None = None
+
+    min_side = 0  # the smallest image side the model needs (0: the full decode)
 
     def decode(self, row: Any) -> DecodedImage:
-        """Extract and decode the image of one request row."""
-        return decode_request(row, self.limits)
+        """Extract and decode the image of one request row (at reduced scale where the model allows)."""
+        return decode_request(row, self.limits, self.min_side)
 
     def handle(self, rows: Sequence[Any]) -> BatchOutcome:
-        """Answer one batch of request rows."""
-        return run_batch(rows, self.prepare, self.infer, self.finish)
+        """Answer one batch of request rows, decoding them in parallel on the worker's threads."""
+        return run_batch(rows, self.prepare, self.infer, self.finish, self.decode_pool())
+
+    def decode_pool(self) -> Executor | None:
+        """A pool of as many threads as torch's intra-op threads (none when that is 1), made once."""
+        threads = torch.get_num_threads()
+        if threads <= 1:
+            return None
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="servekit-decode")
+        return self._pool
 
     def prepare(self, row: Any) -> Prepared:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -135,6 +163,7 @@ class ClassifierService(VisionService[torch.Tensor]):
     def __init__(self, config: ClassifierConfig, model: Network, labels: list[str], device: torch.device) -> None:
         super().__init__(model, labels, config.limits, device)
         self.config = config
+        self.min_side = config.resize
 
     def prepare(self, row: Any) -> torch.Tensor:
         return classifier_crop(self.decode(row).pixels, self.config.resize, self.config.crop)
@@ -197,6 +226,7 @@ class YoloDetectorService(VisionService[tuple[torch.Tensor, Letterbox]]):
     def __init__(self, config: DetectorConfig, model: Network, labels: list[str], device: torch.device) -> None:
         super().__init__(model, labels, config.limits, device)
         self.config = config
+        self.min_side = config.input_size
         self.settings = yolo_settings(config, config.layout if config.layout != "auto" else self.probe_layout())
 
     def probe_layout(self) -> str:
@@ -205,7 +235,8 @@ class YoloDetectorService(VisionService[tuple[torch.Tensor, Letterbox]]):
         return infer_layout(shape, len(self.labels) or None)
 
     def prepare(self, row: Any) -> tuple[torch.Tensor, Letterbox]:
-        return letterbox(self.decode(row).pixels, self.config.input_size)
+        decoded = self.decode(row)
+        return letterbox(decoded.pixels, self.config.input_size, (decoded.width, decoded.height))
 
     def infer(self, items: list[tuple[torch.Tensor, Letterbox]]) -> torch.Tensor:
         batch = torch.stack([pixels for pixels, _ in items]).to(self.device).to(torch.float32).div_(255.0)

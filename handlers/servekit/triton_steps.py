@@ -65,7 +65,7 @@ class ClassifierSteps:
         """Decode and crop each image alone; normalize the good ones as one batch."""
 
         def prepare(data: bytes) -> torch.Tensor:
-            decoded = decode_request({"body": data}, self.config.limits)
+            decoded = decode_request({"body": data}, self.config.limits, self.config.resize)
             return classifier_crop(decoded.pixels, self.config.resize, self.config.crop)
 
         def normalize(crops: list[torch.Tensor]) -> torch.Tensor:
@@ -99,8 +99,8 @@ class YoloSteps:
         """Each image letterboxed alone (float32 in [0, 1]), with its geometry (float64, 6 values)."""
 
         def prepare(data: bytes) -> Tensors:
-            decoded = decode_request({"body": data}, self.config.limits)
-            pixels, geometry = letterbox(decoded.pixels, self.config.input_size)
+            decoded = decode_request({"body": data}, self.config.limits, self.config.input_size)
+            pixels, geometry = letterbox(decoded.pixels, self.config.input_size, (decoded.width, decoded.height))
             return {
                 self.image_name: pixels.to(torch.float32).div_(255.0).numpy(),
                 "geometry": np.array(geometry.values(), dtype=np.float64),

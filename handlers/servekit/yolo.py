@@ -55,9 +55,15 @@ def letterbox_geometry(width: int, height: int, size: int) -> tuple[int, int, Le
     return new_w, new_h, Letterbox(width, height, new_w / width, new_h / height, left, top)
 
 
-def letterbox(pixels: torch.Tensor, size: int) -> tuple[torch.Tensor, Letterbox]:
-    """Fit a uint8 3 x H x W image into ``size`` x ``size`` keeping its aspect, centred on 114 gray."""
-    height, width = int(pixels.shape[1]), int(pixels.shape[2])
+def letterbox(
+    pixels: torch.Tensor, size: int, original: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, Letterbox]:
+    """Fit a uint8 3 x H x W image into ``size`` x ``size`` keeping its aspect, centred on 114 gray.
+
+    ``original`` (width, height) is the size the image was sent at, when ``pixels`` is a reduced-scale
+    decode of it: the geometry, and so the boxes, stay in the pixels as sent.
+    """
+    width, height = original or (int(pixels.shape[2]), int(pixels.shape[1]))
     new_w, new_h, geometry = letterbox_geometry(width, height, size)
     resized = F.resize(pixels, [new_h, new_w], antialias=True)
     canvas = torch.full((3, size, size), PAD_VALUE, dtype=torch.uint8)

@@ -2,8 +2,8 @@
 
 A scene is a random-colour background with noise and a few lines, and 1 to 6 filled shapes (circle,
 axis-aligned square, upward triangle) of sides 20 to 120 px in colours that stand out, overlapping at
-most a little (a tenth of the smaller box), on an image of sides 320 to 800 px. Every scene comes from its own seed, so the training
-scenes and the held-out ones never meet. ``models/shapes/model.py`` holds the network.
+most a little (a tenth of the smaller box), on an image of sides 320 to 800 px. Every scene comes from
+its own seed, so the training scenes and the held-out ones never meet. ``models/shapes/model.py`` holds the network.
 """
 
 from __future__ import annotations

@@ -89,6 +89,10 @@ $(STORE)/%_onnx.mar: $(ONNX_DIR)/%/model.onnx $(HANDLER_SRC) scripts/archive_arg
 $(STORE)/%_int8.mar: $(ONNX_DIR)/%/model.int8.onnx $(HANDLER_SRC) scripts/archive_args.py
 	$(call archive,$*_int8,$* --variant $<)
 
+# OpenVINO on the CPU, from the same ONNX export (format openvino).
+$(STORE)/%_openvino.mar: $(ONNX_DIR)/%/model.onnx $(HANDLER_SRC) scripts/archive_args.py
+	$(call archive,$*_openvino,$* --variant $< --backend openvino)
+
 # The side-by-side benchmark: stock-handler archives of the same weights, and every kit variant.
 STOCK_STORE := build/stock_store
 BENCH_INPUTS := $(foreach m,resnet18 mobilenet_v3_small fasterrcnn,model_store/$(m).mar model_store/$(m)_onnx.mar $(STOCK_STORE)/$(m)_stock.mar) \

@@ -44,12 +44,11 @@ def compile_document(document: dict[str, Any], mode: str) -> dict[str, Any]:
     return {**document, "startupTimeout": max(600, int(document.get("startupTimeout", 0))), "handler": handler}
 
 
-def variant_document(document: dict[str, Any], variant_file: Path) -> dict[str, Any]:
-    """The model-config of a variant archive: the same settings, the model from ``variant_file``.
+def variant_document(document: dict[str, Any], variant_file: Path, fmt: str) -> dict[str, Any]:
+    """The model-config of a variant archive: the same settings, the model from ``variant_file`` in ``fmt``.
 
     An AOTInductor package is compiled for batches of 1 to the folder's ``batchSize``.
     """
-    fmt = VARIANTS[variant_file.name][1]
     model: dict[str, Any] = {"file": variant_file.name, "format": fmt}
     if fmt == "aoti":
         model["max_batch"] = int(document.get("batchSize", 1))
@@ -66,13 +65,15 @@ def archiver_args(
     export: Path,
     *,
     variant: Path | None = None,
+    backend: str | None = None,
     compile_mode: str | None = None,
 ) -> list[str]:
     """Return torch-model-archiver's arguments for ``models/<name>``, staging the handler package.
 
     With ``variant`` (from ``make onnx``, ``make int8`` or ``make aoti``), the archive serves that file
     and is named ``<name>_<variant>`` (``resnet18_onnx``, ``resnet18_int8``, ``resnet18_aoti``,
-    ``resnet18_exported``). With ``compile_mode``, ``<name>_compile`` serves the folder's model with
+    ``resnet18_exported``); ``backend`` serves it with another backend (``openvino``: ``resnet18_openvino``
+    from ``model.onnx``). With ``compile_mode``, ``<name>_compile`` serves the folder's model with
     ``handler.compile``.
     """
     model_dir = models / name
@@ -89,8 +90,10 @@ def archiver_args(
     if variant is not None:
         if variant.name not in VARIANTS or not variant.is_file():
             raise ConfigError(f"{variant} is missing or not a variant (make onnx / int8 / aoti builds them)")
-        name = f"{name}_{VARIANTS[variant.name][0]}"
-        document = variant_document(document, variant)
+        suffix, fmt = (backend, backend) if backend else VARIANTS[variant.name]
+        name = f"{name}_{suffix}"
+        document = variant_document(document, variant, fmt)
+        parse_handler_config(document["handler"])
         serialized, needed = variant, [variant.name, config.labels]
     elif compile_mode is not None:
         name = f"{name}_compile"
@@ -132,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", type=Path, default=Path("build/stage"))
     parser.add_argument("--export", type=Path, default=Path("model_store"))
     parser.add_argument("--variant", type=Path, help="serve this built file (model.onnx, model.int8.onnx, *.pt2)")
+    parser.add_argument("--backend", choices=["openvino"], help="serve the ONNX --variant with this backend")
     parser.add_argument("--compile", dest="compile_mode", help="serve the folder's model with handler.compile MODE")
     args = parser.parse_args(argv)
     try:
@@ -142,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             args.stage,
             args.export,
             variant=args.variant,
+            backend=args.backend,
             compile_mode=args.compile_mode,
         )
     except ConfigError as exc:

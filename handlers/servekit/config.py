@@ -51,18 +51,26 @@ class ModelSource:
     ``state_dict`` and ``safetensors`` need an ``architecture`` (torchvision name) or a ``model_file``
     with ``model_class``; ``torchscript``, ``exported``, ``aoti`` and ``onnx`` carry their graph.
     ``max_batch`` bounds the batch a traced graph takes (0: any); larger batches run in chunks.
+    ``openvino`` reads an ONNX graph (or an OpenVINO IR) and compiles it with OpenVINO for the CPU.
     """
 
     file: str = "model.pt"
-    format: Literal["state_dict", "safetensors", "torchscript", "exported", "aoti", "onnx"] = "state_dict"
+    format: Literal["state_dict", "safetensors", "torchscript", "exported", "aoti", "onnx", "openvino"] = "state_dict"
     architecture: str | None = None
     model_file: str | None = None
     model_class: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     max_batch: int = 0
+    # bf16: torch autocast (torch formats) or OpenVINO's bf16 hint, on CPUs with AVX512-BF16 or AMX
+    precision: Literal["fp32", "bf16"] = "fp32"
 
     def __post_init__(self) -> None:
         _require(self.max_batch >= 0, "model.max_batch", "must be >= 0 (0: any batch size)")
+        _require(
+            self.precision == "fp32" or self.format not in ("onnx", "aoti"),
+            "model.precision",
+            f"bf16 applies to the torch formats and openvino, not to format '{self.format}'",
+        )
         if self.format in WEIGHT_FORMATS:
             has_arch = self.architecture is not None
             has_file = self.model_file is not None

@@ -2,7 +2,8 @@
 
 :func:`load_model` dispatches on ``handler.model.format`` to one small module per format:
 ``weights`` (``state_dict``, ``safetensors``), ``program_backend`` (``exported``, ``aoti``),
-``onnx_backend`` (``onnx``) and TorchScript here. Each returns something the services call alike.
+``onnx_backend`` (``onnx``), ``openvino_backend`` (``openvino``) and TorchScript here; ``precision: bf16``
+wraps a torch model in autocast. Each returns something the services call alike.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from servekit.config import WEIGHT_FORMATS, CompileSettings, ModelSource
 from servekit.errors import ConfigError, plain_line
+from servekit.program_backend import cpu_flags
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +74,54 @@ def load_model(model_dir: Path, source: ModelSource, device: torch.device) -> An
     path = model_dir / source.file
     if not path.is_file():
         raise ConfigError(f"model file {source.file} is missing from the model folder")
-    return LOADERS[source.format](path, model_dir, source, device).eval()
+    if source.precision == "bf16" and device.type == "cpu":
+        check_bf16(cpu_flags())
+    model = LOADERS[source.format](path, model_dir, source, device).eval()
+    if source.precision == "bf16" and source.format != "openvino":
+        return Autocast(model, device)
+    return model
+
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def check_bf16(flags: set[str]) -> None:
+    """Refuse bf16 on a CPU that would only emulate it (slower than fp32, not faster).
+
+    Raises:
+        ConfigError: the CPU has neither AVX512-BF16 nor AMX.
+    """
+    if not any(flag in flags for flag in BF16_FLAGS):
+        has = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni") if f in flags) or "none of AVX2/AVX-512"
+        raise ConfigError(
+            f"model.precision bf16 needs a CPU with AVX512-BF16 or AMX; this one has {has}: use fp32 (or int8)"
+        )
+
+
+class Autocast:
+    """A torch model run under bf16 autocast; outputs come back as float32."""
+
+    def __init__(self, model: Any, device: torch.device) -> None:
+        self.model = model
+        self.device_type = device.type
+
+    def eval(self) -> Autocast:
+        self.model.eval()
+        return self
+
+    def __call__(self, *args: Any) -> Any:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            return _to_float(self.model(*args))
+
+
+def _to_float(output: Any) -> Any:
+    if isinstance(output, torch.Tensor):
+        return output.float() if output.is_floating_point() else output
+    if isinstance(output, (list, tuple)):
+        return type(output)(_to_float(o) for o in output)
+    if isinstance(output, dict):
+        return {k: _to_float(v) for k, v in output.items()}
+    return output
 
 
 def _weights(path: Path, model_dir: Path, source: ModelSource, device: torch.device) -> Any:
@@ -110,6 +159,12 @@ def _onnx(path: Path, model_dir: Path, source: ModelSource, device: torch.device
     return load_onnx(path, device, torch.get_num_threads(), source.max_batch)
 
 
+def _openvino(path: Path, model_dir: Path, source: ModelSource, device: torch.device) -> Any:
+    from servekit.openvino_backend import load_openvino
+
+    return load_openvino(path, device, torch.get_num_threads(), source.precision)
+
+
 Loader = Callable[[Path, Path, ModelSource, torch.device], Any]
 LOADERS: dict[str, Loader] = {
     **dict.fromkeys(WEIGHT_FORMATS, _weights),
@@ -117,6 +172,7 @@ LOADERS: dict[str, Loader] = {
     "exported": _exported,
     "aoti": _aoti,
     "onnx": _onnx,
+    "openvino": _openvino,
 }
 
 

@@ -96,8 +96,8 @@ $(STORE)/%_openvino.mar: $(ONNX_DIR)/%/model.onnx $(HANDLER_SRC) scripts/archive
 # The side-by-side benchmark: stock-handler archives of the same weights, and every kit variant.
 STOCK_STORE := build/stock_store
 BENCH_INPUTS := $(foreach m,resnet18 mobilenet_v3_small fasterrcnn,model_store/$(m).mar model_store/$(m)_onnx.mar $(STOCK_STORE)/$(m)_stock.mar) \
-	model_store/digits_onnx.mar model_store/shapes_onnx.mar model_store/resnet18_int8.mar model_store/resnet18_aoti.mar model_store/resnet18_exported.mar \
-	model_store/resnet18_compile.mar model_store/mobilenet_v3_small_int8.mar $(ONNX_DIR)/digits/model.int8.onnx \
+	model_store/digits_onnx.mar model_store/shapes_onnx.mar model_store/shapes_openvino.mar model_store/resnet18_openvino.mar model_store/resnet18_int8.mar model_store/resnet18_aoti.mar model_store/resnet18_exported.mar \
+	model_store/resnet18_compile.mar model_store/mobilenet_v3_small_int8.mar model_store/mobilenet_v3_small_openvino.mar $(ONNX_DIR)/digits/model.int8.onnx \
 	$(TRITON_STAMP)
 
 $(STOCK_STORE)/%_stock.mar: $$(filter-out %/__pycache__,$$(wildcard models/$$*/*)) scripts/stock_archives.py | $(STAMP)
@@ -110,6 +110,10 @@ bench: $(BENCH_INPUTS) ## Full benchmark (about 25 min): raw model, stock handle
 .PHONY: bench-backends
 bench-backends: $(BENCH_INPUTS) ## resnet18 on every backend (eager, ONNX, int8, exported, AOTInductor, compile), in process and served -> build/bench-backends/
 	$(PY) scripts/bench.py --mode backends --out build/bench-backends
+
+.PHONY: bench-photos
+bench-photos: model_store/resnet18.mar model_store/resnet18_int8.mar model_store/resnet18_openvino.mar model_store/mobilenet_v3_small.mar model_store/mobilenet_v3_small_int8.mar $(STOCK_STORE)/resnet18_stock.mar $(STOCK_STORE)/mobilenet_v3_small_stock.mar ## Photos at the sizes users send (12 MP, 1080p, 640x480, PNG screenshot), stock vs kit, c=16, worker memory -> build/bench-photos/
+	$(PY) scripts/bench.py --mode photos --out build/bench-photos
 
 .PHONY: bench-shapes
 bench-shapes: model_store/shapes.mar model_store/shapes_onnx.mar $(TRITON_STAMP) ## The shapes detector (yolo path): raw in process, TorchScript and ONNX served, Triton; one size and mixed -> build/bench-shapes/

@@ -32,10 +32,11 @@ from loadgen import LoadResult, closed_loop, servekit_counters
 from servekit.config import ClassifierConfig, CompileSettings, read_model_config
 from servekit.loading import compile_module, load_model
 from servekit.onnx_backend import load_onnx
+from servekit.openvino_backend import load_openvino
 from servekit.program_backend import load_aoti, load_exported
 from servekit.transforms import detector_inputs
 from servekit.yolo import letterbox
-from tsctl import Endpoints, TorchServe, derive_config, random_endpoints
+from tsctl import Endpoints, Keys, TorchServe, derive_config, random_endpoints, worker_pids
 
 logger = logging.getLogger("bench")
 CPU = torch.device("cpu")
@@ -51,7 +52,8 @@ class Served:
     server: str  # "stock" or "kit"
     backend: str  # torch, torchscript, onnx, int8
     archive: str  # the registered model name
-    images: str = "same"  # "same": one image; "mixed": three sizes (detector, kit only)
+    images: str = "same"  # "same": one image; "mixed": three sizes (detector, kit only); or a PHOTO_SETS key
+    concurrencies: tuple[int, ...] | None = None  # None: the plan's
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,9 @@ class Plan:
     inprocess_seconds: float
     inprocess_batches: tuple[int, ...]
     served: tuple[Served, ...]
-    backends: frozenset[str] = frozenset(("torch", "torchscript", "onnx", "int8", "exported", "aoti", "compile"))
+    backends: frozenset[str] = frozenset(
+        ("torch", "torchscript", "onnx", "int8", "openvino", "exported", "aoti", "compile")
+    )
 
 
 def _served(model: str, stock: bool, kit: Sequence[tuple[str, str]]) -> list[Served]:
@@ -108,6 +112,28 @@ SHAPES_SERVED = tuple(
         ("triton", "onnx", "shapes"),
     )
 )
+# Photos as users send them (scripts/demo_models.py USER_IMAGES): the stock handler and the kit's archives.
+PHOTO_SETS = ("phone", "1080p", "640x480", "screenshot")
+PHOTOS_SERVED = (
+    *(
+        Served("resnet18", where, backend, archive, images=images, concurrencies=(16,))
+        for images in PHOTO_SETS
+        for where, backend, archive in (
+            ("stock", "torch", "resnet18_stock"),
+            ("kit", "torch", "resnet18"),
+            ("kit", "int8", "resnet18_int8"),
+            ("kit", "openvino", "resnet18_openvino"),
+        )
+    ),
+    *(
+        Served("mobilenet_v3_small", where, backend, archive, images="640x480", concurrencies=(16,))
+        for where, backend, archive in (
+            ("stock", "torch", "mobilenet_v3_small_stock"),
+            ("kit", "torchscript", "mobilenet_v3_small"),
+            ("kit", "int8", "mobilenet_v3_small_int8"),
+        )
+    ),
+)
 QUICK_SERVED = (
     *_served("resnet18", True, [("torch", "resnet18"), ("int8", "resnet18_int8"), ("aoti", "resnet18_aoti")]),
     *_served("mobilenet_v3_small", True, [("onnx", "mobilenet_v3_small_onnx")]),
@@ -116,7 +142,9 @@ QUICK_SERVED = (
 )
 BACKENDS_SERVED = tuple(_served("resnet18", True, RESNET_KIT))
 PLANS = {
-    "full": Plan(15.0, 4.0, (1, 4, 16), 6.0, (1, 8), FULL_SERVED + SHAPES_SERVED),
+    "full": Plan(15.0, 4.0, (1, 4, 16), 6.0, (1, 8), FULL_SERVED + SHAPES_SERVED + PHOTOS_SERVED),
+    # Photos at the sizes users send (`make bench-photos`), at concurrency 16; also part of the full bench.
+    "photos": Plan(10.0, 3.0, (16,), 4.0, (8,), PHOTOS_SERVED, frozenset(("torch", "int8", "openvino"))),
     # The shapes detector alone (`make bench-shapes`).
     "shapes": Plan(10.0, 3.0, (1, 4, 16), 4.0, (1, 8), SHAPES_SERVED),
     # Quick leaves out compile (minutes of inductor compilation on 2 cores): the full bench has it.
@@ -133,10 +161,10 @@ PLANS = {
     ),
 }
 INPROCESS = {
-    "resnet18": ("torch", "onnx", "int8", "exported", "aoti", "compile"),
+    "resnet18": ("torch", "onnx", "int8", "openvino", "exported", "aoti", "compile"),
     "mobilenet_v3_small": ("torchscript", "onnx", "int8"),
     "fasterrcnn": ("torch", "onnx"),
-    "shapes": ("torchscript", "onnx"),
+    "shapes": ("torchscript", "onnx", "openvino"),
 }
 
 
@@ -154,6 +182,7 @@ class Row:
     p90_ms: float = float("nan")
     p99_ms: float = float("nan")
     errors: int = 0
+    peak_worker_mib: float = float("nan")  # the largest RSS of one of the archive's workers during the row
     stage_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -165,6 +194,8 @@ def backend_model(name: str, backend: str, onnx_dir: Path, batches: Sequence[int
     threads = torch.get_num_threads()
     if backend in ("onnx", "int8"):
         return load_onnx(onnx_dir / name / ("model.onnx" if backend == "onnx" else "model.int8.onnx"), CPU, threads)
+    if backend == "openvino":
+        return load_openvino(onnx_dir / name / "model.onnx", CPU, threads)
     if backend == "exported":
         return load_exported(AOTI_DIR / name / "program.pt2", CPU)
     if backend == "aoti":
@@ -235,8 +266,45 @@ def stage_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, flo
     return per
 
 
+class PeakMemory:
+    """The largest RSS any of ``pids`` reaches, sampled every 50 ms on a thread while in the ``with``."""
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        import threading
+
+        self.pids, self.peak, self._stop = list(pids), 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._stop.wait(0.05):
+            for pid in self.pids:
+                try:
+                    self.peak = max(self.peak, psutil.Process(pid).memory_info().rss)
+                except psutil.Error:
+                    continue
+
+    def __enter__(self) -> PeakMemory:
+        if self.pids:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self.pids:
+            self._thread.join()
+
+
 def served_row(
-    served: Served, concurrency: int, plan: Plan, *, client: Any, payloads: list[bytes], metrics: str | None
+    served: Served,
+    concurrency: int,
+    plan: Plan,
+    *,
+    client: Any,
+    payloads: list[bytes],
+    metrics: str | None,
+    workers: Callable[[str], list[int]] | None = None,
 ) -> Row:
     def send(number: int) -> int:
         return client.predict(served.archive, payloads[number % len(payloads)]).status
@@ -245,8 +313,10 @@ def served_row(
         return servekit_counters(requests.get(metrics, timeout=10).text, served.archive) if metrics else {}
 
     before = read()
-    load: LoadResult = closed_loop(send, concurrency=concurrency, seconds=plan.seconds, warmup=plan.warmup)
+    with PeakMemory(workers(served.archive) if workers else []) as memory:
+        load: LoadResult = closed_loop(send, concurrency=concurrency, seconds=plan.seconds, warmup=plan.warmup)
     row = Row(served.model, served.server, served.backend, served.images, concurrency, load.rate)
+    row.peak_worker_mib = memory.peak / 2**20 if memory.peak else float("nan")
     row.p50_ms, row.p90_ms, row.p99_ms = (load.percentile(q) for q in (50, 90, 99))
     row.errors = load.errors
     row.stage_ms = stage_ms(before, read())
@@ -261,13 +331,16 @@ def measure_all(
     client: Any,
     metrics: str | None,
     progress: Progress,
+    workers: Callable[[str], list[int]] | None = None,
 ) -> list[Row]:
     """Every (configuration, concurrency) point against one running server."""
     rows = []
     for served in rows_for:
-        for concurrency in plan.concurrencies:
+        for concurrency in served.concurrencies or plan.concurrencies:
             images = payloads.get(f"{served.model}:{served.images}", payloads[served.images])
-            row = served_row(served, concurrency, plan, client=client, payloads=images, metrics=metrics)
+            row = served_row(
+                served, concurrency, plan, client=client, payloads=images, metrics=metrics, workers=workers
+            )
             rows.append(row)
             progress.step(
                 f"{served.model} {served.server} {served.backend} ({served.images} images) c={concurrency}: "
@@ -289,7 +362,16 @@ def torchserve_rows(plan: Plan, payloads: dict[str, list[bytes]], workdir: Path,
         server.wait_ready(archives, timeout=600)
         client = RestClient(server.endpoints, KeyRing(server.workdir / "key_file.json"))
         metrics = f"{server.endpoints.url('metrics')}/metrics"
-        return measure_all(wanted, plan, payloads=payloads, client=client, metrics=metrics, progress=progress)
+        keys = Keys.read(server.workdir / "key_file.json")
+        return measure_all(
+            wanted,
+            plan,
+            payloads=payloads,
+            client=client,
+            metrics=metrics,
+            progress=progress,
+            workers=lambda archive: worker_pids(server.endpoints, keys, archive),
+        )
     finally:
         server.stop()
 
@@ -350,49 +432,77 @@ def rate_of(rows: Sequence[Row], **match: Any) -> float | None:
     return max(found) if found else None
 
 
+PHOTO_TARGETS = (  # (model, images, target ratio of the kit's fastest archive to the stock handler)
+    ("resnet18", "phone", 5.0),
+    ("resnet18", "640x480", 2.5),
+    ("mobilenet_v3_small", "640x480", 2.0),
+    ("resnet18", "1080p", 3.0),
+)
+PHOTO_NAMES = {"phone": "4032x3024 JPEG", "1080p": "1920x1080 JPEG", "640x480": "640x480 JPEG", "same": "451x300 JPEG"}
+MEMORY_TARGET_MIB = 1.5 * 1024
+
+
 def targets(rows: Sequence[Row], concurrency: int) -> list[tuple[str, str, float | None, float]]:
-    """The issue's ratios: (what, how it is computed, measured, target)."""
+    """The issues' ratios: (what, how it is computed, measured, target)."""
 
     def ratio(a: float | None, b: float | None) -> float | None:
         return a / b if a and b else None
 
-    def best_kit(model: str, images: str = "same") -> float | None:
-        return rate_of(rows, model=model, where="kit", concurrency=concurrency, images=images)
+    def served(model: str, where: str, images: str = "same", **match: Any) -> float | None:
+        return rate_of(rows, model=model, where=where, concurrency=concurrency, images=images, **match)
 
-    def stock(model: str) -> float | None:
-        return rate_of(rows, model=model, where="stock", concurrency=concurrency)
-
+    how = f"req/s at c={concurrency}"
     out = [
         (
-            "kit fastest vs stock, resnet18",
-            f"req/s at c={concurrency}",
-            ratio(best_kit("resnet18"), stock("resnet18")),
+            "kit fastest vs stock, resnet18, 451x300",
+            how,
+            ratio(served("resnet18", "kit"), served("resnet18", "stock")),
             2.0,
         ),
         (
-            "kit fastest vs stock, mobilenet_v3_small",
-            f"req/s at c={concurrency}",
-            ratio(best_kit("mobilenet_v3_small"), stock("mobilenet_v3_small")),
+            "kit fastest vs stock, mobilenet_v3_small, 451x300",
+            how,
+            ratio(served("mobilenet_v3_small", "kit"), served("mobilenet_v3_small", "stock")),
             1.5,
         ),
         (
             "kit vs stock object_detector, same-size",
-            f"req/s at c={concurrency}",
-            ratio(best_kit("fasterrcnn"), stock("fasterrcnn")),
+            how,
+            ratio(served("fasterrcnn", "kit"), served("fasterrcnn", "stock")),
             1.2,
         ),
+        (
+            "kit resnet18.mar (as make archive builds it) vs stock, 451x300",
+            how,
+            ratio(served("resnet18", "kit", backend="torch"), served("resnet18", "stock")),
+            1.5,
+        ),
     ]
+    for model, images, target in PHOTO_TARGETS:
+        what = f"kit fastest vs stock, {model}, {PHOTO_NAMES[images]}"
+        out.append((what, how, ratio(served(model, "kit", images), served(model, "stock", images)), target))
+    for model in ("resnet18", "mobilenet_v3_small", "fasterrcnn", "shapes"):
+        what = f"kit vs Triton, same backend (ONNX), {model}"
+        out.append(
+            (what, how, ratio(served(model, "kit", backend="onnx"), served(model, "triton", backend="onnx")), 1.0)
+        )
     batch = max(r.concurrency for r in rows if r.where == "in-process")
     for model in ("resnet18", "mobilenet_v3_small"):
         for backend in INPROCESS[model]:
-            served = rate_of(rows, model=model, where="kit", backend=backend, concurrency=concurrency)
+            kit = served(model, "kit", backend=backend)
             raw = rate_of(rows, model=model, where="in-process", backend=backend, concurrency=batch)
             what = f"kit served vs raw in process, {model} {backend}"
-            out.append((what, f"req/s at c={concurrency} / img/s at batch {batch}", ratio(served, raw), 0.9))
+            out.append((what, f"req/s at c={concurrency} / img/s at batch {batch}", ratio(kit, raw), 0.9))
         int8 = rate_of(rows, model=model, where="in-process", backend="int8", concurrency=batch)
         fp32 = rate_of(rows, model=model, where="in-process", backend="onnx", concurrency=batch)
         out.append((f"int8 vs fp32 ONNX Runtime, {model}", f"img/s at batch {batch}", ratio(int8, fp32), 1.5))
     return out
+
+
+def peak_memory(rows: Sequence[Row]) -> float | None:
+    """The largest worker RSS (MiB) seen while 12 MP phone photos were served at the top concurrency."""
+    seen = [r.peak_worker_mib for r in rows if r.images == "phone" and r.where == "kit" and r.peak_worker_mib > 0]
+    return max(seen) if seen else None
 
 
 def shapes_ratios(rows: Sequence[Row]) -> list[tuple[str, float | None]]:
@@ -422,6 +532,25 @@ def shapes_ratios(rows: Sequence[Row]) -> list[tuple[str, float | None]]:
     return out
 
 
+def target_lines(rows: Sequence[Row]) -> list[str]:
+    """The targets table: each ratio this run measured, with its target and whether it was met."""
+    lines = ["| measure | how | measured | target | met |", "|---|---|---|---|---|"]
+    top = max(r.concurrency for r in rows if r.where != "in-process")
+    for what, how, value, target in targets(rows, top):
+        if value is None:
+            continue  # a model, image set or server this plan does not run
+        met = "yes" if value >= target else "no"
+        lines.append(f"| {what} | {how} | {value:.2f}x | >= {target}x | {met} |")
+    memory = peak_memory(rows)
+    if memory is not None:
+        met = "yes" if memory <= MEMORY_TARGET_MIB else "no"
+        lines.append(
+            f"| peak worker memory, 16 concurrent 12 MP requests | largest worker RSS | {memory:.0f} MiB "
+            f"| <= {MEMORY_TARGET_MIB:.0f} MiB | {met} |"
+        )
+    return lines
+
+
 def markdown(rows: Sequence[Row], plan_name: str, fidelity_report: dict[str, Any], command: str) -> str:
     lines = [
         f"# Benchmark ({plan_name})",
@@ -430,18 +559,8 @@ def markdown(rows: Sequence[Row], plan_name: str, fidelity_report: dict[str, Any
         "",
         "## Targets",
         "",
-        "| measure | how | measured | target | met |",
-        "|---|---|---|---|---|",
+        *target_lines(rows),
     ]
-    top = max(r.concurrency for r in rows if r.where != "in-process")
-    present = {r.model for r in rows}
-    absent = [m for m in INPROCESS if m not in present] + (["object_detector"] if "fasterrcnn" not in present else [])
-    for what, how, value, target in targets(rows, top):
-        if value is None and any(m in what for m in absent):
-            continue  # a model this plan does not run
-        shown = f"{value:.2f}x" if value is not None else "n/a"
-        met = "yes" if value is not None and value >= target else "no"
-        lines.append(f"| {what} | {how} | {shown} | >= {target}x | {met} |")
     if any(r.model == "shapes" for r in rows):
         lines += ["", "## The shapes detector side by side (same run)", "", "| ratio | measured |", "|---|---|"]
         lines += [f"| {what} | {value:.2f}x |" if value else f"| {what} | n/a |" for what, value in shapes_ratios(rows)]
@@ -457,8 +576,8 @@ def markdown(rows: Sequence[Row], plan_name: str, fidelity_report: dict[str, Any
     lines += ["", "## Served (closed loop, JPEG bodies; TorchServe over REST, Triton over tritonclient HTTP)", ""]
     lines += [
         "| model | handler | backend | images | concurrency | req/s | p50 ms | p90 ms | p99 ms | errors "
-        "| mean batch | pre ms | infer ms | post ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| mean batch | pre ms | infer ms | post ms | peak worker MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.where == "in-process":
@@ -469,7 +588,7 @@ def markdown(rows: Sequence[Row], plan_name: str, fidelity_report: dict[str, Any
         )
         lines.append(
             f"| {r.model} | {r.where} | {r.backend} | {r.images} | {r.concurrency} | {r.rate:.1f} | {r.p50_ms:.0f} "
-            f"| {r.p90_ms:.0f} | {r.p99_ms:.0f} | {r.errors} | {stages} |"
+            f"| {r.p90_ms:.0f} | {r.p99_ms:.0f} | {r.errors} | {stages} | {r.peak_worker_mib:.0f} |"
         )
     lines += [
         "",
@@ -558,7 +677,8 @@ def plots(rows: Sequence[Row], out: Path) -> list[Path]:
 
 
 def payload_sets() -> tuple[dict[str, Any], dict[str, list[bytes]]]:
-    """The 451x300 photo (as JPEG) for every row; three sizes for the mixed detector rows. The shapes
+    """The 451x300 photo (as JPEG) for every row; three sizes for the mixed detector rows; the user-sized
+    images (a 12 MP phone JPEG, a 1080p frame, a 640x480 JPEG, a 1280x800 PNG screenshot). The shapes
     detector gets held-out scenes instead: the first for "same"; the smallest, the middle and the largest
     of the first 20 for "mixed"."""
     import shapes
@@ -567,7 +687,9 @@ def payload_sets() -> tuple[dict[str, Any], dict[str, list[bytes]]]:
     jpegs = [demo_models.encode(photos[n], "JPEG", quality=90) for n in ("chelsea", "astronaut", "coffee")]
     ranked = sorted(shapes.held_out(20), key=lambda s: s.image.shape[0] * s.image.shape[1])
     scenes, one = [ranked[0], ranked[10], ranked[-1]], shapes.make_scene(shapes.HELD_OUT_SEED)
+    named = dict(zip(("phone", "1080p", "640x480", "screenshot"), (n for n, *_ in demo_models.USER_IMAGES)))
     payloads = {
+        **{key: [demo_models.user_image(name)] for key, name in named.items()},
         "same": jpegs[:1],
         "mixed": jpegs,
         "shapes:same": [shapes.encode_jpeg(one.image)],
@@ -583,14 +705,16 @@ def run(plan_name: str, out: Path, onnx_dir: Path) -> Path:
     models = {s.model for s in plan.served}
     per_batch = sum(len(plan.backends.intersection(b)) for m, b in INPROCESS.items() if m in models)
     inprocess_total = per_batch * len(plan.inprocess_batches)
-    progress = Progress(inprocess_total + len(plan.served) * len(plan.concurrencies))
+    progress = Progress(inprocess_total + sum(len(s.concurrencies or plan.concurrencies) for s in plan.served))
     torch.set_num_threads(min(2, torch.get_num_threads()))
     rows = inprocess_rows(plan, onnx_dir, photos, progress)
     rows += torchserve_rows(plan, payloads, Path("build") / f"bench-{plan_name}-server", progress)
     rows += triton_rows(plan, payloads, Path("build") / f"bench-{plan_name}-triton", progress)
     import fidelity
 
-    models = {"backends": ("resnet18",), "shapes": ()}.get(plan_name, ("digits", "resnet18", "mobilenet_v3_small"))
+    models = {"backends": ("resnet18",), "shapes": (), "photos": ()}.get(
+        plan_name, ("digits", "resnet18", "mobilenet_v3_small")
+    )
     report = {
         m: fidelity.compare_backends(
             m, Path("models"), {"onnx": onnx_dir / m / "model.onnx", "int8": onnx_dir / m / "model.int8.onnx"}
@@ -602,6 +726,7 @@ def run(plan_name: str, out: Path, onnx_dir: Path) -> Path:
         "quick": "make bench-quick",
         "backends": "make bench-backends",
         "shapes": "make bench-shapes",
+        "photos": "make bench-photos",
     }[plan_name]
     (out / "results.json").write_text(json.dumps({"rows": [asdict(r) for r in rows], "fidelity": report}, indent=1))
     (out / "results.md").write_text(markdown(rows, plan_name, report, command), encoding="utf-8")

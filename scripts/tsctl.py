@@ -79,6 +79,16 @@ class Keys:
         return cls(data["inference"]["key"], data["management"]["key"], data["API"]["key"])
 
 
+def worker_pids(endpoints: Endpoints, keys: Keys, model: str) -> list[int]:
+    """The PIDs of a model's READY workers, from the management API."""
+    import requests
+
+    headers = {"Authorization": f"Bearer {keys.management}"}
+    reply = requests.get(f"{endpoints.url('management')}/models/{model}", headers=headers, timeout=10)
+    reply.raise_for_status()
+    return sorted(int(w["pid"]) for w in reply.json()[0]["workers"] if w["status"] == "READY")
+
+
 def read_properties(path: Path) -> dict[str, str]:
     """Parse a config.properties file (``key=value`` lines; ``#`` comments)."""
     result: dict[str, str] = {}

@@ -11,12 +11,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from test_handlers import CORRUPT
 
 import demo_models
 import fidelity
 import reference
+import shapes
 from conftest import MODELS, REPO, archive
 
 ONNX_DIR = REPO / "build" / "onnx"
@@ -70,6 +72,61 @@ def test_variant_archive_carries_the_graph(variant: str) -> None:
     assert config["handler"]["model"] == {"file": expected, "format": "onnx"}
     assert {expected, "labels.json", "servekit/onnx_backend.py"} <= files
     assert "model.pt" not in files
+
+
+@pytest.mark.parametrize("name", ["resnet18", "shapes"])
+def test_openvino_archive_carries_the_onnx_graph(name: str) -> None:
+    with zipfile.ZipFile(archive(f"{name}_openvino")) as mar:
+        files = set(mar.namelist())
+        config = yaml.safe_load(mar.read("model-config.yaml"))
+    assert config["handler"]["model"] == {"file": "model.onnx", "format": "openvino"}
+    assert {"model.onnx", "servekit/openvino_backend.py"} <= files and "model.pt" not in files
+
+
+@pytest.mark.parametrize("name", ["resnet18", "shapes"])
+def test_openvino_archive_answers_like_onnx_runtime(
+    name: str, load_handler: Any, photos: dict[str, np.ndarray]
+) -> None:
+    # The same graph on two runtimes: a corrupt image fails alone, every other answer agrees.
+    images = [photos[n] for n in ("chelsea", "astronaut", "coffee")]
+    if name == "shapes":
+        images = [s.image for s in shapes.held_out(3)]
+    rows: list[dict[str, Any]] = [{"body": demo_models.encode(image, "PNG")} for image in images]
+    rows.insert(1, {"body": CORRUPT})
+    ours, theirs = load_handler(f"{name}_openvino").handle(rows), load_handler(f"{name}_onnx").handle(rows)
+    assert [s for s, _ in ours] == [s for s, _ in theirs] == [200, 400, 200, 200]
+    for (_, a), (_, b) in zip([ours[0], *ours[2:]], [theirs[0], *theirs[2:]]):
+        assert [d["label"] for d in a] == [d["label"] for d in b]
+        assert all(abs(x["score"] - y["score"]) <= 1e-4 for x, y in zip(a, b))
+        assert all(max(abs(u - v) for u, v in zip(x["box"], y["box"])) <= 0.5 for x, y in zip(a, b) if "box" in x)
+
+
+def test_bf16_is_refused_on_a_cpu_without_it_and_for_onnx() -> None:
+    from servekit.config import ModelSource
+    from servekit.errors import ConfigError
+    from servekit.loading import check_bf16
+
+    check_bf16({"avx512f", "avx512_bf16"})
+    check_bf16({"amx_bf16", "amx_tile"})
+    with pytest.raises(ConfigError, match="AVX512-BF16 or AMX; this one has avx2: use fp32"):
+        check_bf16({"avx2", "fma"})
+    with pytest.raises(ConfigError, match="bf16 applies to the torch formats and openvino"):
+        ModelSource(file="model.onnx", format="onnx", precision="bf16")
+
+
+def test_bf16_autocast_stays_close_to_fp32(photos: dict[str, np.ndarray]) -> None:
+    from servekit.config import read_model_config
+    from servekit.loading import Autocast, load_model
+
+    folder = REPO / "models" / "resnet18"
+    config = read_model_config(folder)
+    model = load_model(folder, config.model, torch.device("cpu"))
+    batch = demo_models.classifier_inputs([photos["chelsea"], photos["coffee"]], config)
+    with torch.inference_mode():
+        fp32 = model(batch).softmax(-1)
+        bf16 = Autocast(model, torch.device("cpu"))(batch)
+    assert bf16.dtype == torch.float32
+    assert (bf16.softmax(-1) - fp32).abs().max() < 1e-3
 
 
 @pytest.mark.parametrize("name", CLASSIFIERS)

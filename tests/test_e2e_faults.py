@@ -21,6 +21,7 @@ import requests
 
 import demo_models
 import reference
+import tsctl
 from client import KeyRing, RestClient
 from conftest import MODEL_STORE, MODELS, REPO, Server
 from corpus import Case, build_cases
@@ -41,9 +42,7 @@ def send(server: Server, model: str, case: Case) -> requests.Response:
 
 
 def worker_pids(server: Server, model: str) -> list[int]:
-    headers = {"Authorization": f"Bearer {server.keys.management}"}
-    reply = requests.get(f"{server.endpoints.url('management')}/models/{model}", headers=headers, timeout=10)
-    return sorted(int(w["pid"]) for w in reply.json()[0]["workers"] if w["status"] == "READY")
+    return tsctl.worker_pids(server.endpoints, server.keys, model)
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -83,3 +83,78 @@ def compare_onnx(name: str, models: Path, fp32: Path, int8: Path) -> dict[str, f
     if "accuracy" in report["torch"]:
         flat["torch_accuracy"] = report["torch"]["accuracy"]
     return flat
+
+
+UPSCALED_SIDE = 3840  # 4K
+
+
+def upscaled_jpeg(image: np.ndarray, long_side: int = UPSCALED_SIDE) -> bytes:
+    """An image scaled up (bicubic) so its long side is ``long_side`` (4K), as JPEG quality 90."""
+    from PIL import Image
+
+    height, width = image.shape[:2]
+    scale = long_side / max(height, width)
+    size = (round(width * scale), round(height * scale))
+    big = Image.fromarray(image).resize(size, Image.BICUBIC)
+    return demo_models.encode(np.asarray(big), "JPEG", quality=90)
+
+
+def reduced_decode_fidelity(models: Path, digits: int = 450, scenes: int = 200) -> dict[str, dict[str, float]]:
+    """The reduced-scale JPEG decode against the full decode, on 4K upscales of the held-out sets.
+
+    digits: top-1 agreement and accuracy of each; shapes: mAP@0.5 of each; both: the mean and max
+    absolute difference of the model inputs (uint8 levels) the two decodes give.
+    """
+    import dataclasses
+
+    import shapes
+    from servekit.service import build_service
+
+    report: dict[str, dict[str, float]] = {}
+    images, labels = demo_models.digit_images("test")
+    scene_list = shapes.held_out(scenes)
+    sets = {
+        "digits": ([upscaled_jpeg(im) for im in images[:digits]], labels[:digits]),
+        "shapes": ([upscaled_jpeg(s.image) for s in scene_list], None),
+    }
+    for name, (payloads, truth) in sets.items():
+        config = read_model_config(models / name)
+        answers, inputs = {}, {}
+        for mode in ("full", "reduced"):
+            limits = dataclasses.replace(config.limits, reduced_jpeg=mode == "reduced")
+            service = build_service(dataclasses.replace(config, limits=limits), models / name, CPU, max_batch=8)
+            rows = [{"body": data} for data in payloads]
+            answers[mode] = [a for i in range(0, len(rows), 8) for a in service.handle(rows[i : i + 8]).answers]
+            inputs[mode] = torch.stack([_model_input(service.prepare(row)) for row in rows[:16]]).float()
+        diff = (inputs["full"] - inputs["reduced"]).abs()
+        entry = {"mean_abs_input_diff": float(diff.mean()), "max_abs_input_diff": float(diff.max())}
+        if truth is not None:
+            top1 = {mode: [a[0]["index"] for a in answers[mode]] for mode in answers}
+            entry["top1_agreement"] = float(np.mean([a == b for a, b in zip(top1["full"], top1["reduced"])]))
+            for mode in answers:
+                entry[f"{mode}_accuracy"] = float(np.mean([p == t for p, t in zip(top1[mode], truth)]))
+        else:
+            scales = [UPSCALED_SIDE / max(s.image.shape[:2]) for s in scene_list]
+            for mode in answers:
+                entry[f"{mode}_map50"] = shapes.map50(scene_list, answers[mode], scales)
+        report[name] = entry
+    return report
+
+
+def _model_input(prepared: Any) -> torch.Tensor:
+    """A service's prepared item as the uint8 tensor the model's batch is built from."""
+    return prepared[0] if isinstance(prepared, tuple) else prepared
+
+
+def main() -> int:
+    """``make decode-fidelity``: the reduced-scale decode's report on the full held-out sets, as JSON."""
+    import json
+    import sys
+
+    report = reduced_decode_fidelity(Path("models"))
+    sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -259,13 +259,15 @@ def train(model_dir: Path, *, pool_size: int = 2000, steps: int = 600, batch: in
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
-def coco_ground_truth(scenes: Sequence[Scene]) -> dict[str, Any]:
-    """The scenes' shapes as a COCO ground-truth document (category ids 1..C)."""
+def coco_ground_truth(scenes: Sequence[Scene], scales: Sequence[float] | None = None) -> dict[str, Any]:
+    """The scenes' shapes as a COCO ground-truth document (category ids 1..C); ``scales`` maps each
+    scene to the size it was sent at (an upscaled copy), 1 by default."""
     images, annotations = [], []
     for i, scene in enumerate(scenes):
+        scale = scales[i] if scales else 1.0
         height, width = scene.image.shape[:2]
-        images.append({"id": i, "width": width, "height": height})
-        for box, kind in zip(scene.boxes.tolist(), scene.classes.tolist()):
+        images.append({"id": i, "width": round(width * scale), "height": round(height * scale)})
+        for box, kind in zip((scene.boxes * scale).tolist(), scene.classes.tolist()):
             x1, y1, x2, y2 = box
             annotations.append(
                 {
@@ -299,8 +301,11 @@ def coco_detections(answers: Sequence[Sequence[dict[str, Any]]]) -> list[dict[st
     return results
 
 
-def map50(scenes: Sequence[Scene], answers: Sequence[Sequence[dict[str, Any]]]) -> float:
-    """mAP at IoU 0.5 (COCO's AP50, all areas, 100 detections) of the answers for these scenes."""
+def map50(
+    scenes: Sequence[Scene], answers: Sequence[Sequence[dict[str, Any]]], scales: Sequence[float] | None = None
+) -> float:
+    """mAP at IoU 0.5 (COCO's AP50, all areas, 100 detections) of the answers for these scenes
+    (sent at ``scales`` times their size, 1 by default)."""
     import contextlib
 
     from pycocotools.coco import COCO
@@ -308,7 +313,7 @@ def map50(scenes: Sequence[Scene], answers: Sequence[Sequence[dict[str, Any]]]) 
 
     with contextlib.redirect_stdout(io.StringIO()):
         truth = COCO()
-        truth.dataset = coco_ground_truth(scenes)
+        truth.dataset = coco_ground_truth(scenes, scales)
         truth.createIndex()
         found = coco_detections(answers)
         predicted = truth.loadRes(found) if found else COCO()

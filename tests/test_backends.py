@@ -167,3 +167,13 @@ def test_bench_quick_writes_its_table(tmp_path: Path) -> None:
     assert {r["where"] for r in served} == {"stock", "kit", "triton"}
     assert all(r["errors"] == 0 and r["rate"] > 0 for r in served), served
     assert (out / "throughput.png").stat().st_size > 0 and (out / "latency.png").stat().st_size > 0
+
+
+def test_reduced_decode_keeps_accuracy_on_4k_upscales() -> None:
+    # The bar: no drop beyond 1 point in the digits' top-1 or the shapes' mAP@0.5.
+    report = fidelity.reduced_decode_fidelity(REPO / "models", digits=150, scenes=60)
+    sys.stderr.write(f"\n[reduced decode, 4K upscales] {report}\n")
+    digits, found = report["digits"], report["shapes"]
+    assert digits["top1_agreement"] >= 0.99 and digits["full_accuracy"] - digits["reduced_accuracy"] <= 0.01
+    assert found["full_map50"] - found["reduced_map50"] <= 0.01
+    assert digits["mean_abs_input_diff"] < 2.0 and found["mean_abs_input_diff"] < 2.0

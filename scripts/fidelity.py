@@ -129,14 +129,14 @@ def reduced_decode_fidelity(models: Path, digits: int = 450, scenes: int = 200) 
         diff = (inputs["full"] - inputs["reduced"]).abs()
         entry = {"mean_abs_input_diff": float(diff.mean()), "max_abs_input_diff": float(diff.max())}
         if truth is not None:
-            top1 = {mode: [a[0]["index"] for a in answers[mode]] for mode in answers}
+            top1 = {mode: [a[0]["index"] for a in found] for mode, found in answers.items()}
             entry["top1_agreement"] = float(np.mean([a == b for a, b in zip(top1["full"], top1["reduced"])]))
-            for mode in answers:
-                entry[f"{mode}_accuracy"] = float(np.mean([p == t for p, t in zip(top1[mode], truth)]))
+            for mode, predicted in top1.items():
+                entry[f"{mode}_accuracy"] = float(np.mean([p == t for p, t in zip(predicted, truth)]))
         else:
             scales = [UPSCALED_SIDE / max(s.image.shape[:2]) for s in scene_list]
-            for mode in answers:
-                entry[f"{mode}_map50"] = shapes.map50(scene_list, answers[mode], scales)
+            for mode, found in answers.items():
+                entry[f"{mode}_map50"] = shapes.map50(scene_list, found, scales)
         report[name] = entry
     return report
 

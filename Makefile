@@ -111,6 +111,11 @@ bench: $(BENCH_INPUTS) ## Full benchmark (about 25 min): raw model, stock handle
 bench-backends: $(BENCH_INPUTS) ## resnet18 on every backend (eager, ONNX, int8, exported, AOTInductor, compile), in process and served -> build/bench-backends/
 	$(PY) scripts/bench.py --mode backends --out build/bench-backends
 
+.PHONY: tune
+tune: $(if $(MODEL),$(STORE)/$(MODEL).mar) | $(STAMP) ## Sweep archive variants x batchSize x maxBatchDelay x workers x threads on a real TorchServe: MODEL=<name> [P99_MS=<bound>] -> build/tune/<name>/
+	@test -n "$(MODEL)" || { echo "usage: make tune MODEL=<name> [P99_MS=<p99 bound in ms>]"; exit 2; }
+	$(PY) scripts/tune.py $(MODEL) --store $(STORE) $(if $(P99_MS),--p99-ms $(P99_MS))
+
 .PHONY: decode-fidelity
 decode-fidelity: models ## Reduced-scale JPEG decode vs full decode on 4K upscales of the digits and shapes held-out sets
 	$(PY) scripts/fidelity.py

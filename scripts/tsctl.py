@@ -181,8 +181,7 @@ class TorchServe:
             str(self.config),
             "--model-store",
             str(self.model_store),
-            "--models",
-            *self.models,
+            *(["--models", *self.models] if self.models else []),
         ]
         with open(self.log_dir / "torchserve.out", "ab") as out:
             process = subprocess.Popen(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 import shutil
 import subprocess
@@ -14,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import demo_models
 import reference
@@ -50,8 +48,7 @@ def test_classifier_batch_with_a_corrupt_image(name: str, load_handler: Any, pho
     assert [status for status, _ in results] == [200, 400, 200, 400, 200]
     assert "corrupt or truncated" in results[1][1]["error"] and results[1][1]["code"] == 400
     assert "not an image" in results[3][1]["error"]
-    as_decoded_jpeg = np.asarray(Image.open(io.BytesIO(demo_models.encode(images[0]))).convert("RGB"))
-    decoded = [as_decoded_jpeg, images[1], images[2]]
+    decoded = [reference.decoded_jpeg(demo_models.encode(images[0]), name), images[1], images[2]]
     for (_status, answer), image in zip([results[0], results[2], results[4]], decoded):
         reference.assert_classification_matches(answer, reference.class_probabilities(name, image))
 

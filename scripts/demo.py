@@ -17,6 +17,7 @@ import requests
 
 import demo_models
 import shapes
+import shapes_eval
 from client import GrpcClient, KeyRing, Reply, RestClient, predict_many
 from tsctl import TorchServe, derive_config, random_endpoints
 
@@ -50,9 +51,9 @@ def detect_shapes(rest: RestClient, workdir: Path) -> None:
         height, width = scene.image.shape[:2]
         truth = ", ".join(sorted(shapes.CLASSES[k] for k in scene.classes.tolist()))
         show(f"shapes REST {width}x{height} ({truth})", reply, top=2)
-        drawn.append(shapes.draw_answer(scene.image, reply.body if reply.status == 200 else []))
+        drawn.append(shapes_eval.draw_answer(scene.image, reply.body if reply.status == 200 else []))
     target = workdir / "detections.png"
-    target.write_bytes(demo_models.encode(shapes.mosaic(drawn), "PNG"))
+    target.write_bytes(demo_models.encode(shapes_eval.mosaic(drawn), "PNG"))
     logger.info("  boxes drawn on the %d scenes: %s", len(scenes), target.resolve())
 
 

@@ -108,6 +108,7 @@ def reduced_decode_fidelity(models: Path, digits: int = 450, scenes: int = 200) 
     import dataclasses
 
     import shapes
+    import shapes_eval
     from servekit.service import build_service
 
     report: dict[str, dict[str, float]] = {}
@@ -136,7 +137,7 @@ def reduced_decode_fidelity(models: Path, digits: int = 450, scenes: int = 200) 
         else:
             scales = [UPSCALED_SIDE / max(s.image.shape[:2]) for s in scene_list]
             for mode, found in answers.items():
-                entry[f"{mode}_map50"] = shapes.map50(scene_list, found, scales)
+                entry[f"{mode}_map50"] = shapes_eval.map50(scene_list, found, scales)
         report[name] = entry
     return report
 

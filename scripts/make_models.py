@@ -11,6 +11,7 @@ import torch
 
 import demo_models
 import shapes
+import shapes_eval
 
 logger = logging.getLogger("make_models")
 DEMOS = ("digits", "resnet18", "mobilenet_v3_small", "fasterrcnn", "shapes")
@@ -33,7 +34,7 @@ def build(name: str, root: Path) -> None:
         demo_models.make_detector(model_dir)
     elif name == "shapes":
         seconds = shapes.train(model_dir)
-        score = shapes.evaluate(model_dir, shapes.HELD_OUT_COUNT)
+        score = shapes_eval.evaluate(model_dir, shapes.HELD_OUT_COUNT)
         logger.info(
             "shapes: trained in %.0f s; mAP@0.5 on %d held-out scenes (COCO evaluator, through the kit's handler "
             "code in process): %.3f",

@@ -17,6 +17,7 @@ import requests
 import demo_models
 import reference
 import shapes
+import shapes_eval
 from client import GrpcClient, KeyRing, RestClient, predict_many
 from conftest import REPO, Server
 from loadgen import servekit_counters
@@ -232,9 +233,9 @@ def test_shapes_detector_served_map(rest: RestClient, shape_scenes: tuple[list[s
     scenes, images = shape_scenes
     replies = predict_many(rest, "shapes", images, concurrency=8)
     assert all(r.status == 200 for r in replies), next(r for r in replies if r.status != 200)
-    score = shapes.map50(scenes, [r.body for r in replies])
+    score = shapes_eval.map50(scenes, [r.body for r in replies])
     sys.stderr.write(f"\n[shapes] mAP@0.5 through TorchServe on {len(scenes)} held-out scenes: {score:.3f}\n")
     assert score >= shapes.MIN_MAP50
-    in_process = shapes.answers_in_process(REPO / "models" / "shapes", images[:16])
+    in_process = shapes_eval.answers_in_process(REPO / "models" / "shapes", images[:16])
     for served, mine in zip(replies[:16], in_process):
         reference.assert_detections_close(served.body, mine)

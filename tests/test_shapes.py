@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import shapes
+import shapes_eval
 
 
 @settings(max_examples=40, deadline=None)
@@ -55,15 +56,15 @@ def _perfect(scenes: list[shapes.Scene]) -> list[list[dict]]:
 
 def test_map50_of_the_truth_is_one_and_of_nothing_is_zero() -> None:
     scenes = shapes.held_out(5)
-    assert shapes.map50(scenes, _perfect(scenes)) == pytest.approx(1.0)
-    assert shapes.map50(scenes, [[] for _ in scenes]) <= 0.0
+    assert shapes_eval.map50(scenes, _perfect(scenes)) == pytest.approx(1.0)
+    assert shapes_eval.map50(scenes, [[] for _ in scenes]) <= 0.0
 
 
 def test_map50_counts_a_wrong_class_or_a_far_box_as_a_miss() -> None:
     scenes = shapes.held_out(5)
     answers = _perfect(scenes)
     wrong = [[{**d, "label": shapes.CLASSES[(shapes.CLASSES.index(d["label"]) + 1) % 3]} for d in a] for a in answers]
-    assert shapes.map50(scenes, wrong) < 0.05
+    assert shapes_eval.map50(scenes, wrong) < 0.05
     # shifted by 60 % of its side: IoU 0.25, under 0.5
     far = [
         [
@@ -80,12 +81,12 @@ def test_map50_counts_a_wrong_class_or_a_far_box_as_a_miss() -> None:
         ]
         for a in answers
     ]
-    assert shapes.map50(scenes, far) < 0.05
+    assert shapes_eval.map50(scenes, far) < 0.05
 
 
 def test_the_mosaic_holds_every_drawn_scene() -> None:
     scenes = shapes.held_out(3)
-    drawn = [shapes.draw_answer(s.image, a) for s, a in zip(scenes, _perfect(scenes))]
-    canvas = shapes.mosaic(drawn)
+    drawn = [shapes_eval.draw_answer(s.image, a) for s, a in zip(scenes, _perfect(scenes))]
+    canvas = shapes_eval.mosaic(drawn)
     assert canvas.shape[2] == 3 and canvas.shape[1] >= drawn[0].shape[2] + drawn[1].shape[2]
     assert not np.array_equal(drawn[0].permute(1, 2, 0).numpy(), scenes[0].image)  # boxes were drawn

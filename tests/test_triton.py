@@ -19,6 +19,7 @@ from test_handlers import CORRUPT
 import demo_models
 import reference
 import shapes
+import shapes_eval
 from client import KeyRing, Reply, RestClient, TritonClient
 from conftest import MODELS, REPO, Server
 from servekit.config import read_model_config
@@ -222,7 +223,7 @@ def test_shapes_detector_map_through_triton_equals_torchserve(
     with ThreadPoolExecutor(8) as pool:
         replies: list[Reply] = list(pool.map(lambda d: triton_client.predict("shapes", d), images))
     assert all(r.status == 200 for r in replies), next(r for r in replies if r.status != 200)
-    score = shapes.map50(scenes, [r.body for r in replies])
+    score = shapes_eval.map50(scenes, [r.body for r in replies])
     sys.stderr.write(
         f"\n[shapes] mAP@0.5 through Triton ({triton_client.protocol}) on {len(scenes)} scenes: {score:.3f}\n"
     )

@@ -125,7 +125,7 @@ bench-photos: model_store/resnet18.mar model_store/resnet18_int8.mar model_store
 	$(PY) scripts/bench.py --mode photos --out build/bench-photos
 
 .PHONY: bench-shapes
-bench-shapes: model_store/shapes.mar model_store/shapes_onnx.mar $(TRITON_STAMP) ## The shapes detector (yolo path): raw in process, TorchScript and ONNX served, Triton; one size and mixed -> build/bench-shapes/
+bench-shapes: model_store/shapes.mar model_store/shapes_onnx.mar model_store/shapes_openvino.mar $(TRITON_STAMP) ## The shapes detector (yolo path): raw in process, TorchScript and ONNX served, Triton; one size and mixed -> build/bench-shapes/
 	$(PY) scripts/bench.py --mode shapes --out build/bench-shapes
 
 .PHONY: gpu-bench

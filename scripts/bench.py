@@ -109,6 +109,7 @@ SHAPES_SERVED = tuple(
     for server, backend, archive in (
         ("kit", "torchscript", "shapes"),
         ("kit", "onnx", "shapes_onnx"),
+        ("kit", "openvino", "shapes_openvino"),
         ("triton", "onnx", "shapes"),
     )
 )
@@ -564,8 +565,9 @@ def markdown(rows: Sequence[Row], plan_name: str, fidelity_report: dict[str, Any
     if any(r.model == "shapes" for r in rows):
         lines += ["", "## The shapes detector side by side (same run)", "", "| ratio | measured |", "|---|---|"]
         lines += [f"| {what} | {value:.2f}x |" if value else f"| {what} | n/a |" for what, value in shapes_ratios(rows)]
-    lines += ["", "## Backends against eager torch (resnet18, in process, same run)", ""]
-    lines += ["| backend | batch | img/s | vs eager |", "|---|---|---|---|"]
+    if rate_of(rows, model="resnet18", where="in-process", backend="torch"):
+        lines += ["", "## Backends against eager torch (resnet18, in process, same run)", ""]
+        lines += ["| backend | batch | img/s | vs eager |", "|---|---|---|---|"]
     for r in rows:
         eager = rate_of(rows, model="resnet18", where="in-process", backend="torch", concurrency=r.concurrency)
         if r.model == "resnet18" and r.where == "in-process" and eager:

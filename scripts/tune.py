@@ -235,7 +235,8 @@ def run(name: str, store: Path, out: Path, bound_ms: float | None, args: argpars
         stage("shipped", [shipped])
     chosen = pick(results, bound_ms)
     shipped_result = next(r for r in results if r.point == shipped)
-    same_variant = pick([r for r in results if r.point.archive == name], bound_ms)
+    # The bar: the shipped settings against the best of the same archive whose p99 is no worse.
+    same_variant = pick([r for r in results if r.point.archive == name], shipped_result.p99_ms)
     report = {
         "model": name,
         "p99_bound_ms": bound_ms,
@@ -272,7 +273,10 @@ def markdown(report: dict[str, Any], results: Sequence[Result], chosen: Result |
             f"| {r.p50_ms:.0f} | {r.p99_ms:.0f} | {r.errors} |"
         )
     lines += ["", f"Shipped settings: {shipped.rate:.1f} req/s, p99 {shipped.p99_ms:.0f} ms."]
-    for key, what in (("shipped_vs_best_same_archive", "its own archive's best"), ("shipped_vs_best", "the best")):
+    for key, what in (
+        ("shipped_vs_best_same_archive", "the best of the same archive with a p99 no worse"),
+        ("shipped_vs_best", "the chosen best"),
+    ):
         if report[key]:
             lines.append(f"Shipped / {what}: {report[key]:.2f}x.")
     return "\n".join(lines) + "\n"

@@ -132,6 +132,7 @@ PHOTOS_SERVED = (
             ("stock", "torch", "mobilenet_v3_small_stock"),
             ("kit", "torchscript", "mobilenet_v3_small"),
             ("kit", "int8", "mobilenet_v3_small_int8"),
+            ("kit", "openvino", "mobilenet_v3_small_openvino"),
         )
     ),
 )

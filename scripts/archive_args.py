@@ -18,6 +18,7 @@ import yaml
 
 from servekit.config import ClassifierConfig, parse_handler_config, read_model_document
 from servekit.errors import ConfigError
+from servekit.program_backend import AOTI_MAX_BATCH
 
 # A built variant of a model folder: its file name -> (archive suffix, handler.model.format).
 VARIANTS = {
@@ -47,11 +48,12 @@ def compile_document(document: dict[str, Any], mode: str) -> dict[str, Any]:
 def variant_document(document: dict[str, Any], variant_file: Path, fmt: str) -> dict[str, Any]:
     """The model-config of a variant archive: the same settings, the model from ``variant_file`` in ``fmt``.
 
-    An AOTInductor package is compiled for batches of 1 to the folder's ``batchSize``.
+    An AOTInductor package is compiled for batches of 1 to the folder's ``batchSize`` (at most
+    ``AOTI_MAX_BATCH``; larger batches run in chunks).
     """
     model: dict[str, Any] = {"file": variant_file.name, "format": fmt}
     if fmt == "aoti":
-        model["max_batch"] = int(document.get("batchSize", 1))
+        model["max_batch"] = min(int(document.get("batchSize", 1)), AOTI_MAX_BATCH)
     handler = {**document["handler"], "model": model}
     handler.pop("compile", None)
     return {**document, "handler": handler}

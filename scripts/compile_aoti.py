@@ -3,10 +3,11 @@
 The exported program itself is kept beside it as ``program.pt2`` (served as format ``exported``).
 
 The folder's network is exported with ``torch.export`` (dynamic batch from 1 to the folder's
-``batchSize``; height and width are the classifier's crop, which the kit always feeds), compiled with
-``torch._inductor.aoti_compile_and_package``, loaded back and checked against eager at batch 1 and at
-``batchSize`` (max abs difference of the logits reported). The package is native code for this
-machine's CPU (or GPU): build it where it runs, and never serve one taken from a stranger.
+``batchSize``, at most ``AOTI_MAX_BATCH``; height and width are the classifier's crop, which the kit
+always feeds), compiled with ``torch._inductor.aoti_compile_and_package``, loaded back and checked
+against eager at batch 1 and at the largest batch (max abs difference of the logits reported). The
+package is native code for this machine's CPU (or GPU): build it where it runs, and never serve one
+taken from a stranger.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from cli import report
 from servekit.config import ClassifierConfig, read_model_config, read_model_document
 from servekit.errors import ConfigError
 from servekit.loading import load_model
-from servekit.program_backend import SERVEKIT_BATCH, SERVEKIT_SIZE
+from servekit.program_backend import AOTI_MAX_BATCH, SERVEKIT_BATCH, SERVEKIT_SIZE
 
 TOLERANCE = 1e-3
 
@@ -35,7 +36,7 @@ def compile_package(name: str, models: Path, out: Path) -> str:
     config = read_model_config(folder)
     if not isinstance(config, ClassifierConfig):
         raise ConfigError(f"{name} is a detector; make aoti compiles classifiers")
-    max_batch = int(read_model_document(folder).get("batchSize", 1))
+    max_batch = min(int(read_model_document(folder).get("batchSize", 1)), AOTI_MAX_BATCH)
     model = load_model(folder, config.model, torch.device("cpu"))
     if not isinstance(model, torch.nn.Module) or isinstance(model, torch.jit.ScriptModule):
         raise ConfigError(f"{name} is format {config.model.format}; make aoti needs a state_dict/safetensors folder")

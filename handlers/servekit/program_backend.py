@@ -25,6 +25,9 @@ logger = logging.getLogger(__name__)
 # CPU instruction sets an AOTInductor package may be compiled for, from the lowest.
 # Package metadata written by `make aoti` (scripts/compile_aoti.py): batch range "1-8", size "224x224".
 SERVEKIT_BATCH, SERVEKIT_SIZE = "servekit_batch", "servekit_size"
+# `make aoti` compiles for batches of at most this many; a larger batchSize runs in chunks. (torch 2.14.1:
+# a package exported with a dynamic batch up to 16 or more refused batches over 15 at run time.)
+AOTI_MAX_BATCH = 8
 _ISA_FLAGS = {"AVX2": ("avx2",), "AVX512": ("avx512f", "avx512bw", "avx512vl", "avx512dq")}
 
 

@@ -26,7 +26,7 @@ from servekit.config import ClassifierConfig, DetectorConfig, read_model_config
 from servekit.loading import load_model
 from servekit.onnx_backend import CLASSIFIER_IO, DETECTOR_IO, RAW_IO, load_onnx
 from servekit.service import raw_tensor
-from servekit.yolo import candidates, infer_layout
+from servekit.yolo import candidates, resolve_layout
 
 logger = logging.getLogger("export_onnx")
 OPSET = 17
@@ -105,7 +105,7 @@ def check_raw(name: str, exporter: str, model: Any, onnx_model: Any, config: Det
     with torch.inference_mode():
         expected = raw_tensor(model(inputs)).float()
     got = onnx_model(inputs)
-    layout = config.layout if config.layout != "auto" else infer_layout(expected.shape)
+    layout = resolve_layout(config.layout, expected.shape)
     box_diff = score_diff = 0.0
     for mine, theirs in zip(expected, got):
         (boxes, scores, _), (got_boxes, got_scores, _) = candidates(mine, layout), candidates(theirs, layout)

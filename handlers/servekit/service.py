@@ -118,6 +118,20 @@ def _attempt(prepare: Callable[[Any], Prepared]) -> Callable[[Any], tuple[bool, 
     return run
 
 
+def classifier_item(row: Any, config: ClassifierConfig) -> torch.Tensor:
+    """One request row as the classifier's uint8 crop: decoded (at reduced scale when the JPEG is at least
+    twice ``resize``), short side resized, centre-cropped. TorchServe's service and Triton's step share it."""
+    decoded = decode_request(row, config.limits, config.resize)
+    return classifier_crop(decoded.pixels, config.resize, config.crop)
+
+
+def letterboxed_item(row: Any, config: DetectorConfig) -> tuple[torch.Tensor, Letterbox]:
+    """One request row letterboxed to ``input_size`` (uint8), with its geometry in the pixels as sent:
+    decoded at reduced scale when the JPEG allows. TorchServe's service and Triton's step share it."""
+    decoded = decode_request(row, config.limits, config.input_size)
+    return letterbox(decoded.pixels, config.input_size, (decoded.width, decoded.height))
+
+
 class VisionService(Generic[Prepared]):
     """What both tasks share: the model, its labels, its device and its input limits."""
 
@@ -128,11 +142,9 @@ class VisionService(Generic[Prepared]):
         self.device = device
         self._pool: Executor | None = None
 
-    min_side = 0  # the smallest image side the model needs (0: the full decode)
-
     def decode(self, row: Any) -> DecodedImage:
-        """Extract and decode the image of one request row (at reduced scale where the model allows)."""
-        return decode_request(row, self.limits, self.min_side)
+        """Extract and decode the image of one request row, in full."""
+        return decode_request(row, self.limits)
 
     def handle(self, rows: Sequence[Any]) -> BatchOutcome:
         """Answer one batch of request rows, decoding them in parallel on the worker's threads."""
@@ -163,10 +175,9 @@ class ClassifierService(VisionService[torch.Tensor]):
     def __init__(self, config: ClassifierConfig, model: Network, labels: list[str], device: torch.device) -> None:
         super().__init__(model, labels, config.limits, device)
         self.config = config
-        self.min_side = config.resize
 
     def prepare(self, row: Any) -> torch.Tensor:
-        return classifier_crop(self.decode(row).pixels, self.config.resize, self.config.crop)
+        return classifier_item(row, self.config)
 
     def infer(self, items: list[torch.Tensor]) -> torch.Tensor:
         batch = classifier_batch(items, self.config).to(self.device)
@@ -226,7 +237,6 @@ class YoloDetectorService(VisionService[tuple[torch.Tensor, Letterbox]]):
     def __init__(self, config: DetectorConfig, model: Network, labels: list[str], device: torch.device) -> None:
         super().__init__(model, labels, config.limits, device)
         self.config = config
-        self.min_side = config.input_size
         self.settings = yolo_settings(config, config.layout if config.layout != "auto" else self.probe_layout())
 
     def probe_layout(self) -> str:
@@ -235,8 +245,7 @@ class YoloDetectorService(VisionService[tuple[torch.Tensor, Letterbox]]):
         return infer_layout(shape, len(self.labels) or None)
 
     def prepare(self, row: Any) -> tuple[torch.Tensor, Letterbox]:
-        decoded = self.decode(row)
-        return letterbox(decoded.pixels, self.config.input_size, (decoded.width, decoded.height))
+        return letterboxed_item(row, self.config)
 
     def infer(self, items: list[tuple[torch.Tensor, Letterbox]]) -> torch.Tensor:
         batch = torch.stack([pixels for pixels, _ in items]).to(self.device).to(torch.float32).div_(255.0)

@@ -28,9 +28,9 @@ from servekit.errors import error_body
 from servekit.loading import load_labels
 from servekit.onnx_backend import RAW_IO
 from servekit.postprocess import detections_to_json, topk_to_json
-from servekit.service import run_batch, yolo_answers, yolo_settings
-from servekit.transforms import classifier_batch, classifier_crop, detector_inputs
-from servekit.yolo import Letterbox, infer_layout, letterbox
+from servekit.service import classifier_item, letterboxed_item, run_batch, yolo_answers, yolo_settings
+from servekit.transforms import classifier_batch, detector_inputs
+from servekit.yolo import Letterbox, resolve_layout
 
 Outcome = Any  # a step's result for one request, or the exception it failed with
 
@@ -65,8 +65,7 @@ class ClassifierSteps:
         """Decode and crop each image alone; normalize the good ones as one batch."""
 
         def prepare(data: bytes) -> torch.Tensor:
-            decoded = decode_request({"body": data}, self.config.limits, self.config.resize)
-            return classifier_crop(decoded.pixels, self.config.resize, self.config.crop)
+            return classifier_item({"body": data}, self.config)
 
         def normalize(crops: list[torch.Tensor]) -> torch.Tensor:
             return classifier_batch(crops, self.config)
@@ -99,8 +98,7 @@ class YoloSteps:
         """Each image letterboxed alone (float32 in [0, 1]), with its geometry (float64, 6 values)."""
 
         def prepare(data: bytes) -> Tensors:
-            decoded = decode_request({"body": data}, self.config.limits, self.config.input_size)
-            pixels, geometry = letterbox(decoded.pixels, self.config.input_size, (decoded.width, decoded.height))
+            pixels, geometry = letterboxed_item({"body": data}, self.config)
             return {
                 self.image_name: pixels.to(torch.float32).div_(255.0).numpy(),
                 "geometry": np.array(geometry.values(), dtype=np.float64),
@@ -111,9 +109,7 @@ class YoloSteps:
     def postprocess(self, tensors: Tensors) -> list[bytes]:
         """One JSON answer per image of a batch of raw outputs, as the TorchServe handler answers."""
         raw = torch.from_numpy(tensors[self.raw_name])
-        layout = self.config.layout
-        if layout == "auto":
-            layout = infer_layout(raw.shape, len(self.labels) or None)
+        layout = resolve_layout(self.config.layout, raw.shape, len(self.labels) or None)
         geometries = [Letterbox.from_values(row) for row in tensors["geometry"]]
         answers = yolo_answers(
             raw, geometries, yolo_settings(self.config, layout), self.labels, self.config.max_detections

@@ -106,6 +106,11 @@ def infer_layout(shape: Sequence[int], classes: int | None = None) -> str:
     return fits[0]
 
 
+def resolve_layout(configured: str, shape: Sequence[int], classes: int | None = None) -> str:
+    """The configured layout, or for ``auto`` the one an output of this shape is in."""
+    return configured if configured != "auto" else infer_layout(shape, classes)
+
+
 def layout_classes(shape: Sequence[int], layout: str) -> int | None:
     """The class count a raw output carries (None for end2end, whose classes are indices)."""
     if layout == "yolov8":

@@ -25,6 +25,7 @@ from typing import Any
 
 import requests
 import torch
+import yaml
 
 import demo_models
 from client import KeyRing, RestClient
@@ -553,6 +554,38 @@ def target_lines(rows: Sequence[Row]) -> list[str]:
     return lines
 
 
+TUNE_DIR = Path("build/tune")
+TUNE_TARGET = 0.95
+
+
+def tuned_lines(tune_dir: Path = TUNE_DIR, models_dir: Path = Path("models")) -> list[str]:
+    """Shipped settings against ``make tune``'s best, per demo model (from its own run, not this one)."""
+    lines = []
+    for report in sorted(tune_dir.glob("*/results.json")):
+        found = json.loads(report.read_text(encoding="utf-8"))
+        config = models_dir / found["model"] / "model-config.yaml"
+        if not config.is_file():
+            continue
+        document = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+        chosen = found["chosen"]
+        now = (int(document.get("batchSize", 1)), int(document.get("maxBatchDelay", 100)))
+        keys = (
+            "measured before the shipped keys were set to its chosen batch/delay"
+            if now == (chosen["batch"], chosen["delay_ms"])
+            else "shipped keys unchanged since"
+        )
+        value = found.get("shipped_vs_best_same_archive")
+        if value is None:
+            continue
+        met = "yes" if value >= TUNE_TARGET else "no"
+        lines.append(
+            f"| shipped vs tuned best, {found['model']} (archive {found['shipped']['archive']}) "
+            f"| make tune MODEL={found['model']}, req/s at c={found['concurrency']}, same p99; "
+            f"{keys} | {value:.2f}x | >= {TUNE_TARGET}x | {met} |"
+        )
+    return lines
+
+
 def markdown(rows: Sequence[Row], plan_name: str, fidelity_report: dict[str, Any], command: str) -> str:
     lines = [
         f"# Benchmark ({plan_name})",
@@ -563,6 +596,8 @@ def markdown(rows: Sequence[Row], plan_name: str, fidelity_report: dict[str, Any
         "",
         *target_lines(rows),
     ]
+    if plan_name == "full":
+        lines += tuned_lines()
     if any(r.model == "shapes" for r in rows):
         lines += ["", "## The shapes detector side by side (same run)", "", "| ratio | measured |", "|---|---|"]
         lines += [f"| {what} | {value:.2f}x |" if value else f"| {what} | n/a |" for what, value in shapes_ratios(rows)]

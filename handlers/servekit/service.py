@@ -22,6 +22,7 @@ from servekit.decode import DecodedImage, decode_request
 from servekit.errors import ConfigError, KitError
 from servekit.loading import compile_module, load_labels, load_model
 from servekit.postprocess import detections_to_json, topk_to_json
+from servekit.protocols import answer_requests, unwrap
 from servekit.transforms import (
     classifier_batch,
     classifier_crop,
@@ -45,6 +46,12 @@ class StageTimes:
     preprocess_ms: float = 0.0
     inference_ms: float = 0.0
     postprocess_ms: float = 0.0
+
+    def add(self, other: StageTimes) -> None:
+        """Add another batch's times to these."""
+        self.preprocess_ms += other.preprocess_ms
+        self.inference_ms += other.inference_ms
+        self.postprocess_ms += other.postprocess_ms
 
 
 @dataclass
@@ -140,6 +147,8 @@ class VisionService(Generic[Prepared]):
         self.labels = labels
         self.limits = limits
         self.device = device
+        self.model_name = ""  # the name KServe v2 answers carry (TorchServe's registered name)
+        self.max_batch = 1  # the frontend's batchSize: requests carrying several instances run in batches of it
         self._pool: Executor | None = None
 
     def decode(self, row: Any) -> DecodedImage:
@@ -147,8 +156,17 @@ class VisionService(Generic[Prepared]):
         return decode_request(row, self.limits)
 
     def handle(self, rows: Sequence[Any]) -> BatchOutcome:
-        """Answer one batch of request rows, decoding them in parallel on the worker's threads."""
-        return run_batch(rows, self.prepare, self.infer, self.finish, self.decode_pool())
+        """Answer one batch of request rows: the instances of every row (plain, KServe v1 or v2 bodies) run
+        as one model batch, decoded in parallel on the worker's threads; one answer per row."""
+        requests = [unwrap(row) for row in rows]
+        instances = [instance for request in requests for instance in request.instances]
+        step = max(self.max_batch, len(rows), 1)  # several instances per request: no batch beyond batchSize
+        outcome = BatchOutcome([])
+        for start in range(0, len(instances), step):
+            part = run_batch(instances[start : start + step], self.prepare, self.infer, self.finish, self.decode_pool())
+            outcome.answers.extend(part.answers)
+            outcome.times.add(part.times)
+        return BatchOutcome(answer_requests(requests, outcome.answers, self.model_name), outcome.times)
 
     def decode_pool(self) -> Executor | None:
         """A pool of as many threads as torch's intra-op threads (none when that is 1), made once."""
@@ -299,6 +317,14 @@ def build_service(
     With ``handler.compile``, the classifier is compiled and run once at every batch size from 1 to
     ``max_batch`` (the frontend's ``batchSize``) before the first request.
     """
+    service = _service(config, model_dir, device, max_batch)
+    service.max_batch = max(1, max_batch)
+    return service
+
+
+def _service(
+    config: HandlerConfig, model_dir: Path, device: torch.device, max_batch: int
+) -> ClassifierService | DetectorService | YoloDetectorService:
     model = load_model(model_dir, config.model, device)
     labels = load_labels(model_dir / config.labels)
     if isinstance(config, ClassifierConfig):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, ClassVar
@@ -54,6 +54,7 @@ class TorchServeAdapter:
         self.model_name = str(getattr(context, "model_name", model_dir.name))
         max_batch = int(properties.get("batch_size") or yaml_config.get("batchSize", 1) or 1)
         self.service = build_service(config, model_dir, device, max_batch)
+        self.service.model_name = self.model_name
         self.initialized = True
         logger.info("servekit %s model %s loaded on %s with %d threads", self.task, self.model_name, device, threads)
 
@@ -64,27 +65,49 @@ class TorchServeAdapter:
         else:
             outcome = self.service.handle(data)
         emit_metrics(context, self.model_name, outcome)
-        return encode_answers(outcome.answers, context)
+        requests = len(getattr(context, "request_processor", None) or data)
+        return encode_answers(outcome.answers, context, requests, under_envelope(data, requests))
 
 
-def encode_answers(answers: Sequence[Any], context: Any) -> list[bytes]:
+def under_envelope(rows: Sequence[Any], requests: int) -> bool:
+    """Whether TorchServe's ``kserve``/``kservev2`` envelope parsed the requests before the handler.
+
+    The frontend hands the handler one row per request whose values are the wire's bytes (or a body it
+    parsed as JSON); an envelope hands it the instances of the first request, or each request's v2 input.
+    """
+    if len(rows) != requests:
+        return True
+    return any(
+        not isinstance(row, Mapping) or "datatype" in row or isinstance(row.get("data"), (str, list)) for row in rows
+    )
+
+
+def encode_answers(
+    answers: Sequence[Any], context: Any, requests: int | None = None, envelope: bool = False
+) -> list[Any]:
     """Turn each answer into a JSON body, setting a failed request's status on the context.
 
     This is the one place where errors become HTTP statuses. Over gRPC, TorchServe 0.12 drops the
-    per-request status, so the body (``{"error": ..., "code": ...}``) carries it as well.
+    per-request status, so the body (``{"error": ..., "code": ...}``) carries it as well. Under
+    TorchServe's envelopes the answers stay objects (the envelope wraps them, TorchServe writes the JSON)
+    and may outnumber the ``requests``: the first failed instance of the one request sets its status.
     """
-    bodies: list[bytes] = []
+    requests = len(answers) if requests is None else requests
+    bodies: list[Any] = []
+    statused: set[int] = set()
     for idx, answer in enumerate(answers):
-        context.set_response_content_type(idx, JSON)
+        target = min(idx, requests - 1)
+        context.set_response_content_type(target, JSON)
+        body = answer
         if isinstance(answer, BaseException):
             body = error_body(answer)
             code = status_of(answer)
-            # The status line gets the standard ASCII phrase, never request-derived text: TorchServe
-            # 0.12 frames the phrase by its length in characters, so non-ASCII text kills the worker.
-            context.set_response_status(code, HTTPStatus(code).phrase, idx)
-        else:
-            body = answer
-        bodies.append(json.dumps(body).encode("utf-8"))
+            if target not in statused:
+                # The status line gets the standard ASCII phrase, never request-derived text: TorchServe
+                # 0.12 frames the phrase by its length in characters, so non-ASCII text kills the worker.
+                context.set_response_status(code, HTTPStatus(code).phrase, target)
+                statused.add(target)
+        bodies.append(body if envelope else json.dumps(body).encode("utf-8"))
     return bodies
 
 

@@ -79,3 +79,20 @@ def test_labels_list_and_torchserve_mapping(tmp_path: Path) -> None:
 )
 def test_intra_op_threads(requested: int, workers: int, cores: int, expected: int) -> None:
     assert intra_op_threads(requested, workers, cores) == expected
+
+
+def test_available_cores_follow_the_cgroup_quota(tmp_path: Path) -> None:
+
+    from servekit.loading import available_cores
+
+    cpu_max = tmp_path / "cpu.max"
+    cores = os.cpu_count() or 1
+    assert available_cores(tmp_path / "missing") == cores
+    cpu_max.write_text("max 100000\n")
+    assert available_cores(cpu_max) == cores
+    cpu_max.write_text("100000 100000\n")
+    assert available_cores(cpu_max) == 1
+    cpu_max.write_text("150000 100000\n")  # 1.5 CPUs: two threads, never more than the machine has
+    assert available_cores(cpu_max) == min(2, cores)
+    cpu_max.write_text("garbage\n")
+    assert available_cores(cpu_max) == cores

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,22 @@ def intra_op_threads(requested: int, workers: int, cores: int) -> int:
     if requested > 0:
         return requested
     return max(1, cores // max(1, workers))
+
+
+def available_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """Cores this process may use: the CPU count, capped by a cgroup v2 CPU quota (a container's CPU limit).
+
+    In a Kubernetes pod ``os.cpu_count()`` is the node's; without the cap every worker would start as
+    many threads as the node has cores and the quota would throttle them all.
+    """
+    cores = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text(encoding="utf-8").split()[:2]
+    except (OSError, ValueError):
+        return cores
+    if quota == "max" or not quota.isdigit() or not period.isdigit() or int(period) == 0:
+        return cores
+    return max(1, min(cores, -(-int(quota) // int(period))))
 
 
 def load_labels(path: Path) -> list[str]:

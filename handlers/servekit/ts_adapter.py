@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 
 from servekit.config import parse_handler_config
 from servekit.errors import ConfigError, NotReady, error_body, status_of
-from servekit.loading import choose_device, intra_op_threads
+from servekit.loading import available_cores, choose_device, intra_op_threads
 from servekit.service import BatchOutcome, VisionService, build_service
 
 logger = logging.getLogger(__name__)
@@ -47,7 +46,7 @@ class TorchServeAdapter:
         if config.task != self.task:
             raise ConfigError(f"handler.task is {config.task!r} but this archive's handler serves {self.task!r}")
         workers = int(yaml_config.get("maxWorkers", yaml_config.get("minWorkers", 1)))
-        threads = intra_op_threads(config.threads, workers, os.cpu_count() or 1)
+        threads = intra_op_threads(config.threads, workers, available_cores())
         torch.set_num_threads(threads)
         gpu_id = properties.get("gpu_id")
         device = choose_device(int(gpu_id) if gpu_id is not None else None)

@@ -188,6 +188,19 @@ $(STORE)/%_exported.mar: $(AOTI_DIR)/%/program.pt2 $(HANDLER_SRC) scripts/archiv
 $(STORE)/%_compile.mar: $(MODELS)/%/model-config.yaml $$(filter-out %/__pycache__,$$(wildcard $(MODELS)/$$*/*)) $(HANDLER_SRC) scripts/archive_args.py | $(STAMP)
 	$(call archive,$*_compile,$* --models $(MODELS) --compile default)
 
+# Beyond one machine (deploy/, README "Kubernetes and KServe"): manifests from the model folders, sized from
+# the worker memory `make bench` measured (scripts/bench_results/results.json).
+DEPLOY_MODELS ?= $(DEMOS)
+.PHONY: k8s
+k8s: | $(STAMP) ## Kubernetes manifests per model (Deployment, Service, HPA, PDB, NetworkPolicy) -> build/k8s/<model>/
+	rm -rf build/k8s
+	$(PY) scripts/deploy.py k8s --names $(DEPLOY_MODELS) --out build/k8s $(if $(IMAGE),--image $(IMAGE))
+
+.PHONY: kserve
+kserve: $(foreach m,$(DEPLOY_MODELS),$(STORE)/$(m).mar) $(TRITON_STAMP) ## KServe storage trees + InferenceServices + ServingRuntimes -> build/kserve/
+	rm -rf build/kserve
+	$(PY) scripts/deploy.py kserve --names $(DEPLOY_MODELS) --out build/kserve $(if $(IMAGE),--image $(IMAGE))
+
 .PHONY: serve
 serve: archive ## Start TorchServe on loopback with every archive, wait until healthy, print endpoints
 	$(PY) scripts/tsctl.py start

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,11 +151,23 @@ def random_endpoints() -> Endpoints:
 class TorchServe:
     """One TorchServe process tree in its own work directory."""
 
-    def __init__(self, workdir: Path, config: Path, model_store: Path, models: Iterable[str] = ("all",)) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        config: Path,
+        model_store: Path,
+        models: Iterable[str] = ("all",),
+        *,
+        extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.workdir = workdir.resolve()
         self.config = config.resolve()
         self.model_store = model_store.resolve()
         self.models = list(models)
+        self.extra_args = list(extra_args)  # e.g. --disable-token-auth, as a KServe runtime starts it
+        self.env = dict(env or {})  # e.g. TS_* overrides where the config enables them
+        self.token_auth = "--disable-token-auth" not in self.extra_args
         self.endpoints = endpoints_of(self.config)
         self.pgid_file = self.workdir / "tmp" / PGID_FILE
 
@@ -182,7 +194,9 @@ class TorchServe:
             "--model-store",
             str(self.model_store),
             *(["--models", *self.models] if self.models else []),
+            *self.extra_args,
         ]
+        env.update(self.env)
         with open(self.log_dir / "torchserve.out", "ab") as out:
             process = subprocess.Popen(
                 command,
@@ -197,7 +211,9 @@ class TorchServe:
         logger.info("torchserve started (process group %d) in %s", process.pid, self.workdir)
 
     def keys(self, timeout: float = 60.0) -> Keys:
-        """The current keys, waiting for TorchServe to write ``key_file.json``."""
+        """The current keys, waiting for TorchServe to write ``key_file.json`` (empty with token auth off)."""
+        if not self.token_auth:
+            return Keys("", "", "")
         path = self.workdir / "key_file.json"
         deadline = time.monotonic() + timeout
         while True:

@@ -201,6 +201,31 @@ kserve: $(foreach m,$(DEPLOY_MODELS),$(STORE)/$(m).mar) $(TRITON_STAMP) ## KServ
 	rm -rf build/kserve
 	$(PY) scripts/deploy.py kserve --names $(DEPLOY_MODELS) --out build/kserve $(if $(IMAGE),--image $(IMAGE))
 
+# Container images (deploy/, README "Container images"): Python packages from a wheelhouse pip fills on
+# the host, a base image from Debian packages (mmdebstrap), the legacy builder with the host's network.
+WHEELHOUSE := build/wheelhouse
+BASE_IMAGE ?= servekit-base:bookworm
+$(WHEELHOUSE)/.complete: deploy/requirements-serve.txt deploy/requirements-triton.txt | $(STAMP)
+	mkdir -p $(WHEELHOUSE)
+	$(VENV)/bin/pip download -q -d $(WHEELHOUSE) $(if $(WHEEL_PYTHON),--python-version $(WHEEL_PYTHON) --only-binary=:all:) \
+		-r deploy/requirements-serve.txt -r deploy/requirements-triton.txt
+	touch $@
+
+.PHONY: wheelhouse
+wheelhouse: $(WHEELHOUSE)/.complete ## Download the images' wheels on the host (WHEEL_PYTHON=3.10 for NVIDIA's Triton base)
+
+.PHONY: base-image
+base-image: ## Debian bookworm base image from Debian packages (mmdebstrap | docker import) -> $(BASE_IMAGE)
+	docker image inspect $(BASE_IMAGE) >/dev/null 2>&1 || deploy/base-image.sh $(BASE_IMAGE)
+
+.PHONY: image
+image: $(WHEELHOUSE)/.complete $(foreach m,$(DEMOS),$(STORE)/$(m).mar) $(TRITON_STAMP) base-image ## Build the TorchServe and Triton images (BASE_IMAGE=...) -> build/docker/images.json
+	$(PY) scripts/images.py build --base $(BASE_IMAGE) --models $(DEMOS)
+
+.PHONY: image-run
+image-run: ## Run the TorchServe image (WHICH=triton for Triton) on 127.0.0.1 ports of this host; prints endpoints
+	$(PY) scripts/images.py run --which $(or $(WHICH),torchserve) --models $(DEMOS)
+
 .PHONY: serve
 serve: archive ## Start TorchServe on loopback with every archive, wait until healthy, print endpoints
 	$(PY) scripts/tsctl.py start

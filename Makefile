@@ -196,6 +196,10 @@ k8s: | $(STAMP) ## Kubernetes manifests per model (Deployment, Service, HPA, PDB
 	rm -rf build/k8s
 	$(PY) scripts/deploy.py k8s --names $(DEPLOY_MODELS) --out build/k8s $(if $(IMAGE),--image $(IMAGE))
 
+.PHONY: capacity
+capacity: | $(STAMP) ## Replicas and HPA bounds for TARGET_RPS (default 200) per model, from make bench's results
+	@$(PY) scripts/deploy.py capacity --names $(DEPLOY_MODELS) --target-rps $(or $(TARGET_RPS),200)
+
 .PHONY: kserve
 kserve: $(foreach m,$(DEPLOY_MODELS),$(STORE)/$(m).mar) $(TRITON_STAMP) ## KServe storage trees + InferenceServices + ServingRuntimes -> build/kserve/
 	rm -rf build/kserve
@@ -248,7 +252,7 @@ lint: | $(STAMP) ## ruff: lint (with a complexity limit) and format check
 	$(VENV)/bin/ruff format --check .
 
 .PHONY: test
-test: lint archive $(GRPC_STUBS) $(BENCH_INPUTS) ## Set up and run all tests (lint, unit, in-process handler, backends, real TorchServe end to end)
+test: lint archive $(GRPC_STUBS) $(BENCH_INPUTS) image ## Set up and run all tests (lint, unit, in-process handler, backends, real TorchServe end to end)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 .PHONY: clean

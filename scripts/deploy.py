@@ -121,6 +121,27 @@ def measured_worker_mib(results: Path) -> dict[str, float]:
     return peaks
 
 
+def replicas_for(rate: float, target_rps: float, *, utilization: float = 0.7, peak: float = 2.0) -> tuple[int, int]:
+    """(replicas, HPA maximum) that carry ``target_rps`` with each replica at ``utilization`` of the ``rate`` it
+    sustained; never fewer than 2 (a PodDisruptionBudget of 1 and a rolling update need a second), and
+    ``peak`` times that as the HPA's maximum."""
+    replicas = max(2, math.ceil(target_rps / (rate * utilization)))
+    return replicas, max(replicas + 1, math.ceil(replicas * peak))
+
+
+def best_served(results: Path, concurrency: int = 16) -> dict[str, tuple[str, float, float]]:
+    """Per model, the kit's fastest archive at ``concurrency`` on the one-image rows: (backend, req/s, p99 ms)."""
+    rows = json.loads(results.read_text(encoding="utf-8")).get("rows", []) if results.is_file() else []
+    best: dict[str, tuple[str, float, float]] = {}
+    for row in rows:
+        if row.get("where") != "kit" or row.get("concurrency") != concurrency or row.get("images") != "same":
+            continue
+        if row.get("errors") or row["rate"] <= best.get(row["model"], ("", 0.0, 0.0))[1]:
+            continue
+        best[row["model"]] = (row["backend"], float(row["rate"]), float(row["p99_ms"]))
+    return best
+
+
 # ---------------------------------------------------------------- Kubernetes
 
 
@@ -510,6 +531,22 @@ def _link(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
+def capacity_table(results: Path, names: Sequence[str], target_rps: float) -> list[str]:
+    """The README's capacity plan: replicas and HPA bounds per model for ``target_rps``."""
+    lines = [
+        f"Capacity for {target_rps:.0f} req/s per model, from {results} (one replica = the bench machine's cores):",
+        "",
+        "| model | fastest archive | req/s per replica | p99 ms | replicas at 70 % | HPA min / max |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model, (backend, rate, p99) in sorted(best_served(results).items()):
+        if model not in names:
+            continue
+        replicas, most = replicas_for(rate, target_rps)
+        lines.append(f"| {model} | {backend} | {rate:.1f} | {p99:.0f} | {replicas} | {replicas} / {most} |")
+    return lines
+
+
 # ---------------------------------------------------------------- files
 
 
@@ -525,7 +562,8 @@ def write_documents(folder: Path, files: Mapping[str, Mapping[str, Any]]) -> lis
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("k8s", "kserve"))
+    parser.add_argument("what", choices=("k8s", "kserve", "capacity"))
+    parser.add_argument("--target-rps", type=float, default=200.0, help="capacity: the load to plan for")
     parser.add_argument("--models", type=Path, default=Path("models"))
     parser.add_argument("--names", nargs="+", required=True, help="model folders to deploy")
     parser.add_argument("--store", type=Path, default=Path("model_store"))
@@ -534,9 +572,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--triton-image", default=TRITON_IMAGE)
     parser.add_argument("--triton-repo", type=Path, default=Path("model_repository/cpu"))
     parser.add_argument("--storage-uri", default="pvc://servekit-models", help="where the storage trees are uploaded")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=Path("build/k8s"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.what == "capacity":
+        for line in capacity_table(args.bench, args.names, args.target_rps):
+            logger.info("%s", line)
+        return 0
     bench = measured_worker_mib(args.bench)
     specs = [model_spec(name, args.models, bench) for name in args.names]
     for spec in specs:

@@ -267,3 +267,55 @@ def test_kserve_runtime_batches_v1_v2_and_plain_bodies(
     seen = after["Requests"] - before["Requests"]
     print(f"\nKServe runtime: {result.count} requests {dict(client.counts)}, {seen / batches:.2f} requests per batch")
     assert seen / batches > 1.5, (seen, batches)  # batches larger than 1 formed
+
+
+def test_capacity_plan_from_measured_throughput(tmp_path: Path) -> None:
+    assert deploy.replicas_for(50.0, 200.0) == (6, 12)  # 200 / (50 x 0.7) = 5.7
+    assert deploy.replicas_for(500.0, 10.0) == (2, 4)  # never fewer than two
+    results = tmp_path / "results.json"
+    rows = [
+        {
+            "model": "resnet18",
+            "where": "kit",
+            "backend": "torch",
+            "images": "same",
+            "concurrency": 16,
+            "rate": 30.0,
+            "p99_ms": 600.0,
+            "errors": 0,
+        },
+        {
+            "model": "resnet18",
+            "where": "kit",
+            "backend": "int8",
+            "images": "same",
+            "concurrency": 16,
+            "rate": 60.0,
+            "p99_ms": 300.0,
+            "errors": 0,
+        },
+        {
+            "model": "resnet18",
+            "where": "kit",
+            "backend": "onnx",
+            "images": "same",
+            "concurrency": 16,
+            "rate": 90.0,
+            "p99_ms": 200.0,
+            "errors": 3,
+        },
+        {
+            "model": "resnet18",
+            "where": "stock",
+            "backend": "torch",
+            "images": "same",
+            "concurrency": 16,
+            "rate": 99.0,
+            "p99_ms": 100.0,
+            "errors": 0,
+        },
+    ]
+    results.write_text(json.dumps({"rows": rows}))
+    assert deploy.best_served(results) == {"resnet18": ("int8", 60.0, 300.0)}
+    table = deploy.capacity_table(results, ["resnet18"], 120.0)
+    assert table[-1] == "| resnet18 | int8 | 60.0 | 300 | 3 | 3 / 6 |"

@@ -319,3 +319,32 @@ def test_capacity_plan_from_measured_throughput(tmp_path: Path) -> None:
     assert deploy.best_served(results) == {"resnet18": ("int8", 60.0, 300.0)}
     table = deploy.capacity_table(results, ["resnet18"], 120.0)
     assert table[-1] == "| resnet18 | int8 | 60.0 | 300 | 3 | 3 / 6 |"
+
+
+def test_drain_counts_requests_received_but_not_answered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("serve", REPO / "deploy" / "serve.py")
+    assert spec is not None and spec.loader is not None
+    serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve)
+    metrics = "\n".join(
+        [
+            "# TYPE ts_inference_requests_total counter",
+            'ts_inference_requests_total{model_name="digits",model_version="default",hostname="h",} 12.0',
+            'ts_inference_requests_total{model_name="resnet18",model_version="default",hostname="h",} 5.0',
+            'ServekitRequests{ModelName="digits",Level="Model",Hostname="h",} 12.0',
+            'ServekitRequests{ModelName="resnet18",Level="Model",Hostname="h",} 2.0',
+            'Requests2XX{Level="Host",Hostname="h",} 40.0',
+        ]
+    )
+    assert serve.in_flight(metrics) == 3
+    assert serve.in_flight(metrics.replace("} 2.0", "} 5.0")) == 0
+    config = tmp_path / "config.properties"
+    config.write_text("# c\nmetrics_address=http://0.0.0.0:8082\ninference_address=http://0.0.0.0:8080\n")
+    command = ["torchserve", f"--ts-config={config}"]
+    monkeypatch.delenv("TS_METRICS_ADDRESS", raising=False)
+    assert serve.address(command, "metrics_address", "x") == "http://127.0.0.1:8082"
+    monkeypatch.setenv("TS_METRICS_ADDRESS", "http://127.0.0.1:9999")
+    assert serve.address(command, "metrics_address", "x") == "http://127.0.0.1:9999"
+    assert serve.address(["torchserve"], "inference_address", "http://127.0.0.1:8080") == "http://127.0.0.1:8080"

@@ -149,10 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "build":
         report_path = Path("build/docker/images.json")
         report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+        sources = Sources(args.wheelhouse, args.store, tuple(args.models), args.repository)
         for kind in kinds:
-            context = stage(
-                kind, Path("build/docker") / kind, args.wheelhouse, args.store, args.models, args.repository
-            )
+            context = stage(kind, Path("build/docker") / kind, sources)
             report[kind] = asdict(build(kind, tags[kind], args.base, context))
         report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         return 0

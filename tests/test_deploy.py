@@ -209,10 +209,10 @@ class MixedClient:
             reply = requests.post(predictions, data=chosen[0], timeout=60)
         elif kind.startswith("v1"):
             body = v1_body([*chosen, b"not an image"] if kind == "v1-bad" else chosen)
-            path = predictions if number % 2 else f"{self.base}/v1/models/{self.model}:predict"
+            path = predictions if (number // len(self.KINDS)) % 2 else f"{self.base}/v1/models/{self.model}:predict"
             reply = requests.post(path, data=body, headers={"Content-Type": "application/json"}, timeout=60)
         else:
-            path = predictions if number % 2 else f"{self.base}/v2/models/{self.model}/infer"
+            path = predictions if (number // len(self.KINDS)) % 2 else f"{self.base}/v2/models/{self.model}/infer"
             reply = requests.post(path, data=v2_body(chosen, f"r{number}"), timeout=60)
         ok = self.check(kind, number, reply, [self.expected[i] for i in picked])
         with self.lock:

@@ -82,17 +82,23 @@ def test_intra_op_threads(requested: int, workers: int, cores: int, expected: in
 
 
 def test_available_cores_follow_the_cgroup_quota(tmp_path: Path) -> None:
-
     from servekit.loading import available_cores
 
     cpu_max = tmp_path / "cpu.max"
     cores = os.cpu_count() or 1
-    assert available_cores(tmp_path / "missing") == cores
+    assert available_cores(tmp_path / "missing", tmp_path / "missing") == cores
     cpu_max.write_text("max 100000\n")
-    assert available_cores(cpu_max) == cores
+    assert available_cores(cpu_max, tmp_path / "missing") == cores
     cpu_max.write_text("100000 100000\n")
     assert available_cores(cpu_max) == 1
     cpu_max.write_text("150000 100000\n")  # 1.5 CPUs: two threads, never more than the machine has
     assert available_cores(cpu_max) == min(2, cores)
     cpu_max.write_text("garbage\n")
-    assert available_cores(cpu_max) == cores
+    assert available_cores(cpu_max, tmp_path / "missing") == cores
+    v1 = tmp_path / "cpu"
+    v1.mkdir()
+    (v1 / "cpu.cfs_quota_us").write_text("100000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert available_cores(tmp_path / "missing", v1) == 1
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")  # no limit on cgroup v1
+    assert available_cores(tmp_path / "missing", v1) == cores

@@ -39,8 +39,13 @@ def intra_op_threads(requested: int, workers: int, cores: int) -> int:
     return max(1, cores // max(1, workers))
 
 
-def available_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
-    """Cores this process may use: the CPU count, capped by a cgroup v2 CPU quota (a container's CPU limit).
+CGROUP_V2_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+CGROUP_V1_CPU = Path("/sys/fs/cgroup/cpu")
+
+
+def available_cores(cpu_max: Path = CGROUP_V2_CPU_MAX, cgroup_v1: Path = CGROUP_V1_CPU) -> int:
+    """Cores this process may use: the CPU count, capped by a cgroup CPU quota (a container's CPU limit;
+    cgroup v2 ``cpu.max``, else v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``).
 
     In a Kubernetes pod ``os.cpu_count()`` is the node's; without the cap every worker would start as
     many threads as the node has cores and the quota would throttle them all.
@@ -49,8 +54,12 @@ def available_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     try:
         quota, period = cpu_max.read_text(encoding="utf-8").split()[:2]
     except (OSError, ValueError):
-        return cores
-    if quota == "max" or not quota.isdigit() or not period.isdigit() or int(period) == 0:
+        try:
+            quota = (cgroup_v1 / "cpu.cfs_quota_us").read_text(encoding="utf-8").strip()
+            period = (cgroup_v1 / "cpu.cfs_period_us").read_text(encoding="utf-8").strip()
+        except OSError:
+            return cores
+    if not quota.isdigit() or not period.isdigit() or int(period) == 0:  # "max", or -1 on cgroup v1
         return cores
     return max(1, min(cores, -(-int(quota) // int(period))))
 

@@ -1,12 +1,13 @@
 # The kit's generated Triton repository with the packages its python steps import (README "Container images").
 #
-# Built here (`make image`): BASE_IMAGE=servekit-base:bookworm (Debian packages, deploy/base-image.sh),
-# REPOSITORY=model_repository/cpu (python-backend ONNX Runtime), and the tritonserver that nvidia-pytriton
-# bundles (2.51, python backend), from the wheelhouse in the build context.
+# Built here (`make image`): BASE_IMAGE=servekit-base:bookworm (Debian packages, deploy/base-image.sh), the
+# CPU repository (model_repository/cpu: python-backend ONNX Runtime) staged as `repository/` in the build
+# context, and the tritonserver that nvidia-pytriton bundles (2.51, python backend), from the wheelhouse.
 # For NVIDIA GPUs, what differs: BASE_IMAGE=nvcr.io/nvidia/tritonserver:24.10-py3 (Triton 2.51, its own
-# onnxruntime and python backends, Ubuntu 22.04 with Python 3.10), REPOSITORY=model_repository/gpu
-# (KIND_GPU, TensorRT FP16), a wheelhouse for that Python (`make wheelhouse WHEEL_PYTHON=3.10`), and
-# `docker run --gpus all`. The entrypoint then runs NVIDIA's /opt/tritonserver/bin/tritonserver itself.
+# onnxruntime and python backends, Ubuntu 22.04 with Python 3.10), the GPU repository (KIND_GPU, TensorRT
+# FP16: `scripts/images.py build --which triton --repository model_repository/gpu --base <that image>`), a
+# wheelhouse for that Python (`make wheelhouse WHEEL_PYTHON=3.10`), and `docker run --gpus all`. The
+# entrypoint then runs NVIDIA's /opt/tritonserver/bin/tritonserver itself.
 ARG BASE_IMAGE=nvcr.io/nvidia/tritonserver:24.10-py3
 
 FROM ${BASE_IMAGE} AS wheels
@@ -17,7 +18,6 @@ RUN python3 -m venv /opt/venv \
  && find /opt/venv -name __pycache__ -prune -exec rm -rf {} +
 
 FROM ${BASE_IMAGE}
-ARG REPOSITORY=model_repository/cpu
 RUN id -u 1000 >/dev/null 2>&1 || useradd --uid 1000 --create-home --shell /usr/sbin/nologin triton
 COPY --from=wheels /opt/venv /opt/venv
 COPY deploy/tritonserver.py scripts/tritonctl.py scripts/tsctl.py /opt/servekit/

@@ -70,6 +70,8 @@ def stage(kind: str, context: Path, sources: Sources) -> Path:
     _link_tree(wheelhouse, context / "wheelhouse", (".whl", ".tar.gz"))
     _link_tree(DEPLOY, context / "deploy", (".py", ".txt", ".properties", ".Dockerfile"))
     if kind == "torchserve":
+        if not models:
+            raise SystemExit("images.py: --models names the archives the TorchServe image carries")
         (context / "model-store").mkdir()
         for name in models:
             os.link(store / f"{name}.mar", context / "model-store" / f"{name}.mar")

@@ -30,7 +30,12 @@ def main(argv: list[str]) -> int:
     binary = prepare_server(BUNDLED)
     if argv[:1] == ["--prepare"]:
         return 0
-    defaults = [f"--backend-directory={BUNDLED / 'backends'}", f"--cache-directory={BUNDLED / 'caches'}"]
+    defaults = [
+        f"--backend-directory={BUNDLED / 'backends'}",
+        f"--cache-directory={BUNDLED / 'caches'}",
+        # each python step's stub imports torch: on a busy 2-core node that takes longer than the 30 s default
+        "--backend-config=python,stub-timeout-seconds=180",
+    ]
     os.execve(binary, [str(binary), *defaults, *argv], server_environment(dict(os.environ)))
     return 1  # not reached
 

@@ -129,8 +129,10 @@ def triton_args(http: int, grpc: int, metrics: int) -> list[str]:
     ]
 
 
-def run_triton(tag: str, name: str, ports: Sequence[int], extra: Sequence[str] = ()) -> None:
-    docker("run", "-d", "--name", name, "--network", "host", *extra, tag, *triton_args(*ports))
+def run_triton(tag: str, name: str, ports: Sequence[int], models: Sequence[str] = ()) -> None:
+    """Start the Triton image detached on the host network, loopback ports only (``models``: load only those)."""
+    only = ["--model-control-mode=explicit", *(f"--load-model={m}" for m in models)] if models else []
+    docker("run", "-d", "--name", name, "--network", "host", tag, *triton_args(*ports), *only)
 
 
 def main(argv: list[str] | None = None) -> int:

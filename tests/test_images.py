@@ -91,7 +91,7 @@ def test_torchserve_image_answers_as_local_torchserve(server: Server, jpegs: dic
         run_torchserve(TORCHSERVE_IMAGE, name, ep)
         ring = wait_torchserve(name, ep, tmp_path, MODELS)
         assert docker("exec", name, "id", "-u", capture=True).stdout.strip() == "1000"
-        users = docker("top", name, "-o", "uid", capture=True).stdout.split()[1:]
+        users = docker("exec", name, "ps", "-e", "-o", "uid=", capture=True).stdout.split()
         assert users and set(users) == {"1000"}, users  # every process of the container, workers included
         local_keys = KeyRing(server.key_file)
         pairs = [
@@ -119,7 +119,7 @@ def health_of(name: str) -> str:
 def test_docker_stop_answers_the_requests_in_flight(jpegs: dict[str, bytes], tmp_path: Path) -> None:
     """16 requests in flight when `docker stop` comes: every one answered 200, the container exits 0."""
     ep = Endpoints(*free_ports(5))
-    phone = demo_models.user_image("phone")  # 12 MP: each request takes a while, so they are really in flight
+    phone = demo_models.user_image("phone_4032x3024.jpg")  # 12 MP: requests take a while, really in flight
     with container("servekit-test-stop") as name:
         run_torchserve(TORCHSERVE_IMAGE, name, ep, ["--stop-timeout", "90"])
         ring = wait_torchserve(name, ep, tmp_path, ["fasterrcnn"])
@@ -144,7 +144,7 @@ def test_docker_stop_answers_the_requests_in_flight(jpegs: dict[str, bytes], tmp
 def test_triton_image_answers_as_local_triton(triton: Triton, jpegs: dict[str, bytes]) -> None:  # noqa: F811
     ports = free_ports(3)
     with container("servekit-test-triton") as name:
-        run_triton(TRITON_IMAGE, name, ports)
+        run_triton(TRITON_IMAGE, name, ports, SERVED)
         url = f"127.0.0.1:{ports[0]}"
         deadline = time.monotonic() + 300
         while True:

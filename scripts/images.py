@@ -42,9 +42,15 @@ class Built:
 def _link_tree(source: Path, target: Path, suffixes: Sequence[str] = ()) -> None:
     """Hard-link (or copy) ``source`` into ``target``; only files ending in ``suffixes`` when given."""
     for path in sorted(source.rglob("*")):
-        if path.is_dir() or "__pycache__" in path.parts or (suffixes and not path.name.endswith(tuple(suffixes))):
-            continue
         dest = target / path.relative_to(source)
+        if "__pycache__" in path.parts:
+            continue
+        if path.is_dir():  # empty folders count: an ensemble's version folder "1/" is one
+            if not suffixes:
+                dest.mkdir(parents=True, exist_ok=True)
+            continue
+        if suffixes and not path.name.endswith(tuple(suffixes)):
+            continue
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.link(path, dest)

@@ -26,7 +26,6 @@ RUN python3 /opt/servekit/tritonserver.py --prepare
 COPY repository /models
 USER 1000
 EXPOSE 8000 8001 8002
-HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
-  CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=4)"]
+HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 CMD ["python3", "/opt/servekit/tritonserver.py", "--health"]
 ENTRYPOINT ["python3", "/opt/servekit/tritonserver.py"]
 CMD ["--model-repository=/models", "--http-port=8000", "--grpc-port=8001", "--metrics-port=8002", "--exit-timeout-secs=60"]

@@ -20,7 +20,27 @@ NVIDIA = Path("/opt/tritonserver/bin/tritonserver")
 BUNDLED = Path("/opt/servekit-triton")
 
 
+def health(cmdline: Path = Path("/proc/1/cmdline")) -> int:
+    """The HEALTHCHECK: 0 when the running server's HTTP endpoint says ready (its address and port read from
+    its own command line, so moved ports are followed)."""
+    import urllib.request
+
+    host, port = "127.0.0.1", "8000"
+    for arg in cmdline.read_bytes().decode("utf-8", "replace").split("\0"):
+        if arg.startswith("--http-port="):
+            port = arg.split("=", 1)[1]
+        elif arg.startswith("--http-address=") and arg.split("=", 1)[1] not in ("", "0.0.0.0"):
+            host = arg.split("=", 1)[1]
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/v2/health/ready", timeout=4) as reply:
+            return 0 if reply.status == 200 else 1
+    except OSError:
+        return 1
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--health"]:
+        return health()
     if argv[:1] == ["tritonserver"]:
         argv = argv[1:]
     if NVIDIA.is_file():

@@ -155,6 +155,10 @@ def test_triton_image_answers_as_local_triton(triton: Triton, jpegs: dict[str, b
             assert running == "true" and time.monotonic() < deadline, docker("logs", name, capture=True).stderr[-3000:]
             time.sleep(2)
         assert docker("exec", name, "id", "-u", capture=True).stdout.strip() == "1000"
+        deadline = time.monotonic() + 60  # the HEALTHCHECK follows the moved port
+        while (health := health_of(name)) != "healthy":
+            assert health == "starting" and time.monotonic() < deadline, health
+            time.sleep(2)
         for protocol, local_url, their_url in (
             ("http", triton.endpoints.http_url, url),
             ("grpc", triton.endpoints.grpc_url, f"127.0.0.1:{ports[1]}"),

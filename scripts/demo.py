@@ -6,6 +6,7 @@ every other setting is the shipped ``config.properties``, token authorization in
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import re
@@ -57,6 +58,36 @@ def detect_shapes(rest: RestClient, workdir: Path) -> None:
     logger.info("  boxes drawn on the %d scenes: %s", len(scenes), target.resolve())
 
 
+def kserve_bodies(base: str, keys: KeyRing, images: list[bytes]) -> None:
+    """KServe v1 and Open Inference Protocol v2 bodies, three images in one request each."""
+    logger.info("KServe bodies on TorchServe's own KServe paths (three digits in one request each)")
+    encoded = [base64.b64encode(image).decode() for image in images]
+    headers = {"Authorization": f"Bearer {keys.inference}", "Content-Type": "application/json"}
+    v1 = {"instances": [{"data": e} for e in encoded]}
+    reply = requests.post(f"{base}/v1/models/digits:predict", json=v1, headers=headers, timeout=60)
+    top = [answer[0]["label"] for answer in reply.json().get("predictions", [])]
+    logger.info("  %-28s %d predictions, top-1 %s", "v1 /v1/models/digits:predict", reply.status_code, top)
+    tensor = {"name": "images", "shape": [len(encoded)], "datatype": "BYTES", "data": encoded}
+    reply = requests.post(
+        f"{base}/v2/models/digits/infer", json={"id": "demo-1", "inputs": [tensor]}, headers=headers, timeout=60
+    )
+    body = reply.json()
+    outputs = body.get("outputs", [{}])[0]
+    top = [json.loads(answer)[0]["label"] for answer in outputs.get("data", [])]
+    logger.info(
+        "  %-28s %d id %s, %s %s, top-1 %s",
+        "v2 /v2/models/digits/infer",
+        reply.status_code,
+        body.get("id"),
+        outputs.get("datatype"),
+        outputs.get("shape"),
+        top,
+    )
+    v1["instances"].append({"data": "bm90IGFuIGltYWdl"})
+    reply = requests.post(f"{base}/predictions/digits", json=v1, headers=headers, timeout=60)
+    logger.info("  %-28s %d %s", "v1 with a bad 4th instance", reply.status_code, json.dumps(reply.json()))
+
+
 def run(workdir: Path) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     config = derive_config(Path("config.properties"), workdir / "config.properties", random_endpoints().properties())
@@ -95,6 +126,8 @@ def run(workdir: Path) -> None:
             show(f"fasterrcnn gRPC {name}.jpg", grpc_client.predict("fasterrcnn", jpegs[name]))
 
         detect_shapes(rest, workdir)
+
+        kserve_bodies(ep.url("inference"), keys, pngs[:3])
 
         logger.info("One corrupt image among 7 good ones, sent concurrently")
         batch = [*pngs[:3], pngs[3][:200], *pngs[4:8]]

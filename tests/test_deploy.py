@@ -252,6 +252,8 @@ def test_kserve_runtime_batches_v1_v2_and_plain_bodies(
     try:
         server.wait_ready(["digits"], timeout=180)
         base = ep.url("inference")
+        # the probes `make k8s` writes: /ping answers a plain httpGet (no key) with the runtime's args
+        assert requests.get(f"{base}/ping", timeout=10).status_code == 200
         expected = [top1(requests.post(f"{base}/predictions/digits", data=i, timeout=60).json()) for i in images]
         assert sum(p == t for p, t in zip(expected, labels)) >= 0.9 * len(labels)
         before = servekit_counters(requests.get(f"{ep.url('metrics')}/metrics", timeout=10).text, "digits")

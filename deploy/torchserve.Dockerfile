@@ -9,6 +9,7 @@
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 FROM ${BASE_IMAGE} AS wheels
+LABEL servekit.stage=wheels
 COPY wheelhouse /wheelhouse
 COPY deploy/requirements-serve.txt /wheelhouse/requirements-serve.txt
 RUN python3 -m venv /opt/venv \

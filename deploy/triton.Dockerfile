@@ -11,6 +11,7 @@
 ARG BASE_IMAGE=nvcr.io/nvidia/tritonserver:24.10-py3
 
 FROM ${BASE_IMAGE} AS wheels
+LABEL servekit.stage=wheels
 COPY wheelhouse /wheelhouse
 COPY deploy/requirements-triton.txt /wheelhouse/requirements-triton.txt
 RUN python3 -m venv /opt/venv \

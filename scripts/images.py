@@ -102,6 +102,8 @@ def build(kind: str, tag: str, base: str, context: Path, build_args: Mapping[str
     start = time.monotonic()
     docker(*args, str(context))
     seconds = time.monotonic() - start
+    if os.environ.get("SERVEKIT_PRUNE_STAGES") == "1":  # CI: drop the wheel stage (~10 GB; it is also the cache)
+        docker("image", "prune", "-f", "--filter", "label=servekit.stage=wheels", capture=True)
     size = int(docker("image", "inspect", "--format", "{{.Size}}", tag, capture=True).stdout.strip())
     built = Built(tag, size / 1e6, seconds, base)
     logger.info("%s: %.0f MB, built in %.0f s on %s", tag, built.size_mb, built.build_s, base)

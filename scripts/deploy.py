@@ -153,6 +153,20 @@ def resource_name(spec: ModelSpec) -> str:
     return f"servekit-{spec.name.replace('_', '-')}"
 
 
+def torchserve_args(config: str, store: str, *extra: str) -> list[str]:
+    """TorchServe in the foreground with token auth off (the deployment model above), as pods start it."""
+    return [
+        "torchserve",
+        "--start",
+        "--foreground",
+        "--ncs",
+        "--disable-token-auth",
+        f"--ts-config={config}",
+        f"--model-store={store}",
+        *extra,
+    ]
+
+
 def container(spec: ModelSpec, image: str) -> dict[str, Any]:
     """The TorchServe container: the image's archives, token auth off (see the module's deployment model)."""
     probe_http = {"path": "/ping", "port": "http"}
@@ -160,17 +174,7 @@ def container(spec: ModelSpec, image: str) -> dict[str, Any]:
         "name": "torchserve",
         "image": image,
         "imagePullPolicy": "IfNotPresent",
-        "args": [
-            "torchserve",
-            "--start",
-            "--foreground",
-            "--ncs",
-            "--disable-token-auth",
-            f"--ts-config={CONTAINER_CONFIG}",
-            f"--model-store={MODEL_STORE}",
-            "--models",
-            f"{spec.name}={spec.name}.mar",
-        ],
+        "args": torchserve_args(CONTAINER_CONFIG, MODEL_STORE, "--models", f"{spec.name}={spec.name}.mar"),
         "ports": [
             {"name": "http", "containerPort": HTTP, "protocol": "TCP"},
             {"name": "grpc", "containerPort": GRPC, "protocol": "TCP"},
@@ -422,15 +426,7 @@ def serving_runtime(image: str) -> dict[str, Any]:
                 {
                     "name": "kserve-container",
                     "image": image,
-                    "args": [
-                        "torchserve",
-                        "--start",
-                        "--foreground",
-                        "--ncs",
-                        "--disable-token-auth",
-                        "--model-store=/mnt/models/model-store",
-                        "--ts-config=/mnt/models/config/config.properties",
-                    ],
+                    "args": torchserve_args("/mnt/models/config/config.properties", "/mnt/models/model-store"),
                     "ports": [{"containerPort": HTTP, "protocol": "TCP"}],
                     "securityContext": {
                         "runAsUser": 1000,

@@ -310,15 +310,17 @@ def raw_tensor(output: Any) -> torch.Tensor:
 
 
 def build_service(
-    config: HandlerConfig, model_dir: Path, device: torch.device, max_batch: int = 1
+    config: HandlerConfig, model_dir: Path, device: torch.device, max_batch: int = 1, model_name: str = ""
 ) -> ClassifierService | DetectorService | YoloDetectorService:
     """Load the model folder's network and labels and return the service for its task.
 
     With ``handler.compile``, the classifier is compiled and run once at every batch size from 1 to
-    ``max_batch`` (the frontend's ``batchSize``) before the first request.
+    ``max_batch`` (the frontend's ``batchSize``) before the first request. ``model_name`` is the name
+    KServe v2 answers carry; requests with several instances run in model batches of ``max_batch``.
     """
     service = _service(config, model_dir, device, max_batch)
     service.max_batch = max(1, max_batch)
+    service.model_name = model_name
     return service
 
 

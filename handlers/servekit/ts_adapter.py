@@ -52,8 +52,7 @@ class TorchServeAdapter:
         device = choose_device(int(gpu_id) if gpu_id is not None else None)
         self.model_name = str(getattr(context, "model_name", model_dir.name))
         max_batch = int(properties.get("batch_size") or yaml_config.get("batchSize", 1) or 1)
-        self.service = build_service(config, model_dir, device, max_batch)
-        self.service.model_name = self.model_name
+        self.service = build_service(config, model_dir, device, max_batch, self.model_name)
         self.initialized = True
         logger.info("servekit %s model %s loaded on %s with %d threads", self.task, self.model_name, device, threads)
 

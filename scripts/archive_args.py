@@ -85,6 +85,8 @@ def archiver_args(
     needed = [config.model.file, config.labels]
     if config.model.model_file:
         needed.append(config.model.model_file)
+    if config.model.format == "transformers":
+        needed.append("config.json")  # the Hugging Face folder's model config, beside its weights
     missing = [f for f in needed if not (model_dir / f).is_file()]
     if missing:
         raise ConfigError(f"{model_dir}: missing {', '.join(missing)}")

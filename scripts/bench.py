@@ -207,7 +207,7 @@ def backend_model(name: str, backend: str, onnx_dir: Path, batches: Sequence[int
     config = read_model_config(folder)
     model = load_model(folder, config.model, CPU)
     if backend == "compile" and isinstance(config, ClassifierConfig):
-        warmup = [torch.zeros(b, 3, config.crop, config.crop) for b in batches]
+        warmup = [torch.zeros(b, 3, *config.input_size) for b in batches]
         return compile_module(model, CompileSettings("default", False), warmup)
     return model
 

@@ -41,7 +41,7 @@ def compile_package(name: str, models: Path, out: Path) -> str:
     if not isinstance(model, torch.nn.Module) or isinstance(model, torch.jit.ScriptModule):
         raise ConfigError(f"{name} is format {config.model.format}; make aoti needs a state_dict/safetensors folder")
     torch.manual_seed(0)
-    example = torch.randn(max(2, min(max_batch, 4)), 3, config.crop, config.crop)
+    example = torch.randn(max(2, min(max_batch, 4)), 3, *config.input_size)
     batch = torch.export.Dim("batch", min=1, max=max(2, max_batch))
     start = time.perf_counter()
     with torch.no_grad():
@@ -49,7 +49,7 @@ def compile_package(name: str, models: Path, out: Path) -> str:
         target = out / name / "model.pt2"
         target.parent.mkdir(parents=True, exist_ok=True)
         torch.export.save(program, str(out / name / "program.pt2"))  # the same program, served as `exported`
-        metadata = {SERVEKIT_BATCH: f"1-{max(2, max_batch)}", SERVEKIT_SIZE: f"{config.crop}x{config.crop}"}
+        metadata = {SERVEKIT_BATCH: f"1-{max(2, max_batch)}", SERVEKIT_SIZE: f"{config.input_size[0]}x{config.input_size[1]}"}
         # No run-time lower bound of 2 on the batch: the kit's workers send single images too.
         configs = {"aot_inductor.metadata": metadata, "aot_inductor.check_lowerbound": False}
         package = torch._inductor.aoti_compile_and_package(program, package_path=str(target), inductor_configs=configs)
@@ -59,7 +59,7 @@ def compile_package(name: str, models: Path, out: Path) -> str:
     worst = 0.0
     with torch.inference_mode():
         for size in sorted({1, max_batch}):
-            x = torch.randn(size, 3, config.crop, config.crop)
+            x = torch.randn(size, 3, *config.input_size)
             eager = model(x)
             worst = max(worst, float((compiled(x) - eager).abs().max()))
             scale = max(1.0, float(eager.abs().max()))
@@ -67,7 +67,7 @@ def compile_package(name: str, models: Path, out: Path) -> str:
         raise ConfigError(f"the AOTInductor package differs from eager by {worst:.2e} (limit {TOLERANCE * scale:.1e})")
     isa = compiled.get_metadata().get("AOTI_CPU_ISA", "")
     return (
-        f"wrote {target} in {seconds:.0f} s (batch 1-{max_batch}, {config.crop}x{config.crop}, CPU ISA {isa or '-'}); "
+        f"wrote {target} in {seconds:.0f} s (batch 1-{max_batch}, {config.input_size[0]}x{config.input_size[1]}, CPU ISA {isa or '-'}); "
         f"max abs difference from eager: {worst:.2e}"
     )
 

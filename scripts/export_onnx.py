@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from servekit.config import ClassifierConfig, DetectorConfig, read_model_config
+from servekit.errors import ConfigError, plain_line
 from servekit.loading import load_model
 from servekit.onnx_backend import CLASSIFIER_IO, DETECTOR_IO, RAW_IO, load_onnx
 from servekit.service import raw_tensor
@@ -49,18 +50,37 @@ class ExportCheck:
         return self.max_abs_probability <= PROBABILITY_TOLERANCE and self.max_abs_box <= BOX_TOLERANCE
 
 
-def export_classifier(model: Any, crop: int, path: Path, scripted: bool, io: tuple[str, str] = CLASSIFIER_IO) -> str:
-    """Export a batch of crop x crop images with a dynamic batch axis; returns the exporter used."""
-    example = torch.rand(2, 3, crop, crop)
+def export_classifier(
+    model: Any, size: tuple[int, int], path: Path, scripted: bool, io: tuple[str, str] = CLASSIFIER_IO
+) -> str:
+    """Export a batch of height x width images with a dynamic batch axis; returns the exporter used.
+
+    torch.export (dynamo) first; a network it cannot trace (some timm and Hugging Face models) falls
+    back to the TorchScript-based exporter, and one that neither exports fails with both reasons.
+    """
+    example = torch.rand(2, 3, *size)
     names = {"input_names": [io[0]], "output_names": [io[1]]}
+    axes = {io[0]: {0: "batch"}, io[1]: {0: "batch"}}
     if scripted:
-        axes = {io[0]: {0: "batch"}, io[1]: {0: "batch"}}
         torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=OPSET, dynamic_axes=axes, **names)
         return "legacy"
     batch = torch.export.Dim("batch", min=1, max=1024)
-    program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=({0: batch},), **names)
-    program.save(str(path))
-    return "dynamo"
+    try:
+        program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=({0: batch},), **names)
+        program.save(str(path))
+        return "dynamo"
+    except Exception as dynamo_error:
+        why = f"{type(dynamo_error).__name__}: {plain_line(str(dynamo_error))[:200]}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=OPSET, dynamic_axes=axes, **names)
+    except Exception as legacy_error:
+        raise ConfigError(
+            f"the network does not export to ONNX: torch.export said {why}; the TorchScript exporter said "
+            f"{type(legacy_error).__name__}: {plain_line(str(legacy_error))[:200]}"
+        ) from None
+    return "legacy"
 
 
 def export_detector(model: Any, path: Path) -> str:
@@ -83,9 +103,9 @@ def export_detector(model: Any, path: Path) -> str:
     return "legacy"
 
 
-def check_classifier(name: str, exporter: str, model: Any, onnx_model: Any, crop: int) -> ExportCheck:
+def check_classifier(name: str, exporter: str, model: Any, onnx_model: Any, size: tuple[int, int]) -> ExportCheck:
     """Compare logits and probabilities on a seeded batch of 4 images."""
-    inputs = torch.randn(4, 3, crop, crop, generator=torch.Generator().manual_seed(0))
+    inputs = torch.randn(4, 3, *size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = model(inputs).float()
     got = onnx_model(inputs)
@@ -141,10 +161,11 @@ def export(name: str, models: Path, out: Path) -> ExportCheck:
     target.parent.mkdir(parents=True, exist_ok=True)
     scripted = config.model.format == "torchscript"
     if isinstance(config, ClassifierConfig):
-        exporter = export_classifier(model, config.crop, target, scripted)
-        check = check_classifier(name, exporter, model, load_onnx(target, torch.device("cpu"), 2), config.crop)
+        exporter = export_classifier(model, config.input_size, target, scripted)
+        check = check_classifier(name, exporter, model, load_onnx(target, torch.device("cpu"), 2), config.input_size)
     elif isinstance(config, DetectorConfig) and config.output == "yolo":
-        exporter = export_classifier(model, config.input_size, target, scripted, RAW_IO)
+        size = (config.input_size, config.input_size)
+        exporter = export_classifier(model, size, target, scripted, RAW_IO)
         check = check_raw(name, exporter, model, load_onnx(target, torch.device("cpu"), 2), config)
     else:
         exporter = export_detector(model, target)

@@ -95,10 +95,9 @@ class Signature:
                 [Tensor("geometry", "TYPE_FP64", (6,))],
             )
         if isinstance(config, ClassifierConfig):
-            crop = config.crop
             return cls(
                 MAX_BATCH,
-                [Tensor("input", "TYPE_FP32", (3, crop, crop))],
+                [Tensor("input", "TYPE_FP32", (3, *config.input_size))],
                 [Tensor("logits", "TYPE_FP32", (classes,))],
                 [],
             )

@@ -34,7 +34,7 @@ def test_classifier_batch_matches_torchvision_preset() -> None:
             v2.Normalize(CONFIG.mean, CONFIG.std),
         ]
     )
-    ours = classifier_batch([classifier_crop(img, CONFIG.resize, CONFIG.crop) for img in images], CONFIG)
+    ours = classifier_batch([classifier_crop(img, CONFIG) for img in images], CONFIG)
     theirs = torch.stack([preset(img) for img in images])
     assert ours.shape == (3, 3, 224, 224)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)

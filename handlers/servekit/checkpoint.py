@@ -9,6 +9,7 @@ one line (never a key dump).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,6 @@ import torch
 from servekit.errors import ConfigError
 
 NESTED_KEYS = ("state_dict", "model", "model_state_dict", "net", "ema", "model_ema", "module")
-PREFIXES = ("module.", "_orig_mod.", "model.")
 Shape = tuple[int, ...]
 
 
@@ -52,19 +52,32 @@ def nested_state_dicts(obj: Any, path: tuple[str, ...] = (), depth: int = 3) -> 
 
 
 def strip_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Remove wrapper prefixes shared by every key (``_orig_mod.module.`` too) if that matches more keys.
+    """Remove the wrapper or attribute prefix (``module.``, ``_orig_mod.module.``, a Lightning module's
+    ``net.``) that makes the most keys match ``expected``; keep the keys as they are when none does better.
 
-    Each step strips one known prefix that all keys share; the step matching the most ``expected``
-    keys wins, the fewest strips on a tie, so a prefix that is part of the architecture's names stays.
+    The prefix is found by matching the architecture's keys, not from a fixed list: every dotted head
+    of a key whose rest is an expected key is a candidate, and the one matching most wins (the shortest
+    on a tie). When the network's keys all sit under that prefix, keys outside it (a loss's weights,
+    metrics) belong to no layer and are dropped, and the returned steps say which.
     """
-    chain: list[tuple[dict[str, torch.Tensor], list[str]]] = [(state, [])]
-    while True:
-        current, stripped = chain[-1]
-        prefix = next((p for p in PREFIXES if current and all(k.startswith(p) for k in current)), None)
-        if prefix is None:
-            break
-        chain.append(({k[len(prefix) :]: v for k, v in current.items()}, [*stripped, prefix]))
-    return max(chain, key=lambda step: len(expected.intersection(step[0])))
+    counts: Counter[str] = Counter()
+    for key in state:
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            if ".".join(parts[i:]) in expected:
+                counts[".".join(parts[:i]) + "."] += 1
+    plain = len(expected.intersection(state))
+    best = min(counts, key=lambda p: (-counts[p], len(p)), default="")
+    if not best or counts[best] <= plain:
+        return state, []
+    inside = {k[len(best) :]: v for k, v in state.items() if k.startswith(best)}
+    outside = [k for k in state if not k.startswith(best)]
+    steps = [f"prefix {best!r} stripped"]
+    if outside and expected <= set(inside):
+        shown = ", ".join(repr(k) for k in outside[:3]) + (", ..." if len(outside) > 3 else "")
+        steps.append(f"{len(outside)} keys outside {best!r} dropped, not layers of the network: {shown}")
+        return inside, steps
+    return {**{k: state[k] for k in outside}, **inside}, steps
 
 
 def unwrap_checkpoint(obj: Any, expected: set[str]) -> Unwrapped:
@@ -77,7 +90,7 @@ def unwrap_checkpoint(obj: Any, expected: set[str]) -> Unwrapped:
     for path, found in nested_state_dicts(obj):
         state, stripped = strip_prefixes(found, expected)
         steps = [f"weights under {'/'.join(repr(p) for p in path)}"] if path else []
-        steps += [f"prefix {p!r} stripped" for p in stripped]
+        steps += stripped
         score = len(expected.intersection(state))
         if best is None or score > best[0]:
             best = (score, Unwrapped(state, tuple(steps)))
@@ -108,16 +121,21 @@ def head_key(reference: Mapping[str, torch.Tensor], classes: int) -> str | None:
 def infer_num_classes(
     state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], default: int
 ) -> int | None:
-    """The class count the weights were trained for, when only the head differs from ``reference``.
+    """The class count the weights were trained for, when only the class-sized layers differ from ``reference``.
 
-    ``reference`` is the architecture built with ``default`` classes. Returns None when the weights
-    already fit, or when the misfit is not a head of another size.
+    ``reference`` is the architecture built with ``default`` classes. A layer sized k x ``default`` there
+    (k = 1 for a linear head, 4 for R-CNN box regression, the anchors per location for SSD, SSDlite,
+    RetinaNet and FCOS classification heads) is k x C in the file. Returns None when the weights already
+    fit, or when the misfits do not agree on one C.
     """
-    found = {
-        shape_of(state[k])[0]
-        for k, v in reference.items()
-        if k in state and v.dim() >= 1 and v.shape[0] == default and shape_of(state[k]) != shape_of(v)
-    }
+    found: set[int] = set()
+    for key, tensor in reference.items():
+        if key not in state or tensor.dim() < 1 or shape_of(state[key]) == shape_of(tensor):
+            continue
+        rows, file_rows = int(tensor.shape[0]), shape_of(state[key])[0]
+        if rows % default or shape_of(state[key])[1:] != shape_of(tensor)[1:] or file_rows % (rows // default):
+            return None
+        found.add(file_rows // (rows // default))
     return found.pop() if len(found) == 1 else None
 
 

@@ -22,6 +22,7 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 WEIGHT_FORMATS = ("state_dict", "safetensors")  # formats that need a network definition
+Size = Union[int, tuple[int, ...]]  # a short side (int), or [height, width]
 
 
 @dataclass(frozen=True)
@@ -48,14 +49,18 @@ class ImageLimits:
 class ModelSource:
     """Where the network comes from: weights plus a network definition, or a self-contained graph.
 
-    ``state_dict`` and ``safetensors`` need an ``architecture`` (torchvision name) or a ``model_file``
-    with ``model_class``; ``torchscript``, ``exported``, ``aoti`` and ``onnx`` carry their graph.
+    ``state_dict`` and ``safetensors`` need an ``architecture`` (a torchvision name, or ``timm:<name>``
+    for a timm model) or a ``model_file`` with ``model_class``; ``transformers`` is a Hugging Face
+    ``save_pretrained`` folder (``config.json`` beside ``file``); ``torchscript``, ``exported``,
+    ``aoti`` and ``onnx`` carry their graph.
     ``max_batch`` bounds the batch a traced graph takes (0: any); larger batches run in chunks.
     ``openvino`` reads an ONNX graph (or an OpenVINO IR) and compiles it with OpenVINO for the CPU.
     """
 
     file: str = "model.pt"
-    format: Literal["state_dict", "safetensors", "torchscript", "exported", "aoti", "onnx", "openvino"] = "state_dict"
+    format: Literal[
+        "state_dict", "safetensors", "transformers", "torchscript", "exported", "aoti", "onnx", "openvino"
+    ] = "state_dict"
     architecture: str | None = None
     model_file: str | None = None
     model_class: str | None = None
@@ -77,7 +82,7 @@ class ModelSource:
             _require(
                 has_arch != has_file,
                 "model",
-                "a state_dict needs exactly one of 'architecture' (a torchvision name) "
+                "a state_dict needs exactly one of 'architecture' (a torchvision name or timm:<name>) "
                 "or 'model_file' (a Python file) with 'model_class'",
             )
             _require(
@@ -108,8 +113,12 @@ class ClassifierConfig:
     task: Literal["classification"]
     model: ModelSource = field(default_factory=ModelSource)
     labels: str = "labels.json"
-    resize: int = 256
-    crop: int = 224
+    # The model's own recipe (scaffold reads it from torchvision, timm or Hugging Face): resize the short
+    # side to ``resize`` (or to exactly [height, width]), center-crop ``crop`` (int or [h, w]; 0: none),
+    # resampling with ``interpolation`` (antialiased), then normalize with ``mean`` and ``std``.
+    resize: Size = 256
+    crop: Size = 224
+    interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     topk: int = 5
@@ -118,12 +127,40 @@ class ClassifierConfig:
     limits: ImageLimits = field(default_factory=ImageLimits)
 
     def __post_init__(self) -> None:
-        _require(self.resize > 0, "resize", "must be > 0")
-        _require(0 < self.crop <= self.resize, "crop", "must be > 0 and <= resize")
+        resized = _pair(self.resize, "resize")
+        _require(min(resized) > 0, "resize", "must be > 0")
+        if self.crop == 0:
+            _require(isinstance(self.resize, tuple), "crop", "0 (no crop) needs resize as [height, width]")
+        else:
+            crop = _pair(self.crop, "crop")
+            bound = resized if isinstance(self.resize, tuple) else (self.resize, self.resize)
+            _require(
+                0 < crop[0] <= bound[0] and 0 < crop[1] <= bound[1], "crop", "must be > 0 and <= resize"
+            )
         _require(len(self.mean) == 3, "mean", "needs 3 values (R, G, B)")
         _require(len(self.std) == 3 and min(self.std) > 0, "std", "needs 3 values > 0")
         _require(self.topk >= 1, "topk", "must be >= 1")
         _require(self.threads >= 0, "threads", "must be >= 0 (0: cores / workers)")
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """The (height, width) of the batch the model sees."""
+        if self.crop:
+            return _pair(self.crop, "crop")
+        return _pair(self.resize, "resize")
+
+    @property
+    def decode_side(self) -> int:
+        """The smallest side a reduced-scale JPEG decode may go down to: never below what ``resize`` needs."""
+        return max(_pair(self.resize, "resize"))
+
+
+def _pair(size: Size, key: str) -> tuple[int, int]:
+    """An int or [h, w] size as (height, width)."""
+    if isinstance(size, int):
+        return size, size
+    _require(len(size) == 2, key, "must be an int or [height, width]")
+    return int(size[0]), int(size[1])
 
 
 @dataclass(frozen=True)
@@ -141,6 +178,9 @@ class DetectorConfig:
     output: Literal["torchvision", "yolo"] = "torchvision"
     layout: Literal["auto", "yolov5", "yolov8", "end2end"] = "auto"
     input_size: int = 640
+    # yolo output: "kit" fits the image antialiased; "ultralytics" as their predictor does (OpenCV
+    # INTER_LINEAR on uint8, their pad rounding and box scaling), so boxes equal `yolo predict`
+    letterbox: Literal["kit", "ultralytics"] = "kit"
     iou_threshold: float = 0.45
     agnostic_nms: bool = False
     threads: int = 0
@@ -222,8 +262,9 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, _mapping(value, path), path)
     if origin in (Union, types.UnionType):
-        optional = value is None and type(None) in args
-        return None if optional else _coerce(next(a for a in args if a is not type(None)), value, path)
+        if value is None and type(None) in args:
+            return None
+        return _coerce_union([a for a in args if a is not type(None)], value, path)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"'{path}' must be one of {list(args)}, got {value!r}")
@@ -235,6 +276,21 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
     if origin is dict:
         return dict(_mapping(value, path))
     return _scalar(hint, value, path)
+
+
+def _coerce_union(members: list[Any], value: Any, path: str) -> Any:
+    """The value as the first member type that takes it (``int | tuple[int, ...]``: 224 or [224, 224])."""
+    first: ConfigError | None = None
+    for member in members:
+        try:
+            return _coerce(member, value, path)
+        except ConfigError as exc:
+            first = first or exc
+    if len(members) > 1:
+        names = " or ".join("a list" if typing.get_origin(m) is tuple else getattr(m, "__name__", str(m)) for m in members)
+        raise ConfigError(f"'{path}' must be {names}, got {value!r}")
+    assert first is not None
+    raise first
 
 
 def _mapping(value: Any, path: str) -> Mapping[str, Any]:

@@ -6,6 +6,7 @@ that turns any exception into the JSON a client sees, so REST, gRPC and Triton a
 
 from __future__ import annotations
 
+import importlib
 import re
 from http import HTTPStatus
 from typing import Any, ClassVar
@@ -75,3 +76,17 @@ def error_body(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, NotReady):
         message = exc.message
     return {"error": message, "code": code}
+
+
+def require(package: str, why: str) -> Any:
+    """Import an optional package (timm, transformers) when a model needs it, or fail in one line.
+
+    Raises:
+        ConfigError: the package is not installed in this Python.
+    """
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise ConfigError(
+            f"{why} needs the Python package '{package}', which this Python lacks: pip install -r requirements.txt"
+        ) from None

@@ -1,7 +1,8 @@
 """One entry point that loads a model folder's network, whatever its format, plus labels and threads.
 
 :func:`load_model` dispatches on ``handler.model.format`` to one small module per format:
-``weights`` (``state_dict``, ``safetensors``), ``program_backend`` (``exported``, ``aoti``),
+``weights`` (``state_dict``, ``safetensors``; torchvision, timm or a user's class), ``hf_source``
+(``transformers``), ``program_backend`` (``exported``, ``aoti``),
 ``onnx_backend`` (``onnx``), ``openvino_backend`` (``openvino``) and TorchScript here; ``precision: bf16``
 wraps a torch model in autocast. Each returns something the services call alike.
 """
@@ -156,6 +157,12 @@ def _weights(path: Path, model_dir: Path, source: ModelSource, device: torch.dev
     return load_weights(path, model_dir, source).to(device)
 
 
+def _transformers(path: Path, model_dir: Path, source: ModelSource, device: torch.device) -> Any:
+    from servekit.hf_source import load_transformers
+
+    return load_transformers(model_dir).to(device)
+
+
 def _torchscript(path: Path, model_dir: Path, source: ModelSource, device: torch.device) -> Any:
     with warnings.catch_warnings():  # torch.jit.load warns that TorchScript is deprecated
         warnings.simplefilter("ignore")
@@ -194,6 +201,7 @@ def _openvino(path: Path, model_dir: Path, source: ModelSource, device: torch.de
 Loader = Callable[[Path, Path, ModelSource, torch.device], Any]
 LOADERS: dict[str, Loader] = {
     **dict.fromkeys(WEIGHT_FORMATS, _weights),
+    "transformers": _transformers,
     "torchscript": _torchscript,
     "exported": _exported,
     "aoti": _aoti,

@@ -128,8 +128,8 @@ def _attempt(prepare: Callable[[Any], Prepared]) -> Callable[[Any], tuple[bool, 
 def classifier_item(row: Any, config: ClassifierConfig) -> torch.Tensor:
     """One request row as the classifier's uint8 crop: decoded (at reduced scale when the JPEG is at least
     twice ``resize``), short side resized, centre-cropped. TorchServe's service and Triton's step share it."""
-    decoded = decode_request(row, config.limits, config.resize)
-    return classifier_crop(decoded.pixels, config.resize, config.crop)
+    decoded = decode_request(row, config.limits, config.decode_side)
+    return classifier_crop(decoded.pixels, config)
 
 
 def letterboxed_item(row: Any, config: DetectorConfig) -> tuple[torch.Tensor, Letterbox]:
@@ -331,7 +331,7 @@ def _service(
     labels = load_labels(model_dir / config.labels)
     if isinstance(config, ClassifierConfig):
         if config.compile is not None:
-            shape = (3, config.crop, config.crop)
+            shape = (3, *config.input_size)
             warmup = [torch.zeros(size, *shape, device=device) for size in range(1, max(1, max_batch) + 1)]
             model = compile_module(model, config.compile, warmup)
         return ClassifierService(config, model, labels, device)

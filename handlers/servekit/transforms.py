@@ -6,15 +6,28 @@ import math
 from collections.abc import Hashable, Sequence
 
 import torch
+from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from servekit.config import ClassifierConfig
 
+# nearest-exact picks the pixels PIL's NEAREST picks (torch's plain "nearest" is off by half a pixel)
+INTERPOLATION_MODES = {
+    "nearest": InterpolationMode.NEAREST_EXACT,
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+    "lanczos": InterpolationMode.LANCZOS,
+}
 
-def classifier_crop(pixels: torch.Tensor, resize: int, crop: int) -> torch.Tensor:
-    """Resize the short side to ``resize`` (antialiased) and center-crop ``crop`` x ``crop``, in uint8."""
-    resized = F.resize(pixels, [resize], antialias=True)
-    return F.center_crop(resized, [crop, crop])
+
+def classifier_crop(pixels: torch.Tensor, config: ClassifierConfig) -> torch.Tensor:
+    """The model's recipe on one uint8 image: resize (the short side to an int, or to exactly [h, w]) with
+    the config's interpolation, antialiased, then center-crop (none when ``crop`` is 0); still uint8."""
+    size = [config.resize] if isinstance(config.resize, int) else list(config.resize)
+    resized = F.resize(pixels, size, interpolation=INTERPOLATION_MODES[config.interpolation], antialias=True)
+    if not config.crop:
+        return resized
+    return F.center_crop(resized, list(config.input_size))
 
 
 def classifier_batch(crops: Sequence[torch.Tensor], config: ClassifierConfig) -> torch.Tensor:

@@ -1,27 +1,61 @@
 """The ``state_dict`` and ``safetensors`` formats: tensors read safely, fitted to the network, loaded.
 
-``torch.load`` always runs with ``weights_only=True``: a file holding a whole pickled model is refused
-with one line naming its class and the command that converts it (``make convert ... TRUST=1``).
-The network comes from a torchvision architecture name or from a Python file in the model folder.
+``torch.load`` always runs with ``weights_only=True`` and an allow-list of the plain objects training
+code stores beside the weights (``argparse.Namespace``, ``pathlib`` paths, numpy scalars and arrays,
+Lightning's ``AttributeDict``): nothing in the file is executed. A whole pickled model, or metadata of a
+class outside that list, is refused with one line naming what was found and the command that converts
+it (``make convert ... TRUST=1``). The network comes from a torchvision architecture name, a timm name
+(``timm:<name>``) or a Python file in the model folder.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import inspect
+import pathlib
 import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torchvision
 
 from servekit.checkpoint import infer_num_classes, misfit, unwrap_checkpoint
 from servekit.config import ModelSource
+from servekit import timm_source
 from servekit.errors import ConfigError, plain_line
 from servekit.sniff import pickled_classes
+
+
+class AttributeDict(dict):  # type: ignore[type-arg]
+    """Stands in for Lightning's ``AttributeDict`` (a plain dict of hyperparameters) while unpickling."""
+
+
+_NUMPY_SCALAR = np.core.multiarray.scalar  # type: ignore[attr-defined]
+_NUMPY_RECONSTRUCT = np.core.multiarray._reconstruct  # type: ignore[attr-defined]
+# What a checkpoint may hold beside its tensors: plain data classes that run no code of the file's.
+METADATA_GLOBALS: list[Any] = [
+    argparse.Namespace,
+    pathlib.PosixPath,
+    pathlib.PurePosixPath,
+    pathlib.WindowsPath,
+    pathlib.PureWindowsPath,
+    np.dtype,
+    np.ndarray,
+    _NUMPY_SCALAR,
+    _NUMPY_RECONSTRUCT,
+    (_NUMPY_SCALAR, "numpy._core.multiarray.scalar"),
+    (_NUMPY_RECONSTRUCT, "numpy._core.multiarray._reconstruct"),
+    *(type(np.dtype(t)) for t in ("float16", "float32", "float64", "int32", "int64", "bool")),
+    (AttributeDict, "lightning.fabric.utilities.data.AttributeDict"),
+    (AttributeDict, "lightning_fabric.utilities.data.AttributeDict"),
+    (AttributeDict, "pytorch_lightning.utilities.parsing.AttributeDict"),
+]
+ALLOWED_NAMES = ("argparse.Namespace", "pathlib paths", "numpy scalars and arrays", "Lightning's AttributeDict")
 
 
 def read_weights(path: Path, fmt: str) -> Any:
@@ -38,7 +72,8 @@ def read_weights(path: Path, fmt: str) -> Any:
         except Exception as exc:
             raise ConfigError(f"cannot read {path.name} as safetensors: {plain_line(str(exc))}") from None
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(METADATA_GLOBALS):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise refusal(path, exc) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, AttributeError, OSError) as exc:
@@ -46,18 +81,30 @@ def read_weights(path: Path, fmt: str) -> Any:
 
 
 def refusal(path: Path, exc: BaseException) -> ConfigError:
-    """The one-line refusal of a file that ``weights_only=True`` would not unpickle."""
-    classes = pickled_classes(path)
-    named = f" ({', '.join(classes[:2])})" if classes else ""
+    """The one-line refusal of a file that ``weights_only=True`` and the allow-list would not unpickle:
+    a whole model (``torch.save(model)``), or a checkpoint whose metadata holds another class."""
+    allowed = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in METADATA_GLOBALS}
+    classes = [c for c in pickled_classes(path, limit=20) if c not in allowed]
+    convert = f"if you trust it, convert it once with: make convert PT={path} OUT=<new file> TRUST=1"
+    modules = [c for c in classes if c.startswith("torch.nn.")]
+    others = [c for c in classes if not c.startswith("torch.nn.")]
+    if modules or not others:
+        named = f" ({', '.join(classes[:2])})" if classes else ""
+        return ConfigError(
+            f"refused to load {path.name}: it holds pickled Python objects{named}, as torch.save(model) writes for "
+            f"a whole model, not only tensors, and unpickling them would run code from the file; {convert}"
+        )
     return ConfigError(
-        f"refused to load {path.name}: it holds pickled Python objects{named}, as torch.save(model) writes for a "
-        f"whole model, not only tensors, and unpickling them would run code from the file; if you trust it, "
-        f"convert it once with: make convert PT={path} OUT=<new file> TRUST=1"
+        f"refused to load {path.name}: it is a checkpoint whose metadata holds {', '.join(others[:2])}, which is not "
+        f"one of the plain types the kit reads ({', '.join(ALLOWED_NAMES)}), and unpickling it would import and run "
+        f"that code; save only the tensors (torch.save(model.state_dict(), ...)), or {convert}"
     )
 
 
 def builder_default_classes(architecture: str) -> int:
-    """The class count torchvision builds an architecture with when none is given."""
+    """The class count torchvision (or timm, for ``timm:<name>``) builds an architecture with when none is given."""
+    if timm_source.is_timm(architecture):
+        return timm_source.default_classes(architecture)
     detection = set(torchvision.models.list_models(module=torchvision.models.detection))
     if architecture in detection:
         return 2 if architecture.startswith("keypointrcnn") else 91
@@ -67,8 +114,10 @@ def builder_default_classes(architecture: str) -> int:
 
 
 def build_network(model_dir: Path, source: ModelSource, **overrides: Any) -> torch.nn.Module:
-    """The untrained network named by ``source`` (torchvision architecture or model_file class)."""
+    """The untrained network named by ``source`` (torchvision or timm architecture, or model_file class)."""
     kwargs: dict[str, Any] = {**source.kwargs, **overrides}
+    if timm_source.is_timm(source.architecture):
+        return timm_source.build_timm(str(source.architecture), kwargs)
     if source.architecture is not None:
         try:
             builder = torchvision.models.get_model_builder(source.architecture)

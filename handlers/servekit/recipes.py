@@ -1,0 +1,175 @@
+"""A model's own preprocessing recipe, read from the tool that trained it, as ``handler:`` keys.
+
+torchvision keeps it in the weight enum (``weights.transforms()``), timm in the data config it resolves
+from ``pretrained_cfg`` (``resolve_data_config``), Hugging Face in the image processor. Each function
+here turns one of those into a :class:`Recipe` (resize, crop, interpolation, mean, std) that says where
+it came from; scaffold writes it into ``model-config.yaml`` once, so every backend serves the model as
+its owner evaluated it. Pure: the zoo objects are read by the caller.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from servekit.errors import ConfigError
+
+Size = int | tuple[int, int]
+# PIL's resampling codes, which Hugging Face image processors store as ``resample``
+PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+HF_LARGE_EDGE = 384  # ConvNeXt's processor warps (no crop) at or above this shortest edge
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Preprocessing as the kit's keys: resize (short side or [h, w]), crop (0: none), interpolation, mean, std."""
+
+    resize: Size
+    crop: Size
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str
+    notes: tuple[str, ...] = ()
+
+    def section(self) -> dict[str, Any]:
+        """The ``handler:`` keys this recipe sets."""
+        return {
+            "resize": _yaml_size(self.resize),
+            "crop": _yaml_size(self.crop),
+            "interpolation": self.interpolation,
+            "mean": [round(v, 6) for v in self.mean],
+            "std": [round(v, 6) for v in self.std],
+        }
+
+    def describe(self) -> str:
+        """One line: the recipe and where it came from."""
+        resize = f"short side {self.resize}" if isinstance(self.resize, int) else f"to {self.resize[0]}x{self.resize[1]}"
+        crop = "no crop" if not self.crop else f"crop {_text(self.crop)}"
+        mean = ", ".join(f"{v:.3g}" for v in self.mean)
+        std = ", ".join(f"{v:.3g}" for v in self.std)
+        return f"recipe from {self.source}: resize {resize} {self.interpolation}, {crop}, mean [{mean}] std [{std}]"
+
+
+def torchvision_recipe(preset: Any, source: str) -> Recipe:
+    """The recipe of a torchvision weights entry's ``transforms()`` (``ImageClassification``)."""
+    resize = [int(v) for v in preset.resize_size]
+    crop = [int(v) for v in preset.crop_size]
+    interpolation = getattr(preset.interpolation, "value", str(preset.interpolation))
+    return Recipe(
+        _size(resize),
+        _size(crop),
+        _interpolation(interpolation, source),
+        tuple(float(v) for v in preset.mean),
+        tuple(float(v) for v in preset.std),
+        source,
+    )
+
+
+def timm_recipe(data_config: Mapping[str, Any], source: str) -> Recipe:
+    """The recipe of timm's eval transform for a resolved data config (``transforms_imagenet_eval``).
+
+    The short side goes to ``floor(size / crop_pct)`` and the center ``size`` is cut (crop_mode center),
+    or both sides are squashed to that and cut (crop_mode squash).
+    """
+    _, height, width = (int(v) for v in data_config["input_size"])
+    crop_pct = float(data_config.get("crop_pct") or 0.875)
+    mode = data_config.get("crop_mode") or "center"
+    scaled = (math.floor(height / crop_pct), math.floor(width / crop_pct))
+    notes: list[str] = []
+    if mode == "squash":
+        resize: Size = scaled
+    else:
+        if mode != "center" or scaled[0] != scaled[1]:
+            notes.append(f"timm crop_mode {mode} at {height}x{width} served as a center crop of the short side")
+        resize = min(scaled)
+    interpolation = str(data_config.get("interpolation") or "bilinear")
+    if interpolation == "random":  # a training-time choice; timm evaluates random as bilinear
+        interpolation = "bilinear"
+    return Recipe(
+        resize,
+        _size([height, width]),
+        _interpolation(interpolation, source),
+        tuple(float(v) for v in data_config["mean"]),
+        tuple(float(v) for v in data_config["std"]),
+        source,
+        tuple(notes),
+    )
+
+
+def hf_recipe(processor: Mapping[str, Any], source: str) -> Recipe:
+    """The recipe of a Hugging Face image processor's settings (``processor.to_dict()``).
+
+    ``size`` as ``shortest_edge`` (with ConvNeXt's ``crop_pct``: short side to ``edge / crop_pct``, then
+    the center ``edge``; warped at 384 and above) or as ``height``/``width`` (exact resize); a center
+    crop when ``do_center_crop``; ``rescale_factor`` and ``do_normalize`` folded into mean and std.
+
+    Raises:
+        ConfigError: a processor whose output size varies with the image (short side, no crop).
+    """
+    size = dict(processor.get("size") or {})
+    crop_pct = processor.get("crop_pct")
+    resize: Size
+    crop: Size = 0
+    if not processor.get("do_resize", True):
+        raise ConfigError(f"{source}: do_resize is false, so images would reach the model at any size")
+    if "shortest_edge" in size and crop_pct:
+        edge = int(size["shortest_edge"])
+        resize, crop = (int(edge / float(crop_pct)), edge) if edge < HF_LARGE_EDGE else ((edge, edge), 0)
+    elif "shortest_edge" in size:
+        resize = int(size["shortest_edge"])
+    elif "height" in size and "width" in size:
+        resize = (int(size["height"]), int(size["width"]))
+    else:
+        raise ConfigError(f"{source}: size {size} is neither a shortest edge nor a height and width")
+    if processor.get("do_center_crop") and processor.get("crop_size"):
+        box = processor["crop_size"]
+        crop = _size([int(box["height"]), int(box["width"])]) if isinstance(box, Mapping) else int(box)
+    if isinstance(resize, int) and not crop:
+        raise ConfigError(f"{source}: resizes the short side to {resize} without a crop, so the input size varies")
+    resample = processor.get("resample", 2)
+    interpolation = PIL_RESAMPLE.get(int(resample), "") if isinstance(resample, int) else str(resample).lower()
+    mean, std = _folded(processor)
+    return Recipe(_size(resize), crop, _interpolation(interpolation, source), mean, std, source)
+
+
+def _folded(processor: Mapping[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std for pixels in [0, 1] equal to the processor's rescale and normalize."""
+    factor = float(processor.get("rescale_factor", 1 / 255)) if processor.get("do_rescale", True) else 1.0
+    if processor.get("do_normalize", True):
+        mean = _three(processor.get("image_mean", (0.5, 0.5, 0.5)))
+        std = _three(processor.get("image_std", (0.5, 0.5, 0.5)))
+    else:
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    scale = 255.0 * factor  # x_kit = pixel / 255; the processor computes (pixel * factor - mean) / std
+    return tuple(m / scale for m in mean), tuple(s / scale for s in std)
+
+
+def _three(values: Any) -> tuple[float, ...]:
+    if isinstance(values, (int, float)):
+        return (float(values),) * 3
+    return tuple(float(v) for v in values)
+
+
+def _interpolation(name: str, source: str) -> str:
+    if name not in INTERPOLATIONS:
+        raise ConfigError(f"{source}: interpolation {name!r} is not one the kit reproduces ({list(INTERPOLATIONS)})")
+    return name
+
+
+def _size(values: Sequence[int]) -> Size:
+    """[s] or [s, s] as s; [h, w] as (h, w)."""
+    if len(values) == 1 or values[0] == values[1]:
+        return int(values[0])
+    return int(values[0]), int(values[1])
+
+
+def _yaml_size(size: Size) -> Any:
+    return size if isinstance(size, int) else list(size)
+
+
+def _text(size: Size) -> str:
+    return str(size) if isinstance(size, int) else f"{size[0]}x{size[1]}"

@@ -49,7 +49,10 @@ def compile_package(name: str, models: Path, out: Path) -> str:
         target = out / name / "model.pt2"
         target.parent.mkdir(parents=True, exist_ok=True)
         torch.export.save(program, str(out / name / "program.pt2"))  # the same program, served as `exported`
-        metadata = {SERVEKIT_BATCH: f"1-{max(2, max_batch)}", SERVEKIT_SIZE: f"{config.input_size[0]}x{config.input_size[1]}"}
+        metadata = {
+            SERVEKIT_BATCH: f"1-{max(2, max_batch)}",
+            SERVEKIT_SIZE: f"{config.input_size[0]}x{config.input_size[1]}",
+        }
         # No run-time lower bound of 2 on the batch: the kit's workers send single images too.
         configs = {"aot_inductor.metadata": metadata, "aot_inductor.check_lowerbound": False}
         package = torch._inductor.aoti_compile_and_package(program, package_path=str(target), inductor_configs=configs)
@@ -67,7 +70,8 @@ def compile_package(name: str, models: Path, out: Path) -> str:
         raise ConfigError(f"the AOTInductor package differs from eager by {worst:.2e} (limit {TOLERANCE * scale:.1e})")
     isa = compiled.get_metadata().get("AOTI_CPU_ISA", "")
     return (
-        f"wrote {target} in {seconds:.0f} s (batch 1-{max_batch}, {config.input_size[0]}x{config.input_size[1]}, CPU ISA {isa or '-'}); "
+        f"wrote {target} in {seconds:.0f} s (batch 1-{max_batch}, {config.input_size[0]}x{config.input_size[1]}, "
+        f"CPU ISA {isa or '-'}); "
         f"max abs difference from eager: {worst:.2e}"
     )
 

@@ -79,9 +79,7 @@ def render_digit(grid: np.ndarray) -> np.ndarray:
 
 def classifier_inputs(images: Iterable[np.ndarray], config: ClassifierConfig) -> torch.Tensor:
     """The exact float batch the served handler builds for these images."""
-    crops = [
-        classifier_crop(torch.from_numpy(np.array(img)).permute(2, 0, 1), config) for img in images
-    ]
+    crops = [classifier_crop(torch.from_numpy(np.array(img)).permute(2, 0, 1), config) for img in images]
     return classifier_batch(crops, config)
 
 

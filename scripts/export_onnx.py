@@ -74,7 +74,9 @@ def export_classifier(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=OPSET, dynamic_axes=axes, **names)
+            torch.onnx.export(
+                model, (example,), str(path), dynamo=False, opset_version=OPSET, dynamic_axes=axes, **names
+            )
     except Exception as legacy_error:
         raise ConfigError(
             f"the network does not export to ONNX: torch.export said {why}; the TorchScript exporter said "

@@ -1,7 +1,11 @@
-"""Scaffold ``models/<name>/`` from a model file a user already has (``make scaffold``).
+"""Scaffold ``models/<name>/`` from a model file or folder a user already has (``make scaffold``).
 
 The file's format is found from its content, whatever its suffix: a state_dict or training checkpoint
-(``torch.save``), safetensors, TorchScript, a ``torch.export`` program, an AOTInductor package or ONNX.
+(``torch.save``, timm ``train.py`` and Lightning checkpoints included), safetensors, TorchScript, a
+``torch.export`` program, an AOTInductor package or ONNX; a folder is a timm hub folder or a Hugging
+Face ``save_pretrained`` folder. A classifier's preprocessing is read from its own recipe (torchvision's
+weight entry, timm's data config, the Hugging Face image processor) and written with where it came from;
+an ultralytics export's class names and input size come from its metadata.
 Weights are unwrapped from checkpoints and wrapper prefixes, the class count is read off the final
 layer and checked against the labels, and the folder is then loaded and run on a generated image
 exactly as a worker will, so a model that cannot serve fails here, in one line, not in TorchServe.
@@ -26,13 +30,16 @@ import yaml
 from PIL import Image
 
 from cli import report
+from servekit import hf_source, timm_source
 from servekit.checkpoint import check_labels, head_key, shape_of
 from servekit.config import WEIGHT_FORMATS, ModelSource, parse_handler_config
 from servekit.errors import ConfigError, plain_line
 from servekit.loading import load_labels, load_model
 from servekit.program_backend import InputSpec, exported_input_spec
+from servekit.recipes import Recipe, hf_recipe, timm_recipe, torchvision_recipe
 from servekit.service import build_service, raw_output_shape
 from servekit.sniff import FILE_NAMES, Sniffed, sniff_model_file
+from servekit.ultralytics_source import read_export_metadata
 from servekit.weights import fit_weights, read_weights
 from servekit.yolo import infer_layout, layout_classes
 
@@ -40,6 +47,8 @@ FRONTEND_DEFAULTS = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatch
 CLASSIFIER_DEFAULTS = {"resize": 256, "crop": 224, "topk": 5}
 DETECTOR_DEFAULTS = {"score_threshold": 0.5, "max_detections": 100}
 YOLO_DEFAULTS = {"score_threshold": 0.25, "iou_threshold": 0.45, "max_detections": 300}
+ULTRALYTICS_PREDICT = {"score_threshold": 0.25, "iou_threshold": 0.7, "max_detections": 300}  # `yolo predict`
+RECIPE_KEYS = ("resize", "crop", "interpolation", "mean", "std")
 BACKGROUND = "__background__"
 
 
@@ -52,10 +61,27 @@ class Plan:
     state: dict[str, torch.Tensor] | None = None  # unwrapped weights to write instead of copying the file
     classes: int | None = None
     head: tuple[str, tuple[int, ...]] | None = None
+    copies: dict[str, Path] = field(default_factory=dict)  # files to copy into the folder, by their name there
+    labels: list[str] = field(default_factory=list)  # class names the model carries (id2label, its metadata)
+    labels_from: str = ""
+    network: str = ""
+    recipe: Recipe | None = None
+    fitted: torch.nn.Module | None = None  # the network with the file's weights (weights formats)
+
+    def use_recipe(self, recipe: Recipe) -> None:
+        """Write the model's own preprocessing into the section and say where it came from."""
+        self.section.update(recipe.section())
+        self.recipe = recipe
+        self.notes.extend([recipe.describe(), *recipe.notes])
 
 
 def check_architecture(architecture: str, task: str) -> None:
-    """Fail with one line for an unknown torchvision name or one of the other task."""
+    """Fail with one line for an unknown torchvision or timm name, or one of the other task."""
+    if timm_source.is_timm(architecture):
+        if task != "classification":
+            raise ConfigError(f"{architecture}: timm models are served as classifiers (TASK=classification)")
+        timm_source.check_name(architecture.removeprefix(timm_source.PREFIX))
+        return
     known = torchvision.models.list_models()
     if architecture not in known:
         close = difflib.get_close_matches(architecture, known, n=3)
@@ -74,31 +100,150 @@ def check_architecture(architecture: str, task: str) -> None:
 
 
 def weights_plan(args: argparse.Namespace, sniffed: Sniffed) -> Plan:
-    """Fit a state_dict/safetensors file to its network: unwrapped, head sized from the weights."""
-    if not (args.architecture or args.model_file):
-        raise ConfigError(
-            f"{args.pt.name} holds weights only ({sniffed.description}): name the network with "
-            "ARCH=<torchvision name> or MODEL_FILE=<file.py> CLASS=<class name>"
-        )
+    """Fit a state_dict/safetensors file to its network: unwrapped, head sized from the weights, recipe read."""
+    obj = read_weights(args.pt, sniffed.format)
+    notes = checkpoint_notes(obj)
+    architecture = args.architecture
+    if not (architecture or args.model_file):
+        architecture = timm_checkpoint_model(obj)
+        if architecture is None:
+            raise ConfigError(
+                f"{args.pt.name} holds weights only ({sniffed.description}): name the network with "
+                "ARCH=<torchvision name>, ARCH=timm:<timm name> or MODEL_FILE=<file.py> CLASS=<class name>"
+            )
+        notes.append(f"a timm train.py checkpoint of {architecture.removeprefix(timm_source.PREFIX)}")
     model: dict[str, Any] = {"file": FILE_NAMES[sniffed.format], "format": sniffed.format}
-    if args.architecture:
-        check_architecture(args.architecture, args.task)
-        model["architecture"] = args.architecture
+    if architecture:
+        check_architecture(architecture, args.task)
+        model["architecture"] = architecture
         source_dir = Path(".")
     else:
         model.update(model_file=Path(args.model_file).name, model_class=args.model_class)
         source_dir = Path(args.model_file).parent
     if args.num_classes:
         model["kwargs"] = {"num_classes": args.num_classes}
-    source = ModelSource(**model)
-    fitted = fit_weights(read_weights(args.pt, sniffed.format), source_dir, source)
+    plan = fitted_plan(args, obj, model, source_dir, notes)
+    if args.task == "classification" and not args.input_size and architecture:
+        recipe = (
+            timm_model_recipe(plan, obj) if timm_source.is_timm(architecture) else torchvision_arch_recipe(architecture)
+        )
+        if recipe is not None:
+            plan.use_recipe(recipe)
+    return plan
+
+
+def fitted_plan(args: argparse.Namespace, obj: Any, model: dict[str, Any], source_dir: Path, notes: list[str]) -> Plan:
+    """Fit the weights to the network the model section names; the plan writes them unwrapped."""
+    fitted = fit_weights(obj, source_dir, ModelSource(**model))
     if fitted.num_classes is not None:
         model["kwargs"] = {**model.get("kwargs", {}), "num_classes": fitted.num_classes}
-    plan = Plan(task_section(args, model), list(fitted.steps), fitted.state, fitted.num_classes)
+    plan = Plan(task_section(args, model), [*notes, *fitted.steps], fitted.state, fitted.num_classes)
+    plan.network = model.get("architecture") or model.get("model_class") or ""
+    plan.fitted = fitted.model
     layer = head_key(fitted.model.state_dict(), fitted.num_classes) if fitted.num_classes else None
     if layer:
         plan.head = (layer, shape_of(fitted.state[layer]))
     return plan
+
+
+def checkpoint_notes(obj: Any) -> list[str]:
+    """What the saved object says it is (a Lightning checkpoint names its version)."""
+    if isinstance(obj, dict) and "pytorch-lightning_version" in obj:
+        return [f"a Lightning checkpoint (pytorch-lightning {obj['pytorch-lightning_version']})"]
+    return []
+
+
+def timm_checkpoint_model(obj: Any) -> str | None:
+    """``timm:<name>`` of a timm ``train.py`` checkpoint (``args.model``, else ``arch``), when timm knows it."""
+    if not isinstance(obj, dict) or "state_dict" not in obj:
+        return None
+    name = getattr(obj.get("args"), "model", None) or obj.get("arch")
+    if not isinstance(name, str):
+        return None
+    try:
+        timm_source.check_name(name)
+    except ConfigError:
+        return None
+    return f"{timm_source.PREFIX}{name}"
+
+
+def torchvision_arch_recipe(architecture: str) -> Recipe | None:
+    """The recipe of a torchvision architecture's default weights entry (``weights.transforms()``)."""
+    try:
+        entry = torchvision.models.get_model_weights(architecture).DEFAULT
+    except (ValueError, AttributeError, KeyError):
+        return None
+    return torchvision_recipe(entry.transforms(), f"torchvision {entry}.transforms()")
+
+
+def timm_model_recipe(plan: Plan, obj: Any, pretrained_cfg: dict[str, Any] | None = None) -> Recipe:
+    """timm's eval recipe: ``resolve_data_config`` from the training args (train.py) or ``pretrained_cfg``."""
+    import timm.data
+
+    args = vars(obj["args"]) if isinstance(obj, dict) and hasattr(obj.get("args"), "__dict__") else {}
+    model = plan.fitted
+    if pretrained_cfg is not None:
+        data_config = timm.data.resolve_data_config(pretrained_cfg=pretrained_cfg)
+        where = "timm config.json pretrained_cfg"
+    else:
+        data_config = timm.data.resolve_data_config(args, model=model)
+        where = f"timm resolve_data_config({'train args, ' if args else ''}{plan.network} pretrained_cfg)"
+    return timm_recipe(data_config, where)
+
+
+def timm_folder_plan(args: argparse.Namespace, sniffed: Sniffed) -> Plan:
+    """A timm hub folder (``save_for_hf``): the network from ``architecture``, recipe from ``pretrained_cfg``."""
+    config = hf_source.read_config(args.pt)
+    weights = next(args.pt / name for name in ("model.safetensors", "pytorch_model.bin") if (args.pt / name).is_file())
+    fmt = "safetensors" if weights.suffix == ".safetensors" else "state_dict"
+    kwargs = {**dict(config.get("model_args") or {})}
+    if config.get("num_classes"):
+        kwargs["num_classes"] = int(config["num_classes"])
+    model: dict[str, Any] = {"file": FILE_NAMES[fmt], "format": fmt, "architecture": f"timm:{config['architecture']}"}
+    check_architecture(model["architecture"], args.task)
+    if kwargs:
+        model["kwargs"] = kwargs
+    plan = fitted_plan(args, read_weights(weights, fmt), model, Path("."), [])
+    if not args.input_size:
+        plan.use_recipe(timm_model_recipe(plan, None, dict(config.get("pretrained_cfg") or {})))
+    names = config.get("label_names")
+    if isinstance(names, (list, dict)):
+        mapping = names if isinstance(names, dict) else dict(enumerate(names))
+        plan.labels, plan.labels_from = hf_source.id2label({"id2label": mapping}), "config.json label_names"
+    return plan
+
+
+def hf_plan(args: argparse.Namespace, sniffed: Sniffed) -> Plan:
+    """A Hugging Face ``save_pretrained`` image classifier: its files copied, recipe from its image processor."""
+    if args.task != "classification":
+        raise ConfigError("Hugging Face folders are served as image classifiers (TASK=classification)")
+    config = hf_source.read_config(args.pt)
+    network = hf_source.classifier_class(config)
+    weights = next(name for name in hf_source.WEIGHT_FILES if (args.pt / name).is_file())
+    copies = {
+        name: args.pt / name for name in (hf_source.CONFIG_FILE, weights, PROCESSOR_FILE) if (args.pt / name).is_file()
+    }
+    plan = Plan(task_section(args, {"file": weights, "format": "transformers"}), copies=copies, network=network)
+    plan.labels, plan.labels_from = hf_source.id2label(config), "config.json id2label"
+    plan.classes = len(plan.labels) or None
+    if args.input_size:
+        return plan
+    if PROCESSOR_FILE in copies:
+        plan.use_recipe(hf_processor_recipe(args.pt))
+    else:
+        plan.notes.append(f"no {PROCESSOR_FILE}: ImageNet's 256/224 bilinear recipe")
+    return plan
+
+
+PROCESSOR_FILE = "preprocessor_config.json"
+
+
+def hf_processor_recipe(folder: Path) -> Recipe:
+    """The recipe of the folder's image processor, loaded by transformers from its own file only."""
+    import transformers
+
+    processor = transformers.AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
+    return hf_recipe(processor.to_dict(), f"{type(processor).__name__} ({PROCESSOR_FILE})")
 
 
 def graph_plan(args: argparse.Namespace, sniffed: Sniffed) -> Plan:
@@ -115,14 +260,22 @@ def graph_plan(args: argparse.Namespace, sniffed: Sniffed) -> Plan:
     if spec.height and not args.input_size and args.task == "classification":
         section.update(crop_sizes(spec.height))
         notes.append(f"input {spec.height}x{spec.width or spec.height} read from the graph")
-    if args.task == "detection" and not kit_onnx_detector(args.pt, sniffed.format):
+    meta = read_export_metadata(args.pt, sniffed.format) if args.task == "detection" else None
+    if meta is not None:
+        size = args.input_size or max(meta.imgsz)
+        section.update(ULTRALYTICS_PREDICT, output="yolo", input_size=size, letterbox="ultralytics")
+        notes.append(meta.describe())
+    elif args.task == "detection" and not kit_onnx_detector(args.pt, sniffed.format):
         size = args.input_size or spec.height or 640
         section.update(YOLO_DEFAULTS, output="yolo", input_size=size)
     if spec.static_batch:
         notes.append(f"static batch {spec.max_batch}: batches run in chunks of {spec.max_batch}")
     if sniffed.format == "aoti":
         notes.append("native code: serve only packages you built")
-    return Plan(section, notes)
+    plan = Plan(section, notes)
+    if meta is not None:
+        plan.labels, plan.labels_from = meta.names, "the export's metadata"
+    return plan
 
 
 def kit_onnx_detector(path: Path, fmt: str) -> bool:
@@ -193,7 +346,7 @@ def output_classes(folder: Path, config: Any) -> int | None:
         return None
     model = load_model(folder, config.model, torch.device("cpu"))
     with torch.inference_mode():
-        out = model(torch.zeros(1, 3, config.crop, config.crop))
+        out = model(torch.zeros(1, 3, *config.input_size))
     if isinstance(out, (tuple, list)):
         out = out[0]
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
@@ -212,7 +365,9 @@ def label_names(args: argparse.Namespace, plan: Plan, classes: int) -> tuple[lis
             return [BACKGROUND, *names], f"labels from {Path(args.labels).name} (with {BACKGROUND} as class 0)"
         check_labels(len(names), classes, layer, shape)
         return names, f"labels from {Path(args.labels).name}"
-    if args.architecture:
+    if plan.labels and len(plan.labels) == classes:
+        return plan.labels, f"labels from {plan.labels_from}"
+    if args.architecture and not timm_source.is_timm(args.architecture):
         weights = torchvision.models.get_model_weights(args.architecture)
         categories = list(next(iter(weights)).meta.get("categories", []))
         if len(categories) == classes:
@@ -234,12 +389,23 @@ def smoke_test(folder: Path, config: Any) -> None:
 def write_folder(folder: Path, args: argparse.Namespace, plan: Plan) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / plan.section["model"]["file"]
-    if plan.state is not None and plan.notes:
+    for name, source in plan.copies.items():
+        shutil.copyfile(source, folder / name)
+    if not plan.copies and plan.state is not None and (plan.notes or args.pt.is_dir()):
         save_weights(plan.state, target, plan.section["model"]["format"])
-    else:
+    elif not plan.copies:
         shutil.copyfile(args.pt, target)
     if args.model_file:
         shutil.copyfile(args.model_file, folder / Path(args.model_file).name)
+
+
+def document_text(document: dict[str, Any], recipe: Recipe | None) -> str:
+    """``model-config.yaml``'s text, the recipe's keys preceded by a comment saying where they came from."""
+    text = yaml.safe_dump(document, sort_keys=False)
+    if recipe is None:
+        return text
+    comment = f"  # preprocessing: {recipe.describe()}; override any of these keys by hand\n"
+    return text.replace("\n  resize:", "\n" + comment + "  resize:", 1)
 
 
 def save_weights(state: dict[str, torch.Tensor], target: Path, fmt: str) -> None:
@@ -262,14 +428,16 @@ def scaffold(args: argparse.Namespace) -> tuple[Path, str]:
     sniffed = sniff_model_file(args.pt)
     if args.torchscript and sniffed.format != "torchscript":
         raise ConfigError(f"TORCHSCRIPT=1 was given but {args.pt.name} is {sniffed.description}")
-    plan = weights_plan(args, sniffed) if sniffed.format in WEIGHT_FORMATS else graph_plan(args, sniffed)
+    plan = PLANNERS.get(sniffed.format, graph_plan)(args, sniffed)
     config = parse_handler_config(plan.section)
     try:
         write_folder(folder, args, plan)
         (folder / "labels.json").write_text("[]\n")
         classes = plan.classes
         if config.task == "detection" and config.output == "yolo":
-            given = len(load_labels(Path(args.labels))) if args.labels else (args.num_classes or None)
+            given = (
+                len(load_labels(Path(args.labels))) if args.labels else (args.num_classes or len(plan.labels) or None)
+            )
             layout, classes, shape = probe_yolo(folder, config, given)
             plan.section["layout"] = layout
             plan.notes.append(f"raw output {shape}: layout {layout}, letterbox {config.input_size}")
@@ -281,22 +449,27 @@ def scaffold(args: argparse.Namespace) -> tuple[Path, str]:
         names, where = label_names(args, plan, classes)
         (folder / "labels.json").write_text(json.dumps(names, indent=0) + "\n")
         document = {**FRONTEND_DEFAULTS, "handler": plan.section}
-        (folder / "model-config.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+        (folder / "model-config.yaml").write_text(document_text(document, plan.recipe))
         smoke_test(folder, config)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    network = plan.section["model"].get("architecture") or plan.section["model"].get("model_class") or "its graph"
+    network = plan.network or "its graph"
     found = "; ".join([f"{sniffed.description}: format {sniffed.format}", *plan.notes])
     return folder, f"found {args.pt.name}: {found}; {network}, {classes} classes; {where}"
+
+
+PLANNERS = {**dict.fromkeys(WEIGHT_FORMATS, weights_plan), "timm": timm_folder_plan, "transformers": hf_plan}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", required=True)
     parser.add_argument("--task", required=True, help="classification or detection")
-    parser.add_argument("--pt", type=Path, required=True, help="the model file, any suffix")
-    parser.add_argument("--architecture", help="torchvision architecture name of a state_dict")
+    parser.add_argument(
+        "--pt", type=Path, required=True, help="the model file (any suffix) or folder (timm, Hugging Face)"
+    )
+    parser.add_argument("--architecture", help="torchvision architecture name (or timm:<name>) of a state_dict")
     parser.add_argument("--model-file", help="Python file defining the network of a state_dict")
     parser.add_argument("--model-class", help="class name in --model-file")
     parser.add_argument("--torchscript", action="store_true", help="(no longer needed) assert the file is TorchScript")

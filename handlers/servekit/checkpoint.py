@@ -75,7 +75,8 @@ def strip_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> tuple[
     steps = [f"prefix {best!r} stripped"]
     if outside and expected <= set(inside):
         shown = ", ".join(repr(k) for k in outside[:3]) + (", ..." if len(outside) > 3 else "")
-        steps.append(f"{len(outside)} keys outside {best!r} dropped, not layers of the network: {shown}")
+        keys = "key" if len(outside) == 1 else "keys"
+        steps.append(f"{len(outside)} {keys} outside {best!r} dropped, not layers of the network: {shown}")
         return inside, steps
     return {**{k: state[k] for k in outside}, **inside}, steps
 

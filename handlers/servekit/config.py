@@ -22,7 +22,7 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 WEIGHT_FORMATS = ("state_dict", "safetensors")  # formats that need a network definition
-Size = Union[int, tuple[int, ...]]  # a short side (int), or [height, width]
+Size = int | tuple[int, ...]  # a short side (int), or [height, width]
 
 
 @dataclass(frozen=True)
@@ -134,9 +134,7 @@ class ClassifierConfig:
         else:
             crop = _pair(self.crop, "crop")
             bound = resized if isinstance(self.resize, tuple) else (self.resize, self.resize)
-            _require(
-                0 < crop[0] <= bound[0] and 0 < crop[1] <= bound[1], "crop", "must be > 0 and <= resize"
-            )
+            _require(0 < crop[0] <= bound[0] and 0 < crop[1] <= bound[1], "crop", "must be > 0 and <= resize")
         _require(len(self.mean) == 3, "mean", "needs 3 values (R, G, B)")
         _require(len(self.std) == 3 and min(self.std) > 0, "std", "needs 3 values > 0")
         _require(self.topk >= 1, "topk", "must be >= 1")
@@ -262,9 +260,7 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, _mapping(value, path), path)
     if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        return _coerce_union([a for a in args if a is not type(None)], value, path)
+        return _coerce_union(args, value, path)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"'{path}' must be one of {list(args)}, got {value!r}")
@@ -278,8 +274,11 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
     return _scalar(hint, value, path)
 
 
-def _coerce_union(members: list[Any], value: Any, path: str) -> Any:
+def _coerce_union(args: tuple[Any, ...], value: Any, path: str) -> Any:
     """The value as the first member type that takes it (``int | tuple[int, ...]``: 224 or [224, 224])."""
+    if value is None and type(None) in args:
+        return None
+    members = [a for a in args if a is not type(None)]
     first: ConfigError | None = None
     for member in members:
         try:
@@ -287,7 +286,9 @@ def _coerce_union(members: list[Any], value: Any, path: str) -> Any:
         except ConfigError as exc:
             first = first or exc
     if len(members) > 1:
-        names = " or ".join("a list" if typing.get_origin(m) is tuple else getattr(m, "__name__", str(m)) for m in members)
+        names = " or ".join(
+            "a list" if typing.get_origin(m) is tuple else getattr(m, "__name__", str(m)) for m in members
+        )
         raise ConfigError(f"'{path}' must be {names}, got {value!r}")
     assert first is not None
     raise first

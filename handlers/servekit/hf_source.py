@@ -58,8 +58,8 @@ def classifier_class(config: dict[str, Any]) -> str:
     model_type = config.get("model_type", "?")
     if config.get("auto_map"):
         raise ConfigError(
-            f"the Hugging Face folder's config.json names code of its own (auto_map); the kit never runs code from "
-            f"a model folder: export the model to ONNX or TorchScript and scaffold that"
+            "the Hugging Face folder's config.json names code of its own (auto_map); the kit never runs code from "
+            "a model folder: export the model to ONNX or TorchScript and scaffold that"
         )
     transformers = require("transformers", "a Hugging Face model folder")
     known = set(transformers.models.auto.modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.values())
@@ -78,6 +78,7 @@ def load_transformers(folder: Path) -> ImageClassifierLogits:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     classifier_class(read_config(folder))
     transformers = require("transformers", "a Hugging Face model folder")
+    transformers.utils.logging.disable_progress_bar()
     try:
         model = transformers.AutoModelForImageClassification.from_pretrained(
             str(folder), local_files_only=True, trust_remote_code=False, dtype=torch.float32

@@ -47,7 +47,9 @@ class Recipe:
 
     def describe(self) -> str:
         """One line: the recipe and where it came from."""
-        resize = f"short side {self.resize}" if isinstance(self.resize, int) else f"to {self.resize[0]}x{self.resize[1]}"
+        resize = (
+            f"short side {self.resize}" if isinstance(self.resize, int) else f"to {self.resize[0]}x{self.resize[1]}"
+        )
         crop = "no crop" if not self.crop else f"crop {_text(self.crop)}"
         mean = ", ".join(f"{v:.3g}" for v in self.mean)
         std = ", ".join(f"{v:.3g}" for v in self.std)
@@ -133,7 +135,7 @@ def hf_recipe(processor: Mapping[str, Any], source: str) -> Recipe:
     resample = processor.get("resample", 2)
     interpolation = PIL_RESAMPLE.get(int(resample), "") if isinstance(resample, int) else str(resample).lower()
     mean, std = _folded(processor)
-    return Recipe(_size(resize), crop, _interpolation(interpolation, source), mean, std, source)
+    return Recipe(resize, crop, _interpolation(interpolation, source), mean, std, source)
 
 
 def _folded(processor: Mapping[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:

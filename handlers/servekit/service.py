@@ -30,7 +30,15 @@ from servekit.transforms import (
     detector_padded_shape,
     group_by_key,
 )
-from servekit.yolo import PAD_VALUE, Letterbox, YoloSettings, detect, infer_layout, letterbox
+from servekit.yolo import (
+    PAD_VALUE,
+    Letterbox,
+    YoloSettings,
+    detect,
+    infer_layout,
+    letterbox,
+    ultralytics_letterbox,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +143,9 @@ def classifier_item(row: Any, config: ClassifierConfig) -> torch.Tensor:
 def letterboxed_item(row: Any, config: DetectorConfig) -> tuple[torch.Tensor, Letterbox]:
     """One request row letterboxed to ``input_size`` (uint8), with its geometry in the pixels as sent:
     decoded at reduced scale when the JPEG allows. TorchServe's service and Triton's step share it."""
+    if config.letterbox == "ultralytics":  # decoded in full, as their predictor reads the image
+        decoded = decode_request(row, config.limits)
+        return ultralytics_letterbox(decoded.pixels, config.input_size)
     decoded = decode_request(row, config.limits, config.input_size)
     return letterbox(decoded.pixels, config.input_size, (decoded.width, decoded.height))
 

@@ -40,11 +40,13 @@ class Sniffed:
 
 
 def sniff_model_file(path: Path) -> Sniffed:
-    """Tell the format of a model file from its content.
+    """Tell the format of a model file (or folder, see :func:`sniff_model_folder`) from its content.
 
     Raises:
         ConfigError: the file is missing, empty, truncated, or none of the known formats.
     """
+    if path.is_dir():
+        return sniff_model_folder(path)
     if not path.is_file():
         raise ConfigError(f"{path} does not exist")
     size = path.stat().st_size
@@ -63,6 +65,41 @@ def sniff_model_file(path: Path) -> Sniffed:
     raise ConfigError(
         f"cannot tell what {path.name} is ({size} bytes starting {head[:8]!r}): it is none of a torch.save "
         "file, TorchScript, a torch.export or AOTInductor .pt2, safetensors or ONNX"
+    )
+
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def sniff_model_folder(path: Path) -> Sniffed:
+    """Tell what a model folder holds from its ``config.json``: a timm hub folder (``architecture``,
+    ``pretrained_cfg``; format ``timm``) or a Hugging Face ``save_pretrained`` folder (``model_type``;
+    format ``transformers``), each with its weights file.
+
+    Raises:
+        ConfigError: neither, or the weights are missing.
+    """
+    config_path = path / "config.json"
+    config: object = None
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            config = None
+    files = sorted(p.name for p in path.iterdir())
+    weights = [name for name in WEIGHT_FILES if name in files]
+    if isinstance(config, dict) and ("architecture" in config or "model_type" in config):
+        if not weights:
+            raise ConfigError(
+                f"{path} has a config.json but no weights file (one of {list(WEIGHT_FILES)}); files: {files[:8]}"
+            )
+        if "architecture" in config:
+            return Sniffed("timm", f"a timm hub folder ({config['architecture']}, {weights[0]})")
+        named = ", ".join(str(a) for a in config.get("architectures") or []) or str(config["model_type"])
+        return Sniffed("transformers", f"a Hugging Face save_pretrained folder ({named}, {weights[0]})")
+    raise ConfigError(
+        f"{path} is a folder holding neither a timm hub folder (config.json with 'architecture') nor a Hugging Face "
+        f"save_pretrained folder (config.json with 'model_type'); files: {files[:8]}; for a single file pass PT=<file>"
     )
 
 

@@ -31,7 +31,11 @@ def check_name(name: str) -> None:
     if timm.is_model(name):
         return
     close = difflib.get_close_matches(name, timm.list_models(), n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; `python -c 'import timm; print(timm.list_models())'` lists them"
+    hint = (
+        f"; did you mean {', '.join(close)}?"
+        if close
+        else "; `python -c 'import timm; print(timm.list_models())'` lists them"
+    )
     raise ConfigError(f"unknown timm model {name!r}{hint}")
 
 

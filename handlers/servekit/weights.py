@@ -24,9 +24,9 @@ import numpy as np
 import torch
 import torchvision
 
+from servekit import timm_source
 from servekit.checkpoint import infer_num_classes, misfit, unwrap_checkpoint
 from servekit.config import ModelSource
-from servekit import timm_source
 from servekit.errors import ConfigError, plain_line
 from servekit.sniff import pickled_classes
 

@@ -52,13 +52,13 @@ def raw_model(name: str) -> torch.nn.Module:
 
 def decoded_jpeg(data: bytes, name: str) -> np.ndarray:
     """A JPEG as the kit decodes it for classifier ``name``: at reduced DCT scale (Pillow's draft, never
-    under the model's ``resize``) when it is at least twice that on both sides, as the README says."""
+    under twice the model's ``resize``) when it is at least twice that on both sides, as the README says."""
     import io
 
     from PIL import Image
 
     image = Image.open(io.BytesIO(data))
-    resize = handler_section(name).get("resize", 256)
+    resize = 2 * handler_section(name).get("resize", 256)  # the kit keeps twice the recipe's resize
     if min(image.size) >= 2 * resize:
         image.draft("RGB", (resize, resize))
     return np.asarray(image.convert("RGB"))
@@ -73,7 +73,7 @@ def probabilities(model: Any, section: dict[str, Any], image: np.ndarray) -> tor
     """Softmax probabilities of ``model`` on one image, preprocessed by torchvision's v2 preset."""
     preset = v2.Compose(
         [
-            v2.Resize(section.get("resize", 256), antialias=True),
+            v2.Resize(section.get("resize", 256), interpolation=_interpolation(section), antialias=True),
             v2.CenterCrop(section.get("crop", 224)),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(section.get("mean", [0.485, 0.456, 0.406]), section.get("std", [0.229, 0.224, 0.225])),
@@ -82,6 +82,11 @@ def probabilities(model: Any, section: dict[str, Any], image: np.ndarray) -> tor
     x = preset(torch.from_numpy(np.array(image)).permute(2, 0, 1))[None]
     with torch.inference_mode():
         return torch.softmax(model(x), dim=1)[0]
+
+
+def _interpolation(section: dict[str, Any]) -> v2.InterpolationMode:
+    name = section.get("interpolation", "bilinear")
+    return v2.InterpolationMode.NEAREST_EXACT if name == "nearest" else v2.InterpolationMode(name)
 
 
 def detections(name: str, image: np.ndarray) -> list[dict[str, Any]]:

@@ -34,6 +34,7 @@ class Recipe:
     std: tuple[float, ...]
     source: str
     notes: tuple[str, ...] = ()
+    crop_rounding: str = "round"
 
     def section(self) -> dict[str, Any]:
         """The ``handler:`` keys this recipe sets."""
@@ -41,6 +42,7 @@ class Recipe:
             "resize": _yaml_size(self.resize),
             "crop": _yaml_size(self.crop),
             "interpolation": self.interpolation,
+            **({"crop_rounding": self.crop_rounding} if self.crop_rounding != "round" else {}),
             "mean": [round(v, 6) for v in self.mean],
             "std": [round(v, 6) for v in self.std],
         }
@@ -105,6 +107,7 @@ def timm_recipe(data_config: Mapping[str, Any], source: str) -> Recipe:
 def hf_recipe(processor: Mapping[str, Any], source: str) -> Recipe:
     """The recipe of a Hugging Face image processor's settings (``processor.to_dict()``).
 
+    Its center crop puts an odd margin's extra pixel at the bottom/right (``crop_rounding: floor``);
     ``size`` as ``shortest_edge`` (with ConvNeXt's ``crop_pct``: short side to ``edge / crop_pct``, then
     the center ``edge``; warped at 384 and above) or as ``height``/``width`` (exact resize); a center
     crop when ``do_center_crop``; ``rescale_factor`` and ``do_normalize`` folded into mean and std.
@@ -135,7 +138,8 @@ def hf_recipe(processor: Mapping[str, Any], source: str) -> Recipe:
     resample = processor.get("resample", 2)
     interpolation = PIL_RESAMPLE.get(int(resample), "") if isinstance(resample, int) else str(resample).lower()
     mean, std = _folded(processor)
-    return Recipe(resize, crop, _interpolation(interpolation, source), mean, std, source)
+    interpolation = _interpolation(interpolation, source)
+    return Recipe(resize, crop, interpolation, mean, std, source, crop_rounding="floor")
 
 
 def _folded(processor: Mapping[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -27,7 +27,11 @@ def classifier_crop(pixels: torch.Tensor, config: ClassifierConfig) -> torch.Ten
     resized = F.resize(pixels, size, interpolation=INTERPOLATION_MODES[config.interpolation], antialias=True)
     if not config.crop:
         return resized
-    return F.center_crop(resized, list(config.input_size))
+    height, width = config.input_size
+    if config.crop_rounding == "floor" and resized.shape[1] >= height and resized.shape[2] >= width:
+        top, left = (int(resized.shape[1]) - height) // 2, (int(resized.shape[2]) - width) // 2
+        return resized[:, top : top + height, left : left + width]
+    return F.center_crop(resized, [height, width])
 
 
 def classifier_batch(crops: Sequence[torch.Tensor], config: ClassifierConfig) -> torch.Tensor:

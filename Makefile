@@ -47,13 +47,19 @@ $(GRPC_STUBS): $(STAMP) scripts/gen_grpc.py
 .PHONY: grpc-stubs
 grpc-stubs: $(GRPC_STUBS) ## Generate gRPC stubs from the protos inside TorchServe's frontend jar
 
+# Zoo demos (seeded): a timm convnext_atto state_dict and a Hugging Face ViT save_pretrained folder.
+ZOO_DEMOS := timm_convnext hf_vit
+ZOO_WEIGHTS := models/timm_convnext/model.pt models/hf_vit/model.safetensors
+
 .PHONY: models
-models: $(foreach m,$(DEMOS),models/$(m)/model.pt) ## Build the demo models (trained digits CNN and shapes detector, seeded torchvision nets)
+models: $(foreach m,$(DEMOS),models/$(m)/model.pt) $(ZOO_WEIGHTS) ## Build the demo models (trained digits CNN and shapes detector, seeded torchvision, timm and Hugging Face nets)
 
 models/%/model.pt: | $(STAMP)
 	$(PY) scripts/make_models.py $*
 
 models/digits/model.pt: models/digits/model.py scripts/demo_models.py
+models/hf_vit/model.safetensors: | $(STAMP)
+	$(PY) scripts/make_models.py hf_vit
 models/shapes/model.pt: models/shapes/model.py scripts/shapes.py
 
 .PHONY: archive
@@ -61,6 +67,8 @@ archive: $(if $(MODEL),$(STORE)/$(MODEL).mar,$(ALL_MARS)) ## Build .mar archives
 
 # Each demo archive also needs its generated weights.
 $(foreach m,$(DEMOS),$(eval $(STORE)/$(m).mar: models/$(m)/model.pt))
+$(STORE)/timm_convnext.mar: models/timm_convnext/model.pt
+$(STORE)/hf_vit.mar: models/hf_vit/model.safetensors
 
 .SECONDEXPANSION:
 $(STORE)/%.mar: $(MODELS)/%/model-config.yaml $$(filter-out %/__pycache__,$$(wildcard $(MODELS)/$$*/*)) $(HANDLER_SRC) scripts/archive_args.py | $(STAMP)

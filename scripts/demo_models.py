@@ -148,6 +148,39 @@ def make_classifier(name: str, model_dir: Path, torchscript: bool = False) -> No
     _write_labels(model_dir, list(categories))
 
 
+IMAGENET_NAMES_FROM = "resnet18"  # torchvision's weight metadata carries ImageNet's 1000 names offline
+
+
+def make_timm_classifier(model_dir: Path, name: str = "convnext_atto") -> None:
+    """A seeded timm network (``timm.create_model(pretrained=False)``) saved as a state_dict, ImageNet names."""
+    import timm
+
+    torch.manual_seed(SEED)
+    model = timm.create_model(name, pretrained=False, num_classes=1000).eval()
+    torch.save(model.state_dict(), model_dir / "model.pt")
+    _write_labels(model_dir, imagenet_names())
+
+
+def make_hf_classifier(model_dir: Path) -> None:
+    """A seeded ViT-Tiny-sized ViTForImageClassification as ``save_pretrained`` writes it (config.json with
+    id2label, model.safetensors) with its ViTImageProcessor (preprocessor_config.json)."""
+    import transformers
+
+    names = imagenet_names()
+    config = transformers.ViTConfig(
+        hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=768, image_size=224,
+        patch_size=16, num_labels=len(names), id2label=dict(enumerate(names)),
+    )  # fmt: skip
+    torch.manual_seed(SEED)
+    transformers.ViTForImageClassification(config).eval().save_pretrained(str(model_dir))
+    transformers.ViTImageProcessor(size={"height": 224, "width": 224}).save_pretrained(str(model_dir))
+    _write_labels(model_dir, names)
+
+
+def imagenet_names() -> list[str]:
+    return list(torchvision.models.get_model_weights(IMAGENET_NAMES_FROM).DEFAULT.meta["categories"])
+
+
 def make_detector(model_dir: Path) -> None:
     """``fasterrcnn_mobilenet_v3_large_320_fpn`` with seeded weights, distinct scores and COCO names."""
     from torchvision.models import detection

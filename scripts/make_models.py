@@ -14,7 +14,7 @@ import shapes
 import shapes_eval
 
 logger = logging.getLogger("make_models")
-DEMOS = ("digits", "resnet18", "mobilenet_v3_small", "fasterrcnn", "shapes")
+DEMOS = ("digits", "resnet18", "mobilenet_v3_small", "fasterrcnn", "shapes", "timm_convnext", "hf_vit")
 MIN_DIGITS_ACCURACY = 0.95
 
 
@@ -30,6 +30,10 @@ def build(name: str, root: Path) -> None:
         demo_models.make_classifier("resnet18", model_dir)
     elif name == "mobilenet_v3_small":
         demo_models.make_classifier("mobilenet_v3_small", model_dir, torchscript=True)
+    elif name == "timm_convnext":
+        demo_models.make_timm_classifier(model_dir)
+    elif name == "hf_vit":
+        demo_models.make_hf_classifier(model_dir)
     elif name == "fasterrcnn":
         demo_models.make_detector(model_dir)
     elif name == "shapes":
@@ -44,7 +48,7 @@ def build(name: str, root: Path) -> None:
         )
         if score < shapes.MIN_MAP50:
             raise SystemExit(f"shapes mAP@0.5 {score:.3f} is under {shapes.MIN_MAP50}")
-    logger.info("%s: wrote %s", name, model_dir / "model.pt")
+    logger.info("%s: wrote %s", name, model_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,7 @@ SCENES = [(200, 150), (320, 320), (600, 450), (640, 213), (333, 500)]  # scaled 
 class Zoo:
     forms: dict[str, zoo_models.ZooForm]
     found: dict[str, str]
+    written: dict[str, str]  # model-config.yaml as scaffold wrote it, before the test's edits
     models: Path
     server: Server
     rest: RestClient
@@ -58,11 +59,12 @@ def zoo(tmp_path_factory: pytest.TempPathFactory, photos: dict[str, np.ndarray])
     pil = zoo_models.pil_photos(photos)
     forms = [make(files, pil) for make in [*zoo_models.CLASSIFIER_FORMS, *zoo_models.DETECTOR_FORMS]]
     forms.append(zoo_models.ultralytics_torchscript(files, pil, GridDetector("yolov8")))
-    found = {}
+    found, written = {}, {}
     for form in forms:
         result = run_make("scaffold", MODELS=models, NAME=form.name, TASK=form.task, **form.make_vars)
         assert result.returncode == 0, f"{form.name}: {result.stderr[-2000:]}"
         found[form.name] = next(line for line in result.stdout.splitlines() if line.startswith("found "))
+        written[form.name] = (models / form.name / "model-config.yaml").read_text()
         if form.task == "classification":
             form.edits.setdefault("topk", 10)  # every class, so whole distributions are compared
         apply_edits(models / form.name, form)  # type: ignore[arg-type]
@@ -71,7 +73,7 @@ def zoo(tmp_path_factory: pytest.TempPathFactory, photos: dict[str, np.ndarray])
     names = [form.name for form in forms]
     with serving(root / "torchserve", store, names, timeout=600) as server:
         rest = RestClient(server.endpoints, KeyRing(server.key_file))
-        yield Zoo({form.name: form for form in forms}, found, models, server, rest)
+        yield Zoo({form.name: form for form in forms}, found, written, models, server, rest)
 
 
 FORM_NAMES = [
@@ -90,7 +92,7 @@ def test_scaffold_says_what_it_found(zoo: Zoo, name: str) -> None:
 def test_the_torchvision_recipe_is_written_with_its_source(zoo: Zoo) -> None:
     section = zoo.section("zoo_effnet_b3")
     assert (section["resize"], section["crop"], section["interpolation"]) == (320, 300, "bicubic")
-    text = (zoo.models / "zoo_effnet_b3" / "model-config.yaml").read_text()
+    text = zoo.written["zoo_effnet_b3"]
     assert "# preprocessing: recipe from torchvision EfficientNet_B3_Weights.IMAGENET1K_V1.transforms()" in text
     assert zoo.section("zoo_hf_vit")["resize"] == [96, 96] and zoo.section("zoo_hf_vit")["crop"] == 0
 

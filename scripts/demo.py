@@ -20,10 +20,12 @@ import demo_models
 import shapes
 import shapes_eval
 from client import GrpcClient, KeyRing, Reply, RestClient, predict_many
+from servekit.config import read_model_config
 from tsctl import TorchServe, derive_config, random_endpoints
 
 logger = logging.getLogger("demo")
-MODELS = ("digits", "resnet18", "mobilenet_v3_small", "fasterrcnn", "shapes")
+MODELS = ("digits", "resnet18", "mobilenet_v3_small", "fasterrcnn", "shapes", "timm_convnext", "hf_vit")
+ZOO = {"timm_convnext": "timm convnext_atto", "hf_vit": "Hugging Face ViTForImageClassification"}
 SHAPE_SCENES = 4
 
 
@@ -88,6 +90,24 @@ def kserve_bodies(base: str, keys: KeyRing, images: list[bytes]) -> None:
     logger.info("  %-28s %d %s", "v1 with a bad 4th instance", reply.status_code, json.dumps(reply.json()))
 
 
+def zoo_classifiers(rest: RestClient, jpegs: dict[str, bytes]) -> None:
+    """The timm and Hugging Face demo classifiers, each with the preprocessing its own recipe set."""
+    logger.info("Zoo classifiers (seeded weights; each preprocessed by its own recipe, read at scaffold time)")
+    for model, what in ZOO.items():
+        section = read_model_config(Path("models") / model)
+        logger.info(
+            "  %s: %s, resize %s %s, crop %s, mean %s std %s",
+            model,
+            what,
+            section.resize,
+            section.interpolation,
+            section.crop or "none",
+            list(section.mean),
+            list(section.std),
+        )
+        show(f"{model} REST chelsea.jpg", rest.predict(model, jpegs["chelsea"]))
+
+
 def run(workdir: Path) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     config = derive_config(Path("config.properties"), workdir / "config.properties", random_endpoints().properties())
@@ -111,6 +131,8 @@ def run(workdir: Path) -> None:
         for name in ("chelsea", "coffee", "rocket"):
             show(f"resnet18 REST {name}.jpg", rest.predict("resnet18", jpegs[name]))
             show(f"mobilenet gRPC {name}.jpg", grpc_client.predict("mobilenet_v3_small", jpegs[name]))
+
+        zoo_classifiers(rest, jpegs)
 
         logger.info("Digits (a CNN trained here on scikit-learn's digits; held-out images)")
         images, labels = demo_models.digit_images("test")

@@ -237,7 +237,7 @@ def anchor_detector(folder: Path, name: str, architecture: str, classes: int, **
     torch.save(model.state_dict(), folder / f"{name}.pth")
     (folder / f"{name}.txt").write_text("".join(f"thing{i}\n" for i in range(1, classes)))
     make_vars = {"PT": str(folder / f"{name}.pth"), "ARCH": architecture, "LABELS": str(folder / f"{name}.txt")}
-    edits: dict[str, Any] = {"score_threshold": 0.02, "max_detections": 10}
+    edits: dict[str, Any] = {"score_threshold": 0.005, "max_detections": 10}
     if sizes:
         edits["model"] = {"kwargs": sizes}
     return ZooForm(name, "detection", make_vars, model, [f"{architecture}, {classes} classes"], edits, {"batchSize": 2})
@@ -252,7 +252,9 @@ def ssd300(folder: Path, photos: Sequence[Image.Image]) -> ZooForm:
 
 
 def retinanet(folder: Path, photos: Sequence[Image.Image]) -> ZooForm:
-    return anchor_detector(folder, "zoo_retinanet", "retinanet_resnet50_fpn_v2", 5, min_size=320, max_size=480)
+    # RetinaNet's focal-loss prior starts scores near 0.01, under its own score_thresh of 0.05
+    sizes = {"min_size": 320, "max_size": 480, "score_thresh": 0.001}
+    return anchor_detector(folder, "zoo_retinanet", "retinanet_resnet50_fpn_v2", 5, **sizes)
 
 
 ULTRALYTICS_NAMES = {0: "red", 1: "green", 2: "blue"}

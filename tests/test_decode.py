@@ -166,11 +166,13 @@ def test_reduced_decode_is_off_for_png_small_jpegs_and_when_configured() -> None
 
 
 def test_the_reduced_decode_stays_close_to_the_full_decode_after_the_resize() -> None:
+    from servekit.config import ClassifierConfig, ModelSource
     from servekit.transforms import classifier_crop
 
+    config = ClassifierConfig(task="classification", model=ModelSource(architecture="resnet18"))  # 256 / 224
     data = photo_jpeg(2400, 1600)
-    full = classifier_crop(decode_image(data, LIMITS).pixels, 256, 224).float()
-    reduced = classifier_crop(decode_image(data, LIMITS, 256).pixels, 256, 224).float()
+    full = classifier_crop(decode_image(data, LIMITS).pixels, config).float()
+    reduced = classifier_crop(decode_image(data, LIMITS, 256).pixels, config).float()
     assert (full - reduced).abs().mean() < 1.5 and (full - reduced).abs().max() < 16
 
 

@@ -50,6 +50,8 @@ grpc-stubs: $(GRPC_STUBS) ## Generate gRPC stubs from the protos inside TorchSer
 # Zoo demos (seeded): a timm convnext_atto state_dict and a Hugging Face ViT save_pretrained folder.
 ZOO_DEMOS := timm_convnext hf_vit
 ZOO_WEIGHTS := models/timm_convnext/model.pt models/hf_vit/model.safetensors
+# ... and every backend of theirs (ONNX Runtime, OpenVINO, int8, AOTInductor), for the tests and `make bench-zoo`
+ZOO_VARIANTS := $(foreach m,$(ZOO_DEMOS),$(STORE)/$(m).mar $(STORE)/$(m)_onnx.mar $(STORE)/$(m)_openvino.mar $(STORE)/$(m)_int8.mar $(STORE)/$(m)_aoti.mar)
 
 .PHONY: models
 models: $(foreach m,$(DEMOS),models/$(m)/model.pt) $(ZOO_WEIGHTS) ## Build the demo models (trained digits CNN and shapes detector, seeded torchvision, timm and Hugging Face nets)
@@ -106,7 +108,7 @@ STOCK_STORE := build/stock_store
 BENCH_INPUTS := $(foreach m,resnet18 mobilenet_v3_small fasterrcnn,model_store/$(m).mar model_store/$(m)_onnx.mar $(STOCK_STORE)/$(m)_stock.mar) \
 	model_store/digits_onnx.mar model_store/shapes_onnx.mar model_store/shapes_openvino.mar model_store/resnet18_openvino.mar model_store/resnet18_int8.mar model_store/resnet18_aoti.mar model_store/resnet18_exported.mar \
 	model_store/resnet18_compile.mar model_store/mobilenet_v3_small_int8.mar model_store/mobilenet_v3_small_openvino.mar $(ONNX_DIR)/digits/model.int8.onnx \
-	$(TRITON_STAMP)
+	$(TRITON_STAMP) $(ZOO_VARIANTS)
 
 $(STOCK_STORE)/%_stock.mar: $$(filter-out %/__pycache__,$$(wildcard models/$$*/*)) scripts/stock_archives.py | $(STAMP)
 	$(PY) scripts/stock_archives.py $* --export $(STOCK_STORE)
@@ -132,6 +134,10 @@ decode-fidelity: models ## Reduced-scale JPEG decode vs full decode on 4K upscal
 bench-photos: model_store/resnet18.mar model_store/resnet18_int8.mar model_store/resnet18_openvino.mar model_store/mobilenet_v3_small.mar model_store/mobilenet_v3_small_int8.mar model_store/mobilenet_v3_small_openvino.mar $(STOCK_STORE)/resnet18_stock.mar $(STOCK_STORE)/mobilenet_v3_small_stock.mar ## Photos at the sizes users send (12 MP, 1080p, 640x480, PNG screenshot), stock vs kit, c=16, worker memory -> build/bench-photos/
 	$(PY) scripts/bench.py --mode photos --out build/bench-photos
 
+.PHONY: bench-zoo
+bench-zoo: model_store/resnet18.mar model_store/resnet18_onnx.mar model_store/resnet18_openvino.mar $(ZOO_VARIANTS) ## A timm and a Hugging Face classifier next to resnet18: eager, ONNX Runtime, OpenVINO, in process and served -> build/bench-zoo/
+	$(PY) scripts/bench.py --mode zoo --out build/bench-zoo
+
 .PHONY: bench-shapes
 bench-shapes: model_store/shapes.mar model_store/shapes_onnx.mar model_store/shapes_openvino.mar $(TRITON_STAMP) ## The shapes detector (yolo path): raw in process, TorchScript and ONNX served, Triton; one size and mixed -> build/bench-shapes/
 	$(PY) scripts/bench.py --mode shapes --out build/bench-shapes
@@ -148,8 +154,9 @@ bench-quick: $(BENCH_INPUTS) ## Short benchmark (a few minutes) -> build/bench-q
 .PHONY: triton-repo
 triton-repo: $(TRITON_STAMP) ## Generate model_repository/{cpu,gpu} (ensembles: kit preprocess -> ONNX model -> kit postprocess)
 
-$(TRITON_STAMP): $(foreach m,$(DEMOS),$(ONNX_DIR)/$(m)/model.onnx) $(HANDLER_SRC) triton/servekit_step.py scripts/triton_repo.py
-	$(PY) scripts/triton_repo.py $(DEMOS)
+TRITON_MODELS := $(DEMOS) $(ZOO_DEMOS)
+$(TRITON_STAMP): $(foreach m,$(TRITON_MODELS),$(ONNX_DIR)/$(m)/model.onnx) $(HANDLER_SRC) triton/servekit_step.py scripts/triton_repo.py
+	$(PY) scripts/triton_repo.py $(TRITON_MODELS)
 	touch $@
 
 .PHONY: triton-serve

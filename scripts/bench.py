@@ -144,8 +144,22 @@ QUICK_SERVED = (
     Served("resnet18", "triton", "onnx", "resnet18"),
 )
 BACKENDS_SERVED = tuple(_served("resnet18", True, RESNET_KIT))
+# What a timm and a Hugging Face classifier cost next to resnet18 (`make bench-zoo`): eager, ONNX Runtime and
+# OpenVINO, served by the kit and run raw in process, on the same 451x300 JPEG.
+ZOO_MODELS = ("resnet18", "timm_convnext", "hf_vit")
+ZOO_SERVED = tuple(
+    Served(model, "kit", backend, archive)
+    for model in ZOO_MODELS
+    for backend, archive in (
+        ("torch", model),
+        ("onnx", f"{model}_onnx"),
+        ("openvino", f"{model}_openvino"),
+    )
+)
 PLANS = {
-    "full": Plan(15.0, 4.0, (1, 4, 16), 6.0, (1, 8), FULL_SERVED + SHAPES_SERVED + PHOTOS_SERVED),
+    "full": Plan(
+        15.0, 4.0, (1, 4, 16), 6.0, (1, 8), FULL_SERVED + SHAPES_SERVED + PHOTOS_SERVED + ZOO_SERVED[3:]
+    ),
     # Photos at the sizes users send (`make bench-photos`), at concurrency 16; also part of the full bench.
     "photos": Plan(10.0, 3.0, (16,), 4.0, (8,), PHOTOS_SERVED, frozenset(("torch", "int8", "openvino"))),
     # The shapes detector alone (`make bench-shapes`).
@@ -153,6 +167,7 @@ PLANS = {
     # Quick leaves out compile (minutes of inductor compilation on 2 cores): the full bench has it.
     # resnet18 on every backend, in process and served, side by side (`make bench-backends`).
     "backends": Plan(10.0, 4.0, (16,), 4.0, (1, 8), BACKENDS_SERVED),
+    "zoo": Plan(10.0, 3.0, (1, 16), 4.0, (1, 8), ZOO_SERVED, frozenset(("torch", "onnx", "openvino"))),
     "quick": Plan(
         5.0,
         2.0,
@@ -168,6 +183,8 @@ INPROCESS = {
     "mobilenet_v3_small": ("torchscript", "onnx", "int8"),
     "fasterrcnn": ("torch", "onnx"),
     "shapes": ("torchscript", "onnx", "openvino"),
+    "timm_convnext": ("torch", "onnx", "openvino"),
+    "hf_vit": ("torch", "onnx", "openvino"),
 }
 
 
@@ -750,7 +767,7 @@ def run(plan_name: str, out: Path, onnx_dir: Path) -> Path:
     rows += triton_rows(plan, payloads, Path("build") / f"bench-{plan_name}-triton", progress)
     import fidelity
 
-    models = {"backends": ("resnet18",), "shapes": (), "photos": ()}.get(
+    models = {"backends": ("resnet18",), "shapes": (), "photos": (), "zoo": ()}.get(
         plan_name, ("digits", "resnet18", "mobilenet_v3_small")
     )
     report = {
@@ -765,6 +782,7 @@ def run(plan_name: str, out: Path, onnx_dir: Path) -> Path:
         "backends": "make bench-backends",
         "shapes": "make bench-shapes",
         "photos": "make bench-photos",
+        "zoo": "make bench-zoo",
     }[plan_name]
     (out / "results.json").write_text(json.dumps({"rows": [asdict(r) for r in rows], "fidelity": report}, indent=1))
     (out / "results.md").write_text(markdown(rows, plan_name, report, command), encoding="utf-8")

@@ -22,6 +22,7 @@ MODEL_STORE = REPO / "model_store"
 # the detectors' ONNX Runtime archives, to compare with Triton's ONNX models
 SERVED_VARIANTS = ["fasterrcnn_onnx", "shapes_onnx"]
 MODELS = ("digits", "resnet18", "mobilenet_v3_small", "fasterrcnn", "shapes")
+ZOO_DEMOS = ("timm_convnext", "hf_vit")  # a timm and a Hugging Face classifier, served and in the Triton repository
 
 
 @pytest.fixture(scope="session")
@@ -152,7 +153,7 @@ def serving(workdir: Path, store: Path, served: list[str], timeout: float = 300)
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A real `torchserve` serving every demo archive on free loopback ports, token auth on."""
-    served = [*MODELS, *SERVED_VARIANTS]
+    served = [*MODELS, *SERVED_VARIANTS, *ZOO_DEMOS]
     for name in served:
         archive(name)
     with serving(tmp_path_factory.mktemp("torchserve"), MODEL_STORE, served) as running:

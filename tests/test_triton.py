@@ -21,13 +21,13 @@ import reference
 import shapes
 import shapes_eval
 from client import KeyRing, Reply, RestClient, TritonClient
-from conftest import MODELS, REPO, Server
+from conftest import MODELS, REPO, ZOO_DEMOS, Server
 from servekit.config import read_model_config
 from triton_repo import RawGraph, model_configs, parse_config
 from tritonctl import ADMIN_HEADER, Triton, TritonEndpoints, ensembles
 
 REPOSITORY = REPO / "model_repository"
-SERVED = ["resnet18", "fasterrcnn", "shapes"]
+SERVED = ["resnet18", "fasterrcnn", "shapes", *ZOO_DEMOS]
 DETECTORS = ("fasterrcnn", "shapes")
 SHAPES_RAW = RawGraph("images", "output0", (7, 1600))
 
@@ -40,7 +40,7 @@ def repository(kind: str) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["cpu", "gpu"])
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", [*MODELS, *ZOO_DEMOS])
 def test_generated_configs_parse(kind: str, name: str) -> None:
     config = read_model_config(REPO / "models" / name)
     raw = SHAPES_RAW if name == "shapes" else None
@@ -84,8 +84,8 @@ def test_a_bad_config_is_reported_with_line_and_column() -> None:
 @pytest.mark.parametrize("kind", ["cpu", "gpu"])
 def test_repository_layout(kind: str) -> None:
     root = repository(kind)
-    assert set(ensembles(root)) == set(MODELS)
-    for name in MODELS:
+    assert set(ensembles(root)) == {*MODELS, *ZOO_DEMOS}
+    for name in [*MODELS, *ZOO_DEMOS]:
         for step in ("preprocess", "postprocess"):
             version = root / f"{name}_{step}" / "1"
             assert (version / "model.py").is_file() and (version / "servekit" / "triton_steps.py").is_file()

@@ -157,9 +157,7 @@ ZOO_SERVED = tuple(
     )
 )
 PLANS = {
-    "full": Plan(
-        15.0, 4.0, (1, 4, 16), 6.0, (1, 8), FULL_SERVED + SHAPES_SERVED + PHOTOS_SERVED + ZOO_SERVED[3:]
-    ),
+    "full": Plan(15.0, 4.0, (1, 4, 16), 6.0, (1, 8), FULL_SERVED + SHAPES_SERVED + PHOTOS_SERVED + ZOO_SERVED[3:]),
     # Photos at the sizes users send (`make bench-photos`), at concurrency 16; also part of the full bench.
     "photos": Plan(10.0, 3.0, (16,), 4.0, (8,), PHOTOS_SERVED, frozenset(("torch", "int8", "openvino"))),
     # The shapes detector alone (`make bench-shapes`).

@@ -316,6 +316,16 @@ class TorchServe:
             raise RuntimeError(f"torchserve exited during start-up; last output:\n{tail}")
 
 
+def apply_profile(store: Path, names: list[str], dest: Path, profiles: Path) -> Path:
+    """The store to serve: this machine's tuned profile applied to the archives it names (see ``profiles``)."""
+    from profiles import profiled_store, this_machine
+
+    served, lines = profiled_store(store, names, dest, this_machine(), profiles)
+    for line in lines:
+        logger.info("%s", line)
+    return served.resolve()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("action", choices=("start", "stop"))
@@ -323,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=Path("config.properties"))
     parser.add_argument("--model-store", type=Path, default=Path("model_store"))
     parser.add_argument("--models", nargs="*", default=None, help="archive names (default: every .mar)")
+    parser.add_argument("--profiles", type=Path, default=Path("build/tune/profiles"), help="make tune's profiles")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     names = args.models or sorted(p.stem for p in args.model_store.glob("*.mar"))
@@ -333,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     if server.processes():
         logger.info("torchserve is already running in %s; `make stop` first", server.workdir)
         return 1
+    server.model_store = apply_profile(args.model_store, names, server.workdir / "profiled-store", args.profiles)
     server.start()
     try:
         server.wait_ready(names)

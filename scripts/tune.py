@@ -20,17 +20,17 @@ import os
 import shutil
 import sys
 import time
-import zipfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import requests
-import yaml
 
 from client import KeyRing, RestClient
 from loadgen import closed_loop
+from profiles import read_document, record_choice, repack, this_machine
+from profiles import tuned_document as profile_document
 from tsctl import Keys, TorchServe, derive_config, random_endpoints
 
 logger = logging.getLogger("tune")
@@ -71,33 +71,20 @@ def shipped_point(archive: str, document: dict[str, Any], cores: int) -> Point:
     return Point(archive, workers, threads, int(document.get("batchSize", 1)), int(document.get("maxBatchDelay", 100)))
 
 
-def tuned_document(document: dict[str, Any], point: Point) -> dict[str, Any]:
-    """The model-config.yaml of ``point``: the frontend keys and the handler's threads replaced."""
-    handler = {**document.get("handler", {}), "threads": point.threads}
+def point_keys(point: Point) -> dict[str, int]:
+    """The model-config keys of ``point``: frontend keys and the handler's threads."""
     return {
-        **document,
         "minWorkers": point.workers,
         "maxWorkers": point.workers,
         "batchSize": point.batch,
         "maxBatchDelay": point.delay_ms,
-        "handler": handler,
+        "threads": point.threads,
     }
 
 
-def read_document(mar: Path) -> dict[str, Any]:
-    with zipfile.ZipFile(mar) as archive:
-        return yaml.safe_load(archive.read("model-config.yaml"))
-
-
-def repack(source: Path, dest: Path, document: dict[str, Any]) -> Path:
-    """A copy of the archive ``source`` whose model-config.yaml is ``document`` (the rest byte for byte)."""
-    with zipfile.ZipFile(source) as src, zipfile.ZipFile(dest, "w", zipfile.ZIP_STORED) as out:
-        for item in src.infolist():
-            data = src.read(item.filename)
-            if item.filename == "model-config.yaml":
-                data = yaml.safe_dump(document, sort_keys=False).encode()
-            out.writestr(item, data)
-    return dest
+def tuned_document(document: dict[str, Any], point: Point) -> dict[str, Any]:
+    """The model-config.yaml of ``point``: the frontend keys and the handler's threads replaced."""
+    return profile_document(document, point_keys(point))
 
 
 def pick(results: Sequence[Result], bound_ms: float | None) -> Result | None:
@@ -339,6 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path("build/tune") / args.model
     report = run(args.model, args.store, out, args.p99_ms, args)
     logger.info("%s", advice(report))
+    if report["chosen"] is not None:
+        chosen = report["chosen"]
+        machine = this_machine()
+        path = record_choice(chosen["archive"], point_keys(Point(**chosen)), machine)
+        logger.info(
+            "tuned keys for this machine (%s) written to %s; `make serve` applies them here", machine.describe(), path
+        )
     logger.info("wrote %s and tune.png in %.0f s", out / "results.md", time.monotonic() - started)
     return 0
 

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_handlers import CORRUPT
 
 import demo_models
 import fidelity
 import reference
 import shapes
 from conftest import MODELS, REPO, archive
+from test_handlers import CORRUPT
 
 ONNX_DIR = REPO / "build" / "onnx"
 CLASSIFIERS = ["digits", "resnet18", "mobilenet_v3_small"]

@@ -14,7 +14,6 @@ import pytest
 import requests
 from google.protobuf import text_format
 from test_e2e import assert_same_answer
-from test_handlers import CORRUPT
 
 import demo_models
 import reference
@@ -23,6 +22,7 @@ import shapes_eval
 from client import KeyRing, Reply, RestClient, TritonClient
 from conftest import MODELS, REPO, ZOO_DEMOS, Server
 from servekit.config import read_model_config
+from test_handlers import CORRUPT
 from triton_repo import RawGraph, model_configs, parse_config
 from tritonctl import ADMIN_HEADER, Triton, TritonEndpoints, ensembles
 

@@ -11,8 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from test_byom_e2e import run_make
-from zoo_models import TrainConfig
 
 from servekit.checkpoint import infer_num_classes, strip_prefixes
 from servekit.config import ClassifierConfig, parse_handler_config
@@ -21,6 +19,8 @@ from servekit.recipes import hf_recipe, timm_recipe, torchvision_recipe
 from servekit.transforms import classifier_crop
 from servekit.ultralytics_source import parse_metadata
 from servekit.yolo import ultralytics_letterbox
+from test_byom_e2e import run_make
+from zoo_models import TrainConfig
 
 
 def test_torchvision_recipe_is_read_from_the_weights_entry() -> None:

@@ -10,12 +10,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_backends import onnx_file
-from test_handlers import CORRUPT
 
 import demo_models
 import fidelity
 from conftest import REPO, ZOO_DEMOS
+from test_backends import onnx_file
+from test_handlers import CORRUPT
 
 VARIANT_TOLERANCE = {"onnx": 1e-4, "openvino": 1e-4, "aoti": 1e-4}
 

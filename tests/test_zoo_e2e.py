@@ -23,14 +23,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
-import zoo_models
 from PIL import Image
-from test_byom_e2e import apply_edits, run_make
 
 import demo_models
 import reference
+import zoo_models
 from client import KeyRing, RestClient
 from conftest import Server, serving
+from test_byom_e2e import apply_edits, run_make
 from user_models import GridDetector
 
 pytestmark = pytest.mark.e2e

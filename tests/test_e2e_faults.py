@@ -207,7 +207,7 @@ def test_a_pt_with_pickled_code_is_refused_at_load(tmp_path: Path) -> None:
 
     from servekit.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="refused to load model.pt: it holds pickled Python objects"):
+    with pytest.raises(ConfigError, match="refused to load model.pt: it is a checkpoint whose metadata holds posix"):
         TsModelLoader().load("evil", str(extracted), "servekit_classifier.py", None, 8)
     assert not marker.exists()
 

@@ -95,11 +95,12 @@ def zoo_classifiers(rest: RestClient, jpegs: dict[str, bytes]) -> None:
     logger.info("Zoo classifiers (seeded weights; each preprocessed by its own recipe, read at scaffold time)")
     for model, what in ZOO.items():
         section = read_model_config(Path("models") / model)
+        resize = section.resize
         logger.info(
             "  %s: %s, resize %s %s, crop %s, mean %s std %s",
             model,
             what,
-            section.resize,
+            f"short side {resize}" if isinstance(resize, int) else f"to {resize[0]}x{resize[1]}",
             section.interpolation,
             section.crop or "none",
             list(section.mean),

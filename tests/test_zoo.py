@@ -172,3 +172,14 @@ def test_bad_zoo_inputs_get_one_line(
     lines = [line for line in result.stderr.splitlines() if not line.startswith("make")]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert len(lines[0]) < 600
+
+
+def test_a_worker_without_the_package_fails_its_load_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from servekit.config import ModelSource
+    from servekit.weights import build_network
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
+    with pytest.raises(ConfigError, match="needs the Python package 'timm', which this Python lacks"):
+        build_network(Path("."), ModelSource(architecture="timm:convnext_atto"))

@@ -134,6 +134,10 @@ decode-fidelity: models ## Reduced-scale JPEG decode vs full decode on 4K upscal
 bench-photos: model_store/resnet18.mar model_store/resnet18_int8.mar model_store/resnet18_openvino.mar model_store/mobilenet_v3_small.mar model_store/mobilenet_v3_small_int8.mar model_store/mobilenet_v3_small_openvino.mar $(STOCK_STORE)/resnet18_stock.mar $(STOCK_STORE)/mobilenet_v3_small_stock.mar ## Photos at the sizes users send (12 MP, 1080p, 640x480, PNG screenshot), stock vs kit, c=16, worker memory -> build/bench-photos/
 	$(PY) scripts/bench.py --mode photos --out build/bench-photos
 
+.PHONY: bench-plain
+bench-plain: model_store/resnet18.mar model_store/mobilenet_v3_small.mar model_store/fasterrcnn.mar $(foreach m,resnet18 mobilenet_v3_small fasterrcnn,$(STOCK_STORE)/$(m)_stock.mar) ## The archive make archive builds vs TorchServe's stock handler, every demo model with a stock handler, at each image size -> build/bench-plain/
+	$(PY) scripts/bench.py --mode plain --out build/bench-plain
+
 .PHONY: bench-zoo
 bench-zoo: model_store/resnet18.mar model_store/resnet18_onnx.mar model_store/resnet18_openvino.mar $(ZOO_VARIANTS) ## A timm and a Hugging Face classifier next to resnet18: eager, ONNX Runtime, OpenVINO, in process and served -> build/bench-zoo/
 	$(PY) scripts/bench.py --mode zoo --out build/bench-zoo

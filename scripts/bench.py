@@ -144,6 +144,17 @@ QUICK_SERVED = (
     Served("resnet18", "triton", "onnx", "resnet18"),
 )
 BACKENDS_SERVED = tuple(_served("resnet18", True, RESNET_KIT))
+# The archive `make archive` builds against TorchServe's stock handler on the same weights and keys, at every
+# image size users send (`make bench-plain`): a regression of the default path shows as a ratio below 1.0x.
+PLAIN_SERVED = (
+    *(
+        Served(model, where, backend, archive, images=images, concurrencies=(16,))
+        for model, backend in (("resnet18", "torch"), ("mobilenet_v3_small", "torchscript"))
+        for images in ("same", *PHOTO_SETS)
+        for where, archive in (("stock", f"{model}_stock"), ("kit", model))
+    ),
+    *_served("fasterrcnn", True, [("torch", "fasterrcnn")]),
+)
 # What a timm and a Hugging Face classifier cost next to resnet18 (`make bench-zoo`): eager, ONNX Runtime and
 # OpenVINO, served by the kit and run raw in process, on the same 451x300 JPEG.
 ZOO_MODELS = ("resnet18", "timm_convnext", "hf_vit")
@@ -166,6 +177,7 @@ PLANS = {
     # resnet18 on every backend, in process and served, side by side (`make bench-backends`).
     "backends": Plan(10.0, 4.0, (16,), 4.0, (1, 8), BACKENDS_SERVED),
     "zoo": Plan(10.0, 3.0, (1, 16), 4.0, (1, 8), ZOO_SERVED, frozenset(("torch", "onnx", "openvino"))),
+    "plain": Plan(10.0, 3.0, (16,), 4.0, (8,), PLAIN_SERVED, frozenset(("torch", "torchscript"))),
     "quick": Plan(
         5.0,
         2.0,
@@ -765,7 +777,7 @@ def run(plan_name: str, out: Path, onnx_dir: Path) -> Path:
     rows += triton_rows(plan, payloads, Path("build") / f"bench-{plan_name}-triton", progress)
     import fidelity
 
-    models = {"backends": ("resnet18",), "shapes": (), "photos": (), "zoo": ()}.get(
+    models = {"backends": ("resnet18",), "shapes": (), "photos": (), "zoo": (), "plain": ()}.get(
         plan_name, ("digits", "resnet18", "mobilenet_v3_small")
     )
     report = {
@@ -781,6 +793,7 @@ def run(plan_name: str, out: Path, onnx_dir: Path) -> Path:
         "shapes": "make bench-shapes",
         "photos": "make bench-photos",
         "zoo": "make bench-zoo",
+        "plain": "make bench-plain",
     }[plan_name]
     (out / "results.json").write_text(json.dumps({"rows": [asdict(r) for r in rows], "fidelity": report}, indent=1))
     (out / "results.md").write_text(markdown(rows, plan_name, report, command), encoding="utf-8")

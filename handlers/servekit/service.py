@@ -202,6 +202,9 @@ class ClassifierService(VisionService[torch.Tensor]):
     """Top-k classification: uint8 crops per item, one normalized float batch through the model."""
 
     def __init__(self, config: ClassifierConfig, model: Network, labels: list[str], device: torch.device) -> None:
+        self.channels_last = prefers_channels_last(model)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         super().__init__(model, labels, config.limits, device)
         self.config = config
 
@@ -210,11 +213,26 @@ class ClassifierService(VisionService[torch.Tensor]):
 
     def infer(self, items: list[torch.Tensor]) -> torch.Tensor:
         batch = classifier_batch(items, self.config).to(self.device)
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             return self.model(batch).float().cpu()
 
     def finish(self, raw: torch.Tensor, items: list[torch.Tensor]) -> list[Any]:
         return topk_to_json(raw, self.labels, self.config.topk)
+
+
+MIN_CONVS_FOR_CHANNELS_LAST = 3
+
+
+def prefers_channels_last(model: Network) -> bool:
+    """Whether an eager torch network is mostly convolutions, which oneDNN runs faster in channels-last
+    layout (resnet18 at batch 8 on a 2-core AVX-512 CPU: 1.21x; a ViT's one patch conv: left alone)."""
+    if not isinstance(model, torch.nn.Module) or isinstance(model, torch.jit.ScriptModule):
+        return False
+    if hasattr(model, "_orig_mod"):  # torch.compile'd and warmed up in the layout it was given
+        return False
+    return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) >= MIN_CONVS_FOR_CHANNELS_LAST
 
 
 class DetectorService(VisionService[DecodedImage]):

@@ -138,6 +138,10 @@ bench-photos: model_store/resnet18.mar model_store/resnet18_int8.mar model_store
 bench-plain: model_store/resnet18.mar model_store/mobilenet_v3_small.mar model_store/fasterrcnn.mar $(foreach m,resnet18 mobilenet_v3_small fasterrcnn,$(STOCK_STORE)/$(m)_stock.mar) ## The archive make archive builds vs TorchServe's stock handler, every demo model with a stock handler, at each image size -> build/bench-plain/
 	$(PY) scripts/bench.py --mode plain --out build/bench-plain
 
+.PHONY: profile-workers
+profile-workers: model_store/resnet18.mar $(STOCK_STORE)/resnet18_stock.mar ## py-spy samples of the kit's and the stock handler's resnet18 workers under the same load (needs py-spy) -> build/profile/
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) scripts/profile_workers.py
+
 .PHONY: bench-zoo
 bench-zoo: model_store/resnet18.mar model_store/resnet18_onnx.mar model_store/resnet18_openvino.mar $(ZOO_VARIANTS) ## A timm and a Hugging Face classifier next to resnet18: eager, ONNX Runtime, OpenVINO, in process and served -> build/bench-zoo/
 	$(PY) scripts/bench.py --mode zoo --out build/bench-zoo

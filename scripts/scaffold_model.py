@@ -38,7 +38,7 @@ from servekit.loading import load_labels, load_model
 from servekit.program_backend import InputSpec, exported_input_spec
 from servekit.recipes import Recipe, hf_recipe, timm_recipe, torchvision_recipe
 from servekit.service import build_service, raw_output_shape
-from servekit.sniff import FILE_NAMES, Sniffed, sniff_model_file
+from servekit.sniff import FILE_NAMES, WEIGHT_FILES, Sniffed, sniff_model_file
 from servekit.ultralytics_source import read_export_metadata
 from servekit.weights import fit_weights, read_weights
 from servekit.yolo import infer_layout, layout_classes
@@ -48,7 +48,6 @@ CLASSIFIER_DEFAULTS = {"resize": 256, "crop": 224, "topk": 5}
 DETECTOR_DEFAULTS = {"score_threshold": 0.5, "max_detections": 100}
 YOLO_DEFAULTS = {"score_threshold": 0.25, "iou_threshold": 0.45, "max_detections": 300}
 ULTRALYTICS_PREDICT = {"score_threshold": 0.25, "iou_threshold": 0.7, "max_detections": 300}  # `yolo predict`
-RECIPE_KEYS = ("resize", "crop", "interpolation", "mean", "std")
 BACKGROUND = "__background__"
 
 
@@ -194,7 +193,7 @@ def timm_model_recipe(plan: Plan, obj: Any, pretrained_cfg: dict[str, Any] | Non
 def timm_folder_plan(args: argparse.Namespace, sniffed: Sniffed) -> Plan:
     """A timm hub folder (``save_for_hf``): the network from ``architecture``, recipe from ``pretrained_cfg``."""
     config = hf_source.read_config(args.pt)
-    weights = next(args.pt / name for name in ("model.safetensors", "pytorch_model.bin") if (args.pt / name).is_file())
+    weights = next(args.pt / name for name in WEIGHT_FILES if (args.pt / name).is_file())
     fmt = "safetensors" if weights.suffix == ".safetensors" else "state_dict"
     kwargs = {**dict(config.get("model_args") or {})}
     if config.get("num_classes"):
@@ -219,7 +218,7 @@ def hf_plan(args: argparse.Namespace, sniffed: Sniffed) -> Plan:
         raise ConfigError("Hugging Face folders are served as image classifiers (TASK=classification)")
     config = hf_source.read_config(args.pt)
     network = hf_source.classifier_class(config)
-    weights = next(name for name in hf_source.WEIGHT_FILES if (args.pt / name).is_file())
+    weights = next(name for name in WEIGHT_FILES if (args.pt / name).is_file())
     copies = {
         name: args.pt / name for name in (hf_source.CONFIG_FILE, weights, PROCESSOR_FILE) if (args.pt / name).is_file()
     }

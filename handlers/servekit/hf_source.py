@@ -18,7 +18,6 @@ import torch
 from servekit.errors import ConfigError, plain_line, require
 
 CONFIG_FILE = "config.json"
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 class ImageClassifierLogits(torch.nn.Module):

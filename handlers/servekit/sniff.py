@@ -68,7 +68,7 @@ def sniff_model_file(path: Path) -> Sniffed:
     )
 
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # a timm hub or Hugging Face folder's weights
 
 
 def sniff_model_folder(path: Path) -> Sniffed:

@@ -66,34 +66,33 @@ def letterbox(
     width, height = original or (int(pixels.shape[2]), int(pixels.shape[1]))
     new_w, new_h, geometry = letterbox_geometry(width, height, size)
     resized = F.resize(pixels, [new_h, new_w], antialias=True)
-    canvas = torch.full((3, size, size), PAD_VALUE, dtype=torch.uint8)
-    canvas[:, geometry.top : geometry.top + new_h, geometry.left : geometry.left + new_w] = resized
-    return canvas, geometry
+    return _on_canvas(resized, size, geometry.left, geometry.top), geometry
 
 
-def ultralytics_letterbox(
-    pixels: torch.Tensor, size: int, original: tuple[int, int] | None = None
-) -> tuple[torch.Tensor, Letterbox]:
-    """Fit a uint8 3 x H x W image into ``size`` x ``size`` as ultralytics' predictor does, so boxes equal
-    ``yolo predict``'s: OpenCV ``INTER_LINEAR`` on uint8 (no antialias) to ``round(side * r)``, padding
-    ``round(d - 0.1)`` on the top/left with 114, and boxes mapped back with one gain and the pad of their
-    ``scale_boxes`` (``round((size - side * r) / 2 - 0.1)``). Their published behaviour, reproduced.
+def ultralytics_letterbox(pixels: torch.Tensor, size: int) -> tuple[torch.Tensor, Letterbox]:
+    """Fit a fully decoded uint8 3 x H x W image into ``size`` x ``size`` as ultralytics' predictor does, so
+    boxes equal ``yolo predict``'s: OpenCV ``INTER_LINEAR`` on uint8 (no antialias) to ``round(side * r)``,
+    placed as :func:`letterbox_geometry` places it (their ``round(d - 0.1)`` padding is that floor), and
+    boxes mapped back with one gain and the pad of their ``scale_boxes`` (``round((size - side * r) / 2 -
+    0.1)``, from the unrounded side). Their published behaviour, reproduced.
     """
     cv2 = require("cv2", "handler.letterbox ultralytics (OpenCV's resize, package opencv-python-headless)")
     height, width = int(pixels.shape[1]), int(pixels.shape[2])
-    sent_w, sent_h = original or (width, height)
-    gain = min(size / height, size / width)
-    new_w, new_h = round(width * gain), round(height * gain)
-    left, top = round((size - new_w) / 2 - 0.1), round((size - new_h) / 2 - 0.1)
+    new_w, new_h, placed = letterbox_geometry(width, height, size)
     image = pixels.permute(1, 2, 0).contiguous().numpy()
     if (new_w, new_h) != (width, height):
         image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    canvas = _on_canvas(torch.from_numpy(image).permute(2, 0, 1), size, placed.left, placed.top)
+    gain = min(size / height, size / width)
+    pad_x, pad_y = round((size - width * gain) / 2 - 0.1), round((size - height * gain) / 2 - 0.1)
+    return canvas, Letterbox(width, height, gain, gain, pad_x, pad_y)
+
+
+def _on_canvas(resized: torch.Tensor, size: int, left: int, top: int) -> torch.Tensor:
+    """A ``size`` x ``size`` canvas of 114 gray with ``resized`` pasted at (left, top)."""
     canvas = torch.full((3, size, size), PAD_VALUE, dtype=torch.uint8)
-    canvas[:, top : top + new_h, left : left + new_w] = torch.from_numpy(image).permute(2, 0, 1)
-    box_gain = min(size / sent_h, size / sent_w)
-    pad_x = round((size - sent_w * box_gain) / 2 - 0.1)
-    pad_y = round((size - sent_h * box_gain) / 2 - 0.1)
-    return canvas, Letterbox(sent_w, sent_h, box_gain, box_gain, pad_x, pad_y)
+    canvas[:, top : top + resized.shape[1], left : left + resized.shape[2]] = resized
+    return canvas
 
 
 def unletterbox(boxes: torch.Tensor, geometry: Letterbox) -> torch.Tensor:

@@ -6,6 +6,12 @@ running until every request it received has been answered (its ``ts_inference_re
 against the kit handlers' ``ServekitRequests``, from the Prometheus endpoint) and stays so briefly, or
 until ``SERVEKIT_DRAIN_SECONDS`` pass; then it stops TorchServe's process group and exits 0.
 
+Before TorchServe starts, a tuned profile for this machine (``make tune``'s choice, a JSON file under
+``SERVEKIT_PROFILES``: baked into the image from ``build/tune/profiles/``, or a Kubernetes ConfigMap mounted
+over it) is applied to the archives it names, in a store under the work directory; a profile of another
+CPU model, flag set or core count is not. One line says which applied, or that the shipped keys serve
+(``profiles.py`` beside this file does the work; a profile that cannot be read never stops the models).
+
 ``serve.py --health`` is the image's HEALTHCHECK: ``/ping`` with the inference key when token auth is on.
 Standard library only: it runs before anything else is known to work.
 """
@@ -24,6 +30,8 @@ import urllib.request
 from pathlib import Path
 
 WORKDIR = Path(os.environ.get("SERVEKIT_WORKDIR", "/tmp/servekit"))  # the key file and TorchServe's cwd
+# folders of tuned profiles, searched in order (a Kubernetes ConfigMap's before the image's own)
+PROFILES = [Path(p) for p in (os.environ.get("SERVEKIT_PROFILES") or "/home/model-server/profiles").split(os.pathsep)]
 DRAIN_SECONDS = float(os.environ.get("SERVEKIT_DRAIN_SECONDS", "60"))
 QUIET_SECONDS = 1.0  # nothing in flight for this long: the answers have gone out
 DEFAULT_COMMAND = [
@@ -94,8 +102,42 @@ def drain(metrics_url: str, deadline: float) -> None:
         time.sleep(0.2)
 
 
+def model_store(command: list[str]) -> tuple[int, Path] | None:
+    """Where ``--model-store`` (``=path`` or ``path`` after it) sits in the command, and its path."""
+    for i, arg in enumerate(command):
+        if arg.startswith("--model-store="):
+            return i, Path(arg.partition("=")[2])
+        if arg == "--model-store" and i + 1 < len(command):
+            return i + 1, Path(command[i + 1])
+    return None
+
+
+def profiled_command(command: list[str], profiles: list[Path] = PROFILES) -> list[str]:
+    """The command with its model store replaced by one where this machine's tuned profile is applied."""
+    found = model_store(command)
+    if found is None:
+        return command
+    index, store = found
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        from profiles import profile_root, profiled_store, this_machine
+
+        machine, names = this_machine(), sorted(p.stem for p in store.glob("*.mar"))
+        root = profile_root(machine, profiles)
+        served, lines = profiled_store(store, names, WORKDIR / "profiled-store", machine, root)
+    except Exception as exc:  # whatever is wrong with a profile, the shipped keys still serve
+        served, lines = store, [f"tuned profiles not applied ({type(exc).__name__}: {exc}): serving the shipped keys"]
+    for line in lines:
+        sys.stderr.write(f"servekit: {line}\n")
+    if served == store:
+        return command
+    prefix = "--model-store=" if command[index].startswith("--model-store=") else ""
+    return [*command[:index], f"{prefix}{served}", *command[index + 1 :]]
+
+
 def run(command: list[str]) -> int:
     WORKDIR.mkdir(parents=True, exist_ok=True)
+    command = profiled_command(command)
     stopping: list[int] = []
     signal.signal(signal.SIGTERM, lambda number, _frame: stopping.append(number))
     signal.signal(signal.SIGINT, lambda number, _frame: stopping.append(number))

@@ -22,6 +22,10 @@ RUN command -v java >/dev/null || (apt-get update && apt-get install -y --no-ins
  && useradd --uid 1000 --create-home --home-dir /home/model-server --shell /usr/sbin/nologin model-server
 COPY --from=wheels /opt/venv /opt/venv
 COPY deploy/serve.py /opt/servekit/serve.py
+COPY entry /opt/servekit/
+# make tune's per-machine profiles (build/tune/profiles/ when the image was built); applied only on a machine
+# with the same CPU model, flags and cores. A Kubernetes ConfigMap mounted here replaces them.
+COPY profiles /home/model-server/profiles
 COPY deploy/config.properties /home/model-server/config.properties
 COPY model-store /home/model-server/model-store
 ENV PATH=/opt/venv/bin:$PATH \
@@ -29,7 +33,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     LOG_LOCATION=/tmp/servekit/logs \
     METRICS_LOCATION=/tmp/servekit/logs \
     TEMP=/tmp \
-    SERVEKIT_DRAIN_SECONDS=60
+    SERVEKIT_DRAIN_SECONDS=60 \
+    SERVEKIT_PROFILES=/home/model-server/profiles
 USER 1000:1000
 WORKDIR /home/model-server
 EXPOSE 8080 7070 8082

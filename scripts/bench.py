@@ -683,7 +683,7 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    from servekit.program_backend import cpu_flags
+    from servekit.host import cpu_flags
 
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
     flags = " ".join(f for f in wanted if f in cpu_flags()) or "none of AVX2/AVX-512/AMX"

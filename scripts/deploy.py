@@ -35,6 +35,8 @@ from typing import Any
 
 import yaml
 
+from profiles import PROFILE_DIR
+
 logger = logging.getLogger("deploy")
 
 K8S_VERSION = "1.34.0"  # the Kubernetes version manifests are validated against (kubernetes-validate, strict)
@@ -48,6 +50,8 @@ FRONTEND_MIB = 512  # the Java frontend's resident memory with the kit's netty a
 DEFAULT_WORKER_MIB = {"classification": 700, "detection": 1400}  # when no bench run measured the model
 MODEL_STORE = "/home/model-server/model-store"
 CONTAINER_CONFIG = "/home/model-server/config.properties"
+IMAGE_PROFILES = "/home/model-server/profiles"  # make tune's profiles baked into the image
+PROFILE_OVERRIDE = "/etc/servekit/profiles"  # the profiles ConfigMap, searched first
 GATEWAY_LABEL = {"servekit.io/gateway": "true"}
 MONITORING_LABEL = {"servekit.io/monitoring": "true"}
 
@@ -167,6 +171,27 @@ def torchserve_args(config: str, store: str, *extra: str) -> list[str]:
     ]
 
 
+def profiles_name(spec: ModelSpec) -> str:
+    return f"{resource_name(spec)}-profiles"
+
+
+def profiles_config_map(spec: ModelSpec, profiles: Path) -> dict[str, Any] | None:
+    """``make tune``'s per-machine profiles as the ConfigMap the pods mount over the image's (None if none).
+
+    Each node's pod applies only the profile of its own CPU model, flags and CPU limit (``deploy/serve.py``),
+    so one ConfigMap can hold the profiles of every node pool.
+    """
+    files = sorted(profiles.glob("*.json")) if profiles.is_dir() else []
+    if not files:
+        return None
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": profiles_name(spec), "labels": labels(spec)},
+        "data": {p.name: p.read_text(encoding="utf-8") for p in files},
+    }
+
+
 def container(spec: ModelSpec, image: str) -> dict[str, Any]:
     """The TorchServe container: the image's archives, token auth off (see the module's deployment model)."""
     probe_http = {"path": "/ping", "port": "http"}
@@ -180,7 +205,12 @@ def container(spec: ModelSpec, image: str) -> dict[str, Any]:
             {"name": "grpc", "containerPort": GRPC, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS, "protocol": "TCP"},
         ],
-        "env": [{"name": "LOG_LOCATION", "value": "/tmp/logs"}, {"name": "METRICS_LOCATION", "value": "/tmp/logs"}],
+        "env": [
+            {"name": "LOG_LOCATION", "value": "/tmp/logs"},
+            {"name": "METRICS_LOCATION", "value": "/tmp/logs"},
+            # a node's tuned profile: the ConfigMap's first, then the image's; another CPU's never applies
+            {"name": "SERVEKIT_PROFILES", "value": f"{PROFILE_OVERRIDE}:{IMAGE_PROFILES}"},
+        ],
         "resources": resources([spec]),
         # /ping answers 200 once every model has a worker; startup covers model loading.
         "startupProbe": {"httpGet": probe_http, "periodSeconds": 5, "failureThreshold": 60},
@@ -193,7 +223,10 @@ def container(spec: ModelSpec, image: str) -> dict[str, Any]:
             "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]},
         },
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "profiles", "mountPath": PROFILE_OVERRIDE, "readOnly": True},
+        ],
     }
 
 
@@ -221,7 +254,11 @@ def deployment(spec: ModelSpec, image: str, replicas: int = 2) -> dict[str, Any]
                     "terminationGracePeriodSeconds": spec.timeout_s + 30,
                     "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
                     "containers": [container(spec, image)],
-                    "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}],
+                    "volumes": [
+                        {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+                        # optional: without the ConfigMap the pod starts with the image's profiles or none
+                        {"name": "profiles", "configMap": {"name": profiles_name(spec), "optional": True}},
+                    ],
                 },
             },
         },
@@ -312,7 +349,7 @@ def network_policy(spec: ModelSpec) -> dict[str, Any]:
     }
 
 
-def k8s_manifests(spec: ModelSpec, image: str) -> dict[str, dict[str, Any]]:
+def k8s_manifests(spec: ModelSpec, image: str, profiles: Path = PROFILE_DIR) -> dict[str, dict[str, Any]]:
     """File name -> manifest for one model (``kustomization.yaml`` lists all but the HPA variant)."""
     files = {
         "deployment.yaml": deployment(spec, image),
@@ -321,6 +358,9 @@ def k8s_manifests(spec: ModelSpec, image: str) -> dict[str, dict[str, Any]]:
         "pdb.yaml": pdb(spec),
         "networkpolicy.yaml": network_policy(spec),
     }
+    config_map = profiles_config_map(spec, profiles)
+    if config_map is not None:
+        files["profiles.yaml"] = config_map
     files["kustomization.yaml"] = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
@@ -569,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--triton-repo", type=Path, default=Path("model_repository/cpu"))
     parser.add_argument("--storage-uri", default="pvc://servekit-models", help="where the storage trees are uploaded")
     parser.add_argument("--out", type=Path, default=Path("build/k8s"))
+    parser.add_argument("--profiles", type=Path, default=PROFILE_DIR, help="k8s: make tune's profiles")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.what == "capacity":
@@ -582,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("%s: %d CPU, %d MiB per replica (%s)", spec.name, spec.cpu, spec.memory_mib, source)
     if args.what == "k8s":
         for spec in specs:
-            write_documents(args.out / spec.name, k8s_manifests(spec, args.image))
+            write_documents(args.out / spec.name, k8s_manifests(spec, args.image, args.profiles))
         logger.info("Kubernetes manifests in %s/<model>/ (kubectl apply -k %s/<model>)", args.out, args.out)
         return 0
     storage_layout(args.out, specs, args.store, args.triton_repo)

@@ -66,6 +66,7 @@ class Sources:
     store: Path
     models: tuple[str, ...]
     repository: Path
+    profiles: Path = Path("build/tune/profiles")
 
 
 def stage(kind: str, context: Path, sources: Sources) -> Path:
@@ -81,6 +82,13 @@ def stage(kind: str, context: Path, sources: Sources) -> Path:
         (context / "model-store").mkdir()
         for name in models:
             os.link(store / f"{name}.mar", context / "model-store" / f"{name}.mar")
+        # the entrypoint's profile step (stdlib and PyYAML) and make tune's profiles of this host's machines
+        (context / "entry" / "servekit").mkdir(parents=True)
+        shutil.copy2(Path("scripts") / "profiles.py", context / "entry" / "profiles.py")
+        shutil.copy2(Path("handlers") / "servekit" / "host.py", context / "entry" / "servekit" / "host.py")
+        (context / "profiles").mkdir()
+        for profile in sorted(sources.profiles.glob("*.json")):
+            shutil.copy2(profile, context / "profiles" / profile.name)
     else:
         _link_tree(repository, context / "repository")
         (context / "scripts").mkdir()

@@ -21,8 +21,7 @@ from typing import Any
 
 import yaml
 
-from servekit.loading import available_cores
-from servekit.program_backend import cpu_flags
+from servekit.host import available_cores, cpu_flags, cpu_model
 
 PROFILE_DIR = Path("build/tune/profiles")
 KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
@@ -48,15 +47,10 @@ class Machine:
         return f"{self.cpu_model}, {' '.join(self.flags) or 'no AVX2'}, {self.cores} cores"
 
 
-def this_machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> Machine:
-    """The machine this process runs on."""
-    try:
-        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        text = ""
-    model = next((line.partition(":")[2].strip() for line in text.splitlines() if line.startswith("model name")), "")
+def this_machine() -> Machine:
+    """The machine this process runs on (in a container: the cores its CPU limit allows)."""
     flags = cpu_flags()
-    return Machine(model or "unknown CPU", tuple(f for f in KERNEL_FLAGS if f in flags), available_cores())
+    return Machine(cpu_model() or "unknown CPU", tuple(f for f in KERNEL_FLAGS if f in flags), available_cores())
 
 
 @dataclass
@@ -99,6 +93,11 @@ def matching_profile(machine: Machine, root: Path = PROFILE_DIR) -> Profile | No
         return None
     profile = Profile.from_json(path.read_text(encoding="utf-8"))
     return profile if profile.machine == machine else None
+
+
+def profile_root(machine: Machine, roots: Sequence[Path]) -> Path:
+    """The first of ``roots`` that holds this machine's profile (the first root where none does)."""
+    return next((root for root in roots if matching_profile(machine, root) is not None), roots[0])
 
 
 def tuned_document(document: dict[str, Any], keys: Mapping[str, int]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import yaml
 import deploy
 from conftest import MODEL_STORE, MODELS, REPO, archive
 from loadgen import closed_loop, servekit_counters
+from profiles import Machine, record_choice, this_machine
 from tsctl import TorchServe, random_endpoints
 
 SCHEMAS = REPO / "tests" / "data" / "kserve"  # openAPIV3Schema of KServe v0.20.0's CRDs (source inside each file)
@@ -38,7 +39,10 @@ def documents(folder: Path) -> dict[str, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def k8s(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate("k8s", tmp_path_factory.mktemp("k8s"), list(MODELS))
+    profiles = tmp_path_factory.mktemp("profiles")
+    record_choice("resnet18", {"batchSize": 4, "maxBatchDelay": 5}, this_machine(), profiles)
+    record_choice("resnet18", {"batchSize": 16}, Machine("Intel(R) Xeon(R) Platinum 8480+", ("amx_tile",), 8), profiles)
+    return generate("k8s", tmp_path_factory.mktemp("k8s"), list(MODELS), "--profiles", str(profiles))
 
 
 def test_k8s_manifests_pass_strict_validation(k8s: Path) -> None:
@@ -73,6 +77,13 @@ def test_k8s_exposes_inference_only_and_runs_unprivileged(k8s: Path) -> None:
         [deploy.METRICS],
     ]
     assert deploy.MANAGEMENT not in {p["port"] for rule in rules for p in rule["ports"]}
+    # make tune's profiles ride in a ConfigMap mounted over the image's; each node applies its own only
+    assert len(files["profiles.yaml"]["data"]) == 2
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "profiles"]
+    assert volume["configMap"] == {"name": files["profiles.yaml"]["metadata"]["name"], "optional": True}
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "profiles"]
+    search = {e["name"]: e["value"] for e in container["env"]}["SERVEKIT_PROFILES"].split(":")
+    assert search[0] == mount["mountPath"] and mount["readOnly"]
     variant = files["hpa-queue-latency.yaml"]["spec"]["metrics"][0]
     assert variant["pods"]["metric"]["name"] == "ts_queue_latency_ms_per_request"
 

@@ -23,8 +23,9 @@ import demo_models
 from client import GrpcClient, KeyRing, RestClient, TritonClient
 from conftest import Server
 from images import TORCHSERVE_IMAGE, TRITON_IMAGE, docker, run_torchserve, run_triton
+from profiles import Machine, record_choice, this_machine
 from tritonctl import Triton
-from tsctl import Endpoints, free_ports
+from tsctl import Endpoints, Keys, free_ports
 
 pytestmark = pytest.mark.e2e
 
@@ -87,9 +88,18 @@ MODELS = ["digits", "resnet18", "fasterrcnn", "shapes"]
 
 def test_torchserve_image_answers_as_local_torchserve(server: Server, jpegs: dict[str, bytes], tmp_path: Path) -> None:
     ep = Endpoints(*free_ports(5))
+    profiles = tmp_path / "profiles"  # mounted over the image's: this machine's profile, and another CPU's
+    record_choice("digits", {"batchSize": 3, "maxBatchDelay": 7}, this_machine(), profiles)
+    record_choice("resnet18", {"batchSize": 5}, Machine("Intel(R) Xeon(R) Platinum 8480+", ("amx_tile",), 8), profiles)
+    profiles.chmod(0o755)
+    for path in profiles.iterdir():
+        path.chmod(0o644)
     with container("servekit-test-answers") as name:
-        run_torchserve(TORCHSERVE_IMAGE, name, ep)
+        run_torchserve(TORCHSERVE_IMAGE, name, ep, ["-v", f"{profiles}:/home/model-server/profiles:ro"])
         ring = wait_torchserve(name, ep, tmp_path, MODELS)
+        batching = {m: described(ep, ring, m) for m in ("digits", "resnet18")}
+        assert batching == {"digits": (3, 7), "resnet18": (8, 20)}, batching  # resnet18: its shipped keys
+        assert "servekit: applied tuned profile" in docker("logs", name, capture=True).stderr
         assert docker("exec", name, "id", "-u", capture=True).stdout.strip() == "1000"
         users = docker("exec", name, "ps", "-e", "-o", "uid=", capture=True).stdout.split()
         assert users and set(users) == {"1000"}, users  # every process of the container, workers included
@@ -110,6 +120,13 @@ def test_torchserve_image_answers_as_local_torchserve(server: Server, jpegs: dic
         while (health := health_of(name)) != "healthy":
             assert health == "starting" and time.monotonic() < deadline, health
             time.sleep(2)
+
+
+def described(ep: Endpoints, ring: KeyRing, model: str) -> tuple[int, int]:
+    """The model's batch size and delay as TorchServe's management API reports them."""
+    headers = {"Authorization": f"Bearer {Keys.read(ring.path).management}"}
+    (model_info,) = requests.get(f"{ep.url('management')}/models/{model}", headers=headers, timeout=10).json()
+    return model_info["batchSize"], model_info["maxBatchDelay"]
 
 
 def health_of(name: str) -> str:

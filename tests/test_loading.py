@@ -83,7 +83,7 @@ def test_intra_op_threads(requested: int, workers: int, cores: int, expected: in
 
 
 def test_available_cores_follow_the_cgroup_quota(tmp_path: Path) -> None:
-    from servekit.loading import available_cores
+    from servekit.host import available_cores
 
     cpu_max = tmp_path / "cpu.max"
     cores = os.cpu_count() or 1

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 
 from servekit.config import WEIGHT_FORMATS, CompileSettings, ModelSource
 from servekit.errors import ConfigError, plain_line
-from servekit.program_backend import cpu_flags
+from servekit.host import cpu_flags
 
 logger = logging.getLogger(__name__)
 
@@ -38,31 +37,6 @@ def intra_op_threads(requested: int, workers: int, cores: int) -> int:
     if requested > 0:
         return requested
     return max(1, cores // max(1, workers))
-
-
-CGROUP_V2_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
-CGROUP_V1_CPU = Path("/sys/fs/cgroup/cpu")
-
-
-def available_cores(cpu_max: Path = CGROUP_V2_CPU_MAX, cgroup_v1: Path = CGROUP_V1_CPU) -> int:
-    """Cores this process may use: the CPU count, capped by a cgroup CPU quota (a container's CPU limit;
-    cgroup v2 ``cpu.max``, else v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``).
-
-    In a Kubernetes pod ``os.cpu_count()`` is the node's; without the cap every worker would start as
-    many threads as the node has cores and the quota would throttle them all.
-    """
-    cores = os.cpu_count() or 1
-    try:
-        quota, period = cpu_max.read_text(encoding="utf-8").split()[:2]
-    except (OSError, ValueError):
-        try:
-            quota = (cgroup_v1 / "cpu.cfs_quota_us").read_text(encoding="utf-8").strip()
-            period = (cgroup_v1 / "cpu.cfs_period_us").read_text(encoding="utf-8").strip()
-        except OSError:
-            return cores
-    if not quota.isdigit() or not period.isdigit() or int(period) == 0:  # "max", or -1 on cgroup v1
-        return cores
-    return max(1, min(cores, -(-int(quota) // int(period))))
 
 
 def load_labels(path: Path) -> list[str]:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from servekit.errors import ConfigError, plain_line
+from servekit.host import cpu_flags
 
 logger = logging.getLogger(__name__)
 # CPU instruction sets an AOTInductor package may be compiled for, from the lowest.
@@ -125,16 +126,6 @@ def check_package_cpu(metadata: dict[str, str], cpu_flags: set[str]) -> None:
             f"this AOTInductor package was compiled for {isa} but this CPU lacks {missing}: "
             "rebuild it on this machine with `make aoti`"
         )
-
-
-def cpu_flags() -> set[str]:
-    """The flags of this machine's CPU (Linux), empty where they cannot be read."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return set()
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
 
 
 def aoti_input_spec(metadata: dict[str, str], max_batch: int) -> InputSpec:

@@ -18,7 +18,8 @@ import torch
 
 from servekit.config import parse_handler_config
 from servekit.errors import ConfigError, NotReady, error_body, status_of
-from servekit.loading import available_cores, choose_device, intra_op_threads
+from servekit.host import available_cores
+from servekit.loading import choose_device, intra_op_threads
 from servekit.service import BatchOutcome, VisionService, build_service
 
 logger = logging.getLogger(__name__)

@@ -146,15 +146,30 @@ QUICK_SERVED = (
 BACKENDS_SERVED = tuple(_served("resnet18", True, RESNET_KIT))
 # The archive `make archive` builds against TorchServe's stock handler on the same weights and keys, at every
 # image size users send (`make bench-plain`): a regression of the default path shows as a ratio below 1.0x.
+# Every demo model TorchServe has a stock handler for (digits and shapes have none: their inputs and outputs
+# are not ImageNet's or torchvision's detection dicts).
+PLAIN_BACKENDS = {"resnet18": "torch", "mobilenet_v3_small": "torchscript", "fasterrcnn": "torch"}
 PLAIN_SERVED = (
     *(
         Served(model, where, backend, archive, images=images, concurrencies=(16,))
-        for model, backend in (("resnet18", "torch"), ("mobilenet_v3_small", "torchscript"))
+        for model, backend in PLAIN_BACKENDS.items()
+        if model != "fasterrcnn"
         for images in ("same", *PHOTO_SETS)
         for where, archive in (("stock", f"{model}_stock"), ("kit", model))
     ),
     *_served("fasterrcnn", True, [("torch", "fasterrcnn")]),
 )
+
+
+def unique(*groups: Sequence[Served]) -> tuple[Served, ...]:
+    """The served rows of every group, each (model, server, backend, archive, images) once: the first wins."""
+    seen: dict[tuple[str, ...], Served] = {}
+    for group in groups:
+        for s in group:
+            seen.setdefault((s.model, s.server, s.backend, s.archive, s.images), s)
+    return tuple(seen.values())
+
+
 # What a timm and a Hugging Face classifier cost next to resnet18 (`make bench-zoo`): eager, ONNX Runtime and
 # OpenVINO, served by the kit and run raw in process, on the same 451x300 JPEG.
 ZOO_MODELS = ("resnet18", "timm_convnext", "hf_vit")
@@ -168,7 +183,9 @@ ZOO_SERVED = tuple(
     )
 )
 PLANS = {
-    "full": Plan(15.0, 4.0, (1, 4, 16), 6.0, (1, 8), FULL_SERVED + SHAPES_SERVED + PHOTOS_SERVED + ZOO_SERVED[3:]),
+    "full": Plan(
+        15.0, 4.0, (1, 4, 16), 6.0, (1, 8), unique(FULL_SERVED, SHAPES_SERVED, PHOTOS_SERVED, PLAIN_SERVED, ZOO_SERVED)
+    ),
     # Photos at the sizes users send (`make bench-photos`), at concurrency 16; also part of the full bench.
     "photos": Plan(10.0, 3.0, (16,), 4.0, (8,), PHOTOS_SERVED, frozenset(("torch", "int8", "openvino"))),
     # The shapes detector alone (`make bench-shapes`).
@@ -468,7 +485,13 @@ PHOTO_TARGETS = (  # (model, images, target ratio of the kit's fastest archive t
     ("mobilenet_v3_small", "640x480", 2.0),
     ("resnet18", "1080p", 3.0),
 )
-PHOTO_NAMES = {"phone": "4032x3024 JPEG", "1080p": "1920x1080 JPEG", "640x480": "640x480 JPEG", "same": "451x300 JPEG"}
+PHOTO_NAMES = {
+    "phone": "4032x3024 JPEG",
+    "1080p": "1920x1080 JPEG",
+    "640x480": "640x480 JPEG",
+    "screenshot": "1280x800 PNG",
+    "same": "451x300 JPEG",
+}
 MEMORY_TARGET_MIB = 1.5 * 1024
 
 
@@ -613,6 +636,30 @@ def tuned_lines(tune_dir: Path = TUNE_DIR, models_dir: Path = Path("models")) ->
     return lines
 
 
+def plain_lines(rows: Sequence[Row]) -> list[str]:
+    """The archive ``make archive`` builds against the stock handler, per model and image size, same run."""
+    top = max((r.concurrency for r in rows if r.where == "stock"), default=0)
+    found = []
+    for model, backend in PLAIN_BACKENDS.items():
+        for images in ("same", *PHOTO_SETS):
+            stock = rate_of(rows, model=model, where="stock", images=images, concurrency=top)
+            kit = rate_of(rows, model=model, where="kit", backend=backend, images=images, concurrency=top)
+            if stock and kit:
+                flag = " **below stock**" if kit < stock else ""
+                shown = PHOTO_NAMES.get(images, images)
+                found.append(f"| {model} | {shown} | {stock:.1f} | {kit:.1f} | {kit / stock:.2f}x{flag} |")
+    if not found:
+        return []
+    return [
+        "",
+        f"## The plain archive (what `make archive` builds) against TorchServe's stock handler, c={top}, same run",
+        "",
+        "| model | images | stock req/s | kit req/s | kit / stock |",
+        "|---|---|---|---|---|",
+        *found,
+    ]
+
+
 def markdown(rows: Sequence[Row], plan_name: str, fidelity_report: dict[str, Any], command: str) -> str:
     lines = [
         f"# Benchmark ({plan_name})",
@@ -625,6 +672,7 @@ def markdown(rows: Sequence[Row], plan_name: str, fidelity_report: dict[str, Any
     ]
     if plan_name == "full":
         lines += tuned_lines()
+    lines += plain_lines(rows)
     if any(r.model == "shapes" for r in rows):
         lines += ["", "## The shapes detector side by side (same run)", "", "| ratio | measured |", "|---|---|"]
         lines += [f"| {what} | {value:.2f}x |" if value else f"| {what} | n/a |" for what, value in shapes_ratios(rows)]
@@ -673,17 +721,10 @@ def markdown(rows: Sequence[Row], plan_name: str, fidelity_report: dict[str, Any
 
 def machine() -> str:
     import os
-    import platform
 
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    from servekit.host import cpu_flags
+    from servekit.host import cpu_flags, cpu_model
+
+    cpu = cpu_model() or "cpu"
 
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
     flags = " ".join(f for f in wanted if f in cpu_flags()) or "none of AVX2/AVX-512/AMX"

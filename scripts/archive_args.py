@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from servekit.config import ClassifierConfig, parse_handler_config, read_model_document
+from servekit.config import parse_handler_config, read_model_document
 from servekit.errors import ConfigError
 from servekit.program_backend import AOTI_MAX_BATCH
 
@@ -27,7 +27,11 @@ VARIANTS = {
     "model.pt2": ("aoti", "aoti"),
     "program.pt2": ("exported", "exported"),
 }
-HANDLER_FILES = {"classification": "servekit_classifier.py", "detection": "servekit_detector.py"}
+HANDLER_FILES = {
+    "classification": "servekit_classifier.py",
+    "detection": "servekit_detector.py",
+    "segmentation": "servekit_segmenter.py",
+}
 
 
 def stage_servekit(handlers: Path, dest: Path) -> None:
@@ -111,7 +115,7 @@ def archiver_args(
     shutil.rmtree(stage, ignore_errors=True)
     stage_servekit(handlers, stage)
     extra = [str(stage), *(str(model_dir / f) for f in needed[1:])]
-    task = "classification" if isinstance(config, ClassifierConfig) else "detection"
+    task = config.task
     return [
         "--model-name",
         name,

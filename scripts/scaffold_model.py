@@ -37,6 +37,7 @@ from servekit.errors import ConfigError, plain_line
 from servekit.loading import load_labels, load_model
 from servekit.program_backend import InputSpec, exported_input_spec
 from servekit.recipes import Recipe, hf_recipe, timm_recipe, torchvision_recipe
+from servekit.segmentation import segmentation_logits
 from servekit.service import build_service, raw_output_shape
 from servekit.sniff import FILE_NAMES, WEIGHT_FILES, Sniffed, sniff_model_file
 from servekit.ultralytics_source import read_export_metadata
@@ -46,9 +47,11 @@ from servekit.yolo import infer_layout, layout_classes
 FRONTEND_DEFAULTS = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 20, "responseTimeout": 60}
 CLASSIFIER_DEFAULTS = {"resize": 256, "crop": 224, "topk": 5}
 DETECTOR_DEFAULTS = {"score_threshold": 0.5, "max_detections": 100}
+SEGMENTER_DEFAULTS = {"resize": 520}  # torchvision's segmentation recipe, when the model says none
 YOLO_DEFAULTS = {"score_threshold": 0.25, "iou_threshold": 0.45, "max_detections": 300}
 ULTRALYTICS_PREDICT = {"score_threshold": 0.25, "iou_threshold": 0.7, "max_detections": 300}  # `yolo predict`
 BACKGROUND = "__background__"
+TASKS = ("classification", "detection", "segmentation")
 
 
 @dataclass
@@ -69,7 +72,7 @@ class Plan:
 
     def use_recipe(self, recipe: Recipe) -> None:
         """Write the model's own preprocessing into the section and say where it came from."""
-        self.section.update(recipe.section())
+        self.section.update(recipe.section(self.section["task"]))
         self.recipe = recipe
         self.notes.extend([recipe.describe(), *recipe.notes])
 
@@ -90,12 +93,24 @@ def check_architecture(architecture: str, task: str) -> None:
             else "; `python -c 'import torchvision; print(torchvision.models.list_models())'` lists them"
         )
         raise ConfigError(f"unknown torchvision architecture {architecture!r}{hint}")
-    detection = set(torchvision.models.list_models(module=torchvision.models.detection))
-    classification = set(torchvision.models.list_models(module=torchvision.models))
-    if task == "detection" and architecture not in detection:
-        raise ConfigError(f"{architecture} is not a detection architecture (TASK=detection); use TASK=classification")
-    if task == "classification" and architecture not in classification:
-        raise ConfigError(f"{architecture} is not a classification architecture; use TASK=detection for detectors")
+    found = architecture_task(architecture)
+    if found != task:
+        raise ConfigError(f"{architecture} is a {found} architecture, not {task}: use TASK={found}")
+
+
+TORCHVISION_TASKS = {
+    "detection": torchvision.models.detection,
+    "segmentation": torchvision.models.segmentation,
+    "video": torchvision.models.video,
+    "optical flow": torchvision.models.optical_flow,
+    "classification": torchvision.models,
+}
+
+
+def architecture_task(architecture: str) -> str:
+    """The task of a torchvision architecture, from the module that defines it."""
+    found = (t for t, m in TORCHVISION_TASKS.items() if architecture in torchvision.models.list_models(module=m))
+    return next(found, "quantized or other")
 
 
 def weights_plan(args: argparse.Namespace, sniffed: Sniffed) -> Plan:
@@ -122,7 +137,7 @@ def weights_plan(args: argparse.Namespace, sniffed: Sniffed) -> Plan:
     if args.num_classes:
         model["kwargs"] = {"num_classes": args.num_classes}
     plan = fitted_plan(args, obj, model, source_dir, notes)
-    if args.task == "classification" and not args.input_size and architecture:
+    if args.task != "detection" and not args.input_size and architecture:
         recipe = (
             timm_model_recipe(plan, obj) if timm_source.is_timm(architecture) else torchvision_arch_recipe(architecture)
         )
@@ -213,11 +228,11 @@ def timm_folder_plan(args: argparse.Namespace, sniffed: Sniffed) -> Plan:
 
 
 def hf_plan(args: argparse.Namespace, sniffed: Sniffed) -> Plan:
-    """A Hugging Face ``save_pretrained`` image classifier: its files copied, recipe from its image processor."""
-    if args.task != "classification":
-        raise ConfigError("Hugging Face folders are served as image classifiers (TASK=classification)")
+    """A Hugging Face ``save_pretrained`` classifier or segmenter: its files copied, recipe from its processor."""
     config = hf_source.read_config(args.pt)
-    network = hf_source.classifier_class(config)
+    task, network = hf_source.model_task(config)
+    if task != args.task:
+        raise ConfigError(f"the Hugging Face folder holds {network}, a model for {task}: use TASK={task}")
     weights = next(name for name in WEIGHT_FILES if (args.pt / name).is_file())
     copies = {
         name: args.pt / name for name in (hf_source.CONFIG_FILE, weights, PROCESSOR_FILE) if (args.pt / name).is_file()
@@ -228,7 +243,7 @@ def hf_plan(args: argparse.Namespace, sniffed: Sniffed) -> Plan:
     if args.input_size:
         return plan
     if PROCESSOR_FILE in copies:
-        plan.use_recipe(hf_processor_recipe(args.pt))
+        plan.use_recipe(hf_processor_recipe(args.pt, args.task))
     else:
         plan.notes.append(f"no {PROCESSOR_FILE}: ImageNet's 256/224 bilinear recipe")
     return plan
@@ -237,12 +252,12 @@ def hf_plan(args: argparse.Namespace, sniffed: Sniffed) -> Plan:
 PROCESSOR_FILE = "preprocessor_config.json"
 
 
-def hf_processor_recipe(folder: Path) -> Recipe:
+def hf_processor_recipe(folder: Path, task: str) -> Recipe:
     """The recipe of the folder's image processor, loaded by transformers from its own file only."""
     import transformers
 
     processor = transformers.AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
-    return hf_recipe(processor.to_dict(), f"{type(processor).__name__} ({PROCESSOR_FILE})")
+    return hf_recipe(processor.to_dict(), f"{type(processor).__name__} ({PROCESSOR_FILE})", task)
 
 
 def graph_plan(args: argparse.Namespace, sniffed: Sniffed) -> Plan:
@@ -258,6 +273,9 @@ def graph_plan(args: argparse.Namespace, sniffed: Sniffed) -> Plan:
     notes = []
     if spec.height and not args.input_size and args.task == "classification":
         section.update(crop_sizes(spec.height))
+        notes.append(f"input {spec.height}x{spec.width or spec.height} read from the graph")
+    elif spec.height and not args.input_size and args.task == "segmentation":
+        section["resize"] = [spec.height, spec.width or spec.height]
         notes.append(f"input {spec.height}x{spec.width or spec.height} read from the graph")
     meta = read_export_metadata(args.pt, sniffed.format) if args.task == "detection" else None
     if meta is not None:
@@ -330,6 +348,9 @@ def task_section(args: argparse.Namespace, model: dict[str, Any]) -> dict[str, A
     """The handler section with the task's defaults (a classifier's crop from SIZE when given)."""
     if args.task == "detection":
         return {"task": args.task, "model": model, "labels": "labels.json", **DETECTOR_DEFAULTS}
+    if args.task == "segmentation":
+        size = {"resize": [args.input_size, args.input_size]} if args.input_size else {}
+        return {"task": args.task, "model": model, "labels": "labels.json", **SEGMENTER_DEFAULTS, **size}
     sizes = crop_sizes(args.input_size) if args.input_size else {}
     return {"task": args.task, "model": model, "labels": "labels.json", **CLASSIFIER_DEFAULTS, **sizes}
 
@@ -340,10 +361,14 @@ def crop_sizes(crop: int) -> dict[str, int]:
 
 
 def output_classes(folder: Path, config: Any) -> int | None:
-    """A classifier's output width, from one forward pass on a blank batch."""
-    if config.task != "classification":
+    """A classifier's output width, or a segmenter's logit planes, from one forward pass on a blank batch."""
+    if config.task == "detection":
         return None
     model = load_model(folder, config.model, torch.device("cpu"))
+    if config.task == "segmentation":
+        side = config.resize if isinstance(config.resize, tuple) else (config.resize, config.resize)
+        with torch.inference_mode():
+            return int(segmentation_logits(model(torch.zeros(1, 3, *side))).shape[1])
     with torch.inference_mode():
         out = model(torch.zeros(1, 3, *config.input_size))
     if isinstance(out, (tuple, list)):
@@ -464,7 +489,7 @@ PLANNERS = {**dict.fromkeys(WEIGHT_FORMATS, weights_plan), "timm": timm_folder_p
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", required=True)
-    parser.add_argument("--task", required=True, help="classification or detection")
+    parser.add_argument("--task", required=True, help=" or ".join(TASKS))
     parser.add_argument(
         "--pt", type=Path, required=True, help="the model file (any suffix) or folder (timm, Hugging Face)"
     )
@@ -484,8 +509,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     if not args.name or "/" in args.name or args.name.startswith("."):
         raise ConfigError(f"NAME={args.name!r} must be a plain folder name")
-    if args.task not in ("classification", "detection"):
-        raise ConfigError(f"TASK must be classification or detection, got {args.task!r}")
+    if args.task not in TASKS:
+        raise ConfigError(f"TASK must be one of {', '.join(TASKS)}, got {args.task!r}")
     if not str(args.pt) or str(args.pt) == ".":
         raise ConfigError("PT=<model file> is required")
     if args.architecture and args.model_file:

@@ -253,8 +253,12 @@ def user_dir(tmp_path_factory: pytest.TempPathFactory, files: dict[str, Path]) -
 @pytest.mark.parametrize(
     ("variables", "message"),
     [
-        ({"TASK": "detection", "PT": "ckpt.pth", "ARCH": "resnet18"}, "resnet18 is not a detection architecture"),
-        ({"TASK": "segmentation", "PT": "ckpt.pth", "ARCH": "resnet18"}, "TASK must be classification or detection"),
+        ({"TASK": "detection", "PT": "ckpt.pth", "ARCH": "resnet18"},
+         "resnet18 is a classification architecture, not detection: use TASK=classification"),
+        ({"TASK": "segmentation", "PT": "ckpt.pth", "ARCH": "resnet18"},
+         "resnet18 is a classification architecture, not segmentation"),
+        ({"TASK": "panoptic", "PT": "ckpt.pth", "ARCH": "resnet18"},
+         "TASK must be one of classification, detection, segmentation"),
         ({"TASK": "classification", "PT": "missing.pt", "ARCH": "resnet18"}, "missing.pt does not exist"),
         ({"TASK": "classification", "PT": "ckpt.pth", "ARCH": "resnet50"}, "the weights do not fit resnet50"),
         ({"TASK": "classification", "PT": "ckpt.pth", "ARCH": "resnt18"},

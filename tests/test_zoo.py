@@ -154,7 +154,7 @@ def bad_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ("pt", "arch", "message"),
     [
         ("neither", "", "is a folder holding neither a timm hub folder"),
-        ("vit_base", "", "the Hugging Face folder holds ViTModel, not an image classifier"),
+        ("vit_base", "", "the Hugging Face folder holds ViTModel, which the kit does not serve"),
         ("resnet.pt", "timm:resnet_18x", "unknown timm model 'resnet_18x'"),
         (
             "custom.ckpt",

@@ -151,10 +151,14 @@ class ClassifierConfig:
 
     @property
     def decode_side(self) -> int:
-        """The smallest side a reduced-scale JPEG decode may go down to: twice what ``resize`` needs, so the
-        recipe's own antialiased filter still does the last reduction of at least 2x (at 1x, the DCT-domain
-        scaling alone moved a sensitive model's probabilities by up to 0.11; at 2x by up to 0.022)."""
-        return 2 * max(_pair(self.resize, "resize"))
+        return decode_side(self.resize)
+
+
+def decode_side(resize: Size) -> int:
+    """The smallest side a reduced-scale JPEG decode may go down to: twice what ``resize`` needs, so the
+    recipe's own antialiased filter still does the last reduction of at least 2x (at 1x, the DCT-domain
+    scaling alone moved a sensitive model's probabilities by up to 0.11; at 2x by up to 0.022)."""
+    return 2 * max(_pair(resize, "resize"))
 
 
 def _pair(size: Size, key: str) -> tuple[int, int]:
@@ -198,10 +202,45 @@ class DetectorConfig:
         _require(self.compile is None, "compile", "applies to classifiers (torchvision detectors do not compile whole)")
 
 
-HandlerConfig = ClassifierConfig | DetectorConfig
-_TASKS: dict[str, type[ClassifierConfig] | type[DetectorConfig]] = {
+@dataclass(frozen=True)
+class SegmenterConfig:
+    """Settings of a semantic segmenter: a class for every pixel of the image as sent."""
+
+    task: Literal["segmentation"]
+    model: ModelSource = field(default_factory=ModelSource)
+    labels: str = "labels.json"
+    # The model's recipe: resize the short side to ``resize`` (torchvision's segmentation weights: 520), or
+    # to exactly [height, width] (Hugging Face processors: SegFormer 512 x 512), antialiased, no crop; then
+    # normalize. Images of one resized shape run as one forward pass.
+    resize: Size = 520
+    interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    # The answer: "rle", each class present with its area and a COCO RLE mask; "png", the same classes
+    # without masks and the label map (a class index per pixel) as one base64 PNG.
+    format: Literal["rle", "png"] = "rle"
+    min_area: float = 0.0  # classes covering less than this share of the image are left out
+    ignore: tuple[str, ...] = ()  # labels never reported (e.g. [background])
+    threads: int = 0
+    limits: ImageLimits = field(default_factory=ImageLimits)
+
+    def __post_init__(self) -> None:
+        _require(min(_pair(self.resize, "resize")) > 0, "resize", "must be > 0")
+        _require(len(self.mean) == 3, "mean", "needs 3 values (R, G, B)")
+        _require(len(self.std) == 3 and min(self.std) > 0, "std", "needs 3 values > 0")
+        _require(0.0 <= self.min_area < 1.0, "min_area", "must be within [0, 1) (a share of the image)")
+        _require(self.threads >= 0, "threads", "must be >= 0 (0: cores / workers)")
+
+    @property
+    def decode_side(self) -> int:
+        return decode_side(self.resize)
+
+
+HandlerConfig = ClassifierConfig | DetectorConfig | SegmenterConfig
+_TASKS: dict[str, type[ClassifierConfig] | type[DetectorConfig] | type[SegmenterConfig]] = {
     "classification": ClassifierConfig,
     "detection": DetectorConfig,
+    "segmentation": SegmenterConfig,
 }
 
 

@@ -1,9 +1,11 @@
-"""Hugging Face transformers image classifiers: a ``save_pretrained`` folder, loaded offline.
+"""Hugging Face transformers vision models: a ``save_pretrained`` folder, loaded offline.
 
-The class comes from the folder's ``config.json`` through ``AutoModelForImageClassification``, with
+The class comes from the folder's ``config.json`` through the Auto class of its task
+(``AutoModelForImageClassification``, ``AutoModelForSemanticSegmentation``), with
 ``local_files_only=True`` and no remote code: a folder whose config names code of its own (``auto_map``)
-is refused. The module returned takes a normalized batch and returns its logits, as every other
-classifier the kit serves. transformers is imported only when such a model loads.
+is refused. The module returned takes a normalized batch and returns its logits (``[N, C]`` for a
+classifier, ``[N, C, h, w]`` for a segmenter), as every other model of its task the kit serves.
+transformers is imported only when such a model loads.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from servekit.errors import ConfigError, plain_line, require
 CONFIG_FILE = "config.json"
 
 
-class ImageClassifierLogits(torch.nn.Module):
-    """A transformers image classifier as ``pixel_values -> logits``."""
+class Logits(torch.nn.Module):
+    """A transformers vision model as ``pixel_values -> logits``."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
@@ -29,6 +31,21 @@ class ImageClassifierLogits(torch.nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=pixel_values).logits
+
+
+# the kit's task -> the Auto class that loads it, the transformers mapping of its model classes, an example
+HF_TASKS = {
+    "classification": (
+        "AutoModelForImageClassification",
+        "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+        "an image classifier (such as ViTForImageClassification)",
+    ),
+    "segmentation": (
+        "AutoModelForSemanticSegmentation",
+        "MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES",
+        "a semantic segmenter (such as SegformerForSemanticSegmentation)",
+    ),
+}
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -47,11 +64,11 @@ def read_config(folder: Path) -> dict[str, Any]:
     return data
 
 
-def classifier_class(config: dict[str, Any]) -> str:
-    """The ``...ForImageClassification`` class a transformers config names.
+def model_task(config: dict[str, Any]) -> tuple[str, str]:
+    """The kit's task and the transformers class a config names: ``("segmentation", "Segformer...")``.
 
     Raises:
-        ConfigError: remote code (``auto_map``), or a model that is not an image classifier.
+        ConfigError: remote code (``auto_map``), or a model of no task the kit serves from transformers.
     """
     architectures = [str(a) for a in config.get("architectures") or []]
     model_type = config.get("model_type", "?")
@@ -61,30 +78,40 @@ def classifier_class(config: dict[str, Any]) -> str:
             "a model folder: export the model to ONNX or TorchScript and scaffold that"
         )
     transformers = require("transformers", "a Hugging Face model folder")
-    known = set(transformers.models.auto.modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.values())
-    named = next((a for a in architectures if a in known), None)
-    if named is None:
-        what = ", ".join(architectures) or f"model_type {model_type}"
-        raise ConfigError(
-            f"the Hugging Face folder holds {what}, not an image classifier (an AutoModelForImageClassification "
-            f"class such as ViTForImageClassification); only image classifiers are served from transformers"
-        )
+    mappings = transformers.models.auto.modeling_auto
+    for task, (_, mapping, _) in HF_TASKS.items():
+        named = next((a for a in architectures if a in set(getattr(mappings, mapping).values())), None)
+        if named is not None:
+            return task, named
+    what = ", ".join(architectures) or f"model_type {model_type}"
+    served = "; ".join(example for _, _, example in HF_TASKS.values())
+    raise ConfigError(f"the Hugging Face folder holds {what}, which the kit does not serve: it serves {served}")
+
+
+def check_task(folder: Path, task: str) -> str:
+    """The transformers class of the folder, when it is a model of ``task``.
+
+    Raises:
+        ConfigError: one line naming what the folder holds and the task it would be served as.
+    """
+    found, named = model_task(read_config(folder))
+    if found != task:
+        raise ConfigError(f"the Hugging Face folder holds {named}, a model for {found}, not {task}: use task {found}")
     return named
 
 
-def load_transformers(folder: Path) -> ImageClassifierLogits:
-    """The folder's image classifier, weights loaded from its own files only, in eval mode, on the CPU."""
+def load_transformers(folder: Path) -> Logits:
+    """The folder's model, weights loaded from its own files only, in eval mode, on the CPU."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    classifier_class(read_config(folder))
+    task, _ = model_task(read_config(folder))
     transformers = require("transformers", "a Hugging Face model folder")
     transformers.utils.logging.disable_progress_bar()
+    auto = getattr(transformers, HF_TASKS[task][0])
     try:
-        model = transformers.AutoModelForImageClassification.from_pretrained(
-            str(folder), local_files_only=True, trust_remote_code=False, dtype=torch.float32
-        )
+        model = auto.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False, dtype=torch.float32)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise ConfigError(f"cannot load the Hugging Face folder: {plain_line(str(exc))[:300]}") from None
-    return ImageClassifierLogits(model).eval()
+    return Logits(model).eval()
 
 
 def id2label(config: dict[str, Any]) -> list[str]:

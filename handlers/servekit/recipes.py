@@ -36,13 +36,16 @@ class Recipe:
     notes: tuple[str, ...] = ()
     crop_rounding: str = "round"
 
-    def section(self) -> dict[str, Any]:
-        """The ``handler:`` keys this recipe sets."""
+    def section(self, task: str = "classification") -> dict[str, Any]:
+        """The ``handler:`` keys this recipe sets (a segmenter's recipe has no crop)."""
+        crop = {
+            "crop": _yaml_size(self.crop),
+            **({"crop_rounding": self.crop_rounding} if self.crop_rounding != "round" else {}),
+        }
         return {
             "resize": _yaml_size(self.resize),
-            "crop": _yaml_size(self.crop),
+            **(crop if task != "segmentation" else {}),
             "interpolation": self.interpolation,
-            **({"crop_rounding": self.crop_rounding} if self.crop_rounding != "round" else {}),
             "mean": [round(v, 6) for v in self.mean],
             "std": [round(v, 6) for v in self.std],
         }
@@ -59,13 +62,14 @@ class Recipe:
 
 
 def torchvision_recipe(preset: Any, source: str) -> Recipe:
-    """The recipe of a torchvision weights entry's ``transforms()`` (``ImageClassification``)."""
+    """The recipe of a torchvision weights entry's ``transforms()`` (``ImageClassification``, or
+    ``SemanticSegmentation``: the short side resized, no crop)."""
     resize = [int(v) for v in preset.resize_size]
-    crop = [int(v) for v in preset.crop_size]
+    crop = [int(v) for v in getattr(preset, "crop_size", None) or []]
     interpolation = getattr(preset.interpolation, "value", str(preset.interpolation))
     return Recipe(
         _size(resize),
-        _size(crop),
+        _size(crop) if crop else 0,
         _interpolation(interpolation, source),
         tuple(float(v) for v in preset.mean),
         tuple(float(v) for v in preset.std),
@@ -104,7 +108,7 @@ def timm_recipe(data_config: Mapping[str, Any], source: str) -> Recipe:
     )
 
 
-def hf_recipe(processor: Mapping[str, Any], source: str) -> Recipe:
+def hf_recipe(processor: Mapping[str, Any], source: str, task: str = "classification") -> Recipe:
     """The recipe of a Hugging Face image processor's settings (``processor.to_dict()``).
 
     Its center crop puts an odd margin's extra pixel at the bottom/right (``crop_rounding: floor``);
@@ -113,7 +117,8 @@ def hf_recipe(processor: Mapping[str, Any], source: str) -> Recipe:
     crop when ``do_center_crop``; ``rescale_factor`` and ``do_normalize`` folded into mean and std.
 
     Raises:
-        ConfigError: a processor whose output size varies with the image (short side, no crop).
+        ConfigError: a classifier's processor whose output size varies with the image (short side, no crop;
+            a segmenter may take that, its images of one shape running together).
     """
     size = dict(processor.get("size") or {})
     crop_pct = processor.get("crop_pct")
@@ -133,7 +138,7 @@ def hf_recipe(processor: Mapping[str, Any], source: str) -> Recipe:
     if processor.get("do_center_crop") and processor.get("crop_size"):
         box = processor["crop_size"]
         crop = _size([int(box["height"]), int(box["width"])]) if isinstance(box, Mapping) else int(box)
-    if isinstance(resize, int) and not crop:
+    if isinstance(resize, int) and not crop and task == "classification":
         raise ConfigError(f"{source}: resizes the short side to {resize} without a crop, so the input size varies")
     resample = processor.get("resample", 2)
     interpolation = PIL_RESAMPLE.get(int(resample), "") if isinstance(resample, int) else str(resample).lower()

@@ -17,18 +17,20 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-from servekit.config import ClassifierConfig, DetectorConfig, HandlerConfig, ImageLimits
+from servekit.config import ClassifierConfig, DetectorConfig, HandlerConfig, ImageLimits, SegmenterConfig
 from servekit.decode import DecodedImage, decode_request
 from servekit.errors import ConfigError, KitError
 from servekit.loading import compile_module, load_labels, load_model
 from servekit.postprocess import detections_to_json, topk_to_json
 from servekit.protocols import answer_requests, unwrap
+from servekit.segmentation import label_map, segmentation_answer, segmentation_logits
 from servekit.transforms import (
     classifier_batch,
     classifier_crop,
     detector_inputs,
     detector_padded_shape,
     group_by_key,
+    segmenter_input,
 )
 from servekit.yolo import (
     PAD_VALUE,
@@ -140,6 +142,32 @@ def classifier_item(row: Any, config: ClassifierConfig) -> torch.Tensor:
     return classifier_crop(decoded.pixels, config)
 
 
+SegmenterItem = tuple[torch.Tensor, tuple[int, int]]  # the resized uint8 image, the (height, width) as sent
+
+
+def segmenter_item(row: Any, config: SegmenterConfig) -> SegmenterItem:
+    """One request row resized by the segmenter's recipe (uint8), with the size its answer is given in:
+    decoded at reduced scale when the JPEG allows. TorchServe's service and Triton's step share it."""
+    decoded = decode_request(row, config.limits, config.decode_side)
+    return segmenter_input(decoded.pixels, config), (decoded.height, decoded.width)
+
+
+def segmenter_answers(
+    logits: Sequence[torch.Tensor], items: Sequence[SegmenterItem], config: SegmenterConfig, labels: list[str]
+) -> list[Any]:
+    """One answer per image from its ``[C, h, w]`` logits, in the pixels of the image as sent."""
+    return [
+        segmentation_answer(
+            label_map(one, height, width),
+            labels,
+            answer_format=config.format,
+            min_area=config.min_area,
+            ignore=config.ignore,
+        )
+        for one, (_, (height, width)) in zip(logits, items)
+    ]
+
+
 def letterboxed_item(row: Any, config: DetectorConfig) -> tuple[torch.Tensor, Letterbox]:
     """One request row letterboxed to ``input_size`` (uint8), with its geometry in the pixels as sent:
     decoded at reduced scale when the JPEG allows. TorchServe's service and Triton's step share it."""
@@ -233,6 +261,36 @@ def prefers_channels_last(model: Network) -> bool:
     if hasattr(model, "_orig_mod"):  # torch.compile'd and warmed up in the layout it was given
         return False
     return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) >= MIN_CONVS_FOR_CHANNELS_LAST
+
+
+class SegmenterService(VisionService[SegmenterItem]):
+    """Semantic segmentation: images of one resized shape run as one forward pass (a fixed [h, w] recipe
+    makes every batch one pass); each answer is for the image as sent."""
+
+    def __init__(self, config: SegmenterConfig, model: Network, labels: list[str], device: torch.device) -> None:
+        self.channels_last = prefers_channels_last(model)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        super().__init__(model, labels, config.limits, device)
+        self.config = config
+
+    def prepare(self, row: Any) -> SegmenterItem:
+        return segmenter_item(row, self.config)
+
+    def infer(self, items: list[SegmenterItem]) -> list[torch.Tensor]:
+        logits: list[torch.Tensor] = [torch.empty(0)] * len(items)
+        with torch.inference_mode():
+            for group in group_by_key([tuple(pixels.shape) for pixels, _ in items]):
+                batch = classifier_batch([items[i][0] for i in group], self.config).to(self.device)
+                if self.channels_last:
+                    batch = batch.contiguous(memory_format=torch.channels_last)
+                out = segmentation_logits(self.model(batch)).float().cpu()
+                for index, one in zip(group, out):
+                    logits[index] = one
+        return logits
+
+    def finish(self, raw: list[torch.Tensor], items: list[SegmenterItem]) -> list[Any]:
+        return segmenter_answers(raw, items, self.config, self.labels)
 
 
 class DetectorService(VisionService[DecodedImage]):
@@ -340,7 +398,7 @@ def raw_tensor(output: Any) -> torch.Tensor:
 
 def build_service(
     config: HandlerConfig, model_dir: Path, device: torch.device, max_batch: int = 1, model_name: str = ""
-) -> ClassifierService | DetectorService | YoloDetectorService:
+) -> ClassifierService | DetectorService | YoloDetectorService | SegmenterService:
     """Load the model folder's network and labels and return the service for its task.
 
     With ``handler.compile``, the classifier is compiled and run once at every batch size from 1 to
@@ -355,7 +413,11 @@ def build_service(
 
 def _service(
     config: HandlerConfig, model_dir: Path, device: torch.device, max_batch: int
-) -> ClassifierService | DetectorService | YoloDetectorService:
+) -> ClassifierService | DetectorService | YoloDetectorService | SegmenterService:
+    if config.model.format == "transformers":
+        from servekit.hf_source import check_task
+
+        check_task(model_dir, config.task)
     model = load_model(model_dir, config.model, device)
     labels = load_labels(model_dir / config.labels)
     if isinstance(config, ClassifierConfig):
@@ -364,6 +426,8 @@ def _service(
             warmup = [torch.zeros(size, *shape, device=device) for size in range(1, max(1, max_batch) + 1)]
             model = compile_module(model, config.compile, warmup)
         return ClassifierService(config, model, labels, device)
+    if isinstance(config, SegmenterConfig):
+        return SegmenterService(config, model, labels, device)
     if config.output == "yolo":
         return YoloDetectorService(config, model, labels, device)
     return DetectorService(config, model, labels, device)

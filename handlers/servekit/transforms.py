@@ -9,7 +9,7 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from servekit.config import ClassifierConfig
+from servekit.config import ClassifierConfig, SegmenterConfig, Size
 
 # nearest-exact picks the pixels PIL's NEAREST picks (torch's plain "nearest" is off by half a pixel)
 INTERPOLATION_MODES = {
@@ -23,8 +23,7 @@ INTERPOLATION_MODES = {
 def classifier_crop(pixels: torch.Tensor, config: ClassifierConfig) -> torch.Tensor:
     """The model's recipe on one uint8 image: resize (the short side to an int, or to exactly [h, w]) with
     the config's interpolation, antialiased, then center-crop (none when ``crop`` is 0); still uint8."""
-    size = [config.resize] if isinstance(config.resize, int) else list(config.resize)
-    resized = F.resize(pixels, size, interpolation=INTERPOLATION_MODES[config.interpolation], antialias=True)
+    resized = resize_image(pixels, config.resize, config.interpolation)
     if not config.crop:
         return resized
     height, width = config.input_size
@@ -34,8 +33,19 @@ def classifier_crop(pixels: torch.Tensor, config: ClassifierConfig) -> torch.Ten
     return F.center_crop(resized, [height, width])
 
 
-def classifier_batch(crops: Sequence[torch.Tensor], config: ClassifierConfig) -> torch.Tensor:
-    """Stack uint8 crops into one float batch normalized by the config's mean and std."""
+def resize_image(pixels: torch.Tensor, resize: Size, interpolation: str) -> torch.Tensor:
+    """One uint8 image resized, antialiased: the short side to an int, or to exactly [height, width]."""
+    size = [resize] if isinstance(resize, int) else list(resize)
+    return F.resize(pixels, size, interpolation=INTERPOLATION_MODES[interpolation], antialias=True)
+
+
+def segmenter_input(pixels: torch.Tensor, config: SegmenterConfig) -> torch.Tensor:
+    """The segmenter's recipe on one uint8 image: resized as the model was trained, no crop; still uint8."""
+    return resize_image(pixels, config.resize, config.interpolation)
+
+
+def classifier_batch(crops: Sequence[torch.Tensor], config: ClassifierConfig | SegmenterConfig) -> torch.Tensor:
+    """Stack uint8 images of one shape into one float batch normalized by the config's mean and std."""
     batch = torch.stack(list(crops)).to(torch.float32).div_(255.0)
     mean = torch.tensor(config.mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(config.std, dtype=torch.float32).view(1, 3, 1, 1)

@@ -16,6 +16,7 @@ import inspect
 import pathlib
 import pickle
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,18 +179,33 @@ def fit_weights(obj: Any, model_dir: Path, source: ModelSource) -> FittedWeights
     model = build_network(model_dir, source)
     reference = model.state_dict()
     unwrapped = unwrap_checkpoint(obj, set(reference))
-    problem = misfit(unwrapped.state, reference, name)
+    state, steps = without_aux_head(unwrapped.state, reference, unwrapped.steps)
+    problem = misfit(state, reference, name)
     classes = default_classes(model_dir, source)
     if problem and classes is not None and "num_classes" not in source.kwargs:
-        inferred = infer_num_classes(unwrapped.state, reference, classes)
+        inferred = infer_num_classes(state, reference, classes)
         if inferred is not None:
             model = build_network(model_dir, source, num_classes=inferred)
-            problem = misfit(unwrapped.state, model.state_dict(), f"{name} with {inferred} classes")
+            problem = misfit(state, model.state_dict(), f"{name} with {inferred} classes")
             classes = inferred
     if problem:
         raise ConfigError(problem)
-    model.load_state_dict(unwrapped.state)
-    return FittedWeights(model, unwrapped.state, unwrapped.steps, classes)
+    model.load_state_dict(state)
+    return FittedWeights(model, state, steps, classes)
+
+
+AUX_PREFIX = "aux_classifier."  # torchvision FCN / DeepLabV3: a second head used only by the training loss
+
+
+def without_aux_head(
+    state: dict[str, torch.Tensor], reference: Mapping[str, torch.Tensor], steps: tuple[str, ...]
+) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+    """The weights without a segmentation model's auxiliary head when the served network has none."""
+    aux = [k for k in state if k.startswith(AUX_PREFIX) and k not in reference]
+    if not aux:
+        return state, steps
+    kept = {k: v for k, v in state.items() if not k.startswith(AUX_PREFIX)}
+    return kept, (*steps, f"dropped aux_classifier ({len(aux)} tensors; a head only the training loss uses)")
 
 
 def load_weights(path: Path, model_dir: Path, source: ModelSource) -> torch.nn.Module:

@@ -7,7 +7,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 PY := PYTHONPATH=handlers:scripts $(VENV)/bin/python
 ARCHIVER := $(VENV)/bin/torch-model-archiver
-DEMOS := digits resnet18 mobilenet_v3_small fasterrcnn shapes
+DEMOS := digits resnet18 mobilenet_v3_small fasterrcnn shapes shapes_seg
 HANDLER_SRC := $(wildcard handlers/*.py handlers/servekit/*.py)
 GRPC_STUBS := scripts/ts_grpc/inference_pb2_grpc.py
 MODELS ?= models
@@ -54,7 +54,7 @@ ZOO_WEIGHTS := models/timm_convnext/model.pt models/hf_vit/model.safetensors
 ZOO_VARIANTS := $(foreach m,$(ZOO_DEMOS),$(STORE)/$(m).mar $(STORE)/$(m)_onnx.mar $(STORE)/$(m)_openvino.mar $(STORE)/$(m)_int8.mar $(STORE)/$(m)_aoti.mar)
 
 .PHONY: models
-models: $(foreach m,$(DEMOS),models/$(m)/model.pt) $(ZOO_WEIGHTS) ## Build the demo models (trained digits CNN and shapes detector, seeded torchvision, timm and Hugging Face nets)
+models: $(foreach m,$(DEMOS),models/$(m)/model.pt) $(ZOO_WEIGHTS) ## Build the demo models (trained digits CNN, shapes detector and segmenter, seeded torchvision, timm and Hugging Face nets)
 
 models/%/model.pt: | $(STAMP)
 	$(PY) scripts/make_models.py $*
@@ -63,6 +63,7 @@ models/digits/model.pt: models/digits/model.py scripts/demo_models.py
 models/hf_vit/model.safetensors: | $(STAMP)
 	$(PY) scripts/make_models.py hf_vit
 models/shapes/model.pt: models/shapes/model.py scripts/shapes.py
+models/shapes_seg/model.pt: models/shapes_seg/model.py scripts/shapes.py scripts/shapes_seg.py
 
 .PHONY: archive
 archive: $(if $(MODEL),$(STORE)/$(MODEL).mar,$(ALL_MARS)) ## Build .mar archives (all, or MODEL=<name>)
@@ -176,7 +177,7 @@ triton-stop: ## Stop the tritonserver started by `make triton-serve`
 	$(PY) scripts/tritonctl.py stop
 
 .PHONY: scaffold
-scaffold: | $(STAMP) ## New model folder from your file (format found from its content): NAME=<name> TASK=classification|detection PT=<file> [ARCH=<torchvision name>|MODEL_FILE=<py> CLASS=<name>] [LABELS=<file>]
+scaffold: | $(STAMP) ## New model folder from your file (format found from its content): NAME=<name> TASK=classification|detection|segmentation PT=<file> [ARCH=<torchvision name>|MODEL_FILE=<py> CLASS=<name>] [LABELS=<file>]
 	@$(PY) scripts/scaffold_model.py --name "$(NAME)" --task "$(TASK)" --pt "$(PT)" --root "$(MODELS)" \
 		$(if $(ARCH),--architecture "$(ARCH)") $(if $(MODEL_FILE),--model-file "$(MODEL_FILE)" --model-class "$(CLASS)") \
 		$(if $(TORCHSCRIPT),--torchscript) $(if $(LABELS),--labels "$(LABELS)") $(if $(NUM_CLASSES),--num-classes $(NUM_CLASSES)) \

@@ -19,12 +19,13 @@ import requests
 import demo_models
 import shapes
 import shapes_eval
+import shapes_seg
 from client import GrpcClient, KeyRing, Reply, RestClient, predict_many
 from servekit.config import read_model_config
 from tsctl import TorchServe, derive_config, random_endpoints
 
 logger = logging.getLogger("demo")
-MODELS = ("digits", "resnet18", "mobilenet_v3_small", "fasterrcnn", "shapes", "timm_convnext", "hf_vit")
+MODELS = ("digits", "resnet18", "mobilenet_v3_small", "fasterrcnn", "shapes", "shapes_seg", "timm_convnext", "hf_vit")
 ZOO = {"timm_convnext": "timm convnext_atto", "hf_vit": "Hugging Face ViTForImageClassification"}
 SHAPE_SCENES = 4
 
@@ -58,6 +59,27 @@ def detect_shapes(rest: RestClient, workdir: Path) -> None:
     target = workdir / "detections.png"
     target.write_bytes(demo_models.encode(shapes_eval.mosaic(drawn), "PNG"))
     logger.info("  boxes drawn on the %d scenes: %s", len(scenes), target.resolve())
+
+
+def segment_shapes(rest: RestClient, workdir: Path) -> None:
+    """The segmenter trained here, on held-out scenes of mixed sizes; the masks drawn over them to a PNG."""
+    logger.info("Segmentation (trained here by `make models`; a class per pixel, answered per class as COCO RLE)")
+    scenes = shapes.held_out(SHAPE_SCENES)
+    jpegs = [shapes.encode_jpeg(s.image) for s in scenes]
+    replies = predict_many(rest, "shapes_seg", jpegs, concurrency=SHAPE_SCENES)
+    drawn = []
+    for scene, reply in zip(scenes, replies):
+        height, width = scene.image.shape[:2]
+        if reply.status != 200:
+            show(f"shapes_seg REST {width}x{height}", reply)
+            continue
+        classes = ", ".join(f"{c['label']} {c['area'] * 100:.1f} %" for c in reply.body["classes"])
+        size = len(json.dumps(reply.body))
+        logger.info("  %-28s %d %s (%d bytes)", f"shapes_seg REST {width}x{height}", reply.status, classes, size)
+        drawn.append(shapes_seg.draw_answer(scene.image, reply.body))
+    target = workdir / "segmentation.png"
+    target.write_bytes(demo_models.encode(shapes_eval.mosaic(drawn), "PNG"))
+    logger.info("  masks drawn over the %d scenes: %s", len(drawn), target.resolve())
 
 
 def kserve_bodies(base: str, keys: KeyRing, images: list[bytes]) -> None:
@@ -149,6 +171,7 @@ def run(workdir: Path) -> None:
             show(f"fasterrcnn gRPC {name}.jpg", grpc_client.predict("fasterrcnn", jpegs[name]))
 
         detect_shapes(rest, workdir)
+        segment_shapes(rest, workdir)
 
         kserve_bodies(ep.url("inference"), keys, pngs[:3])
 

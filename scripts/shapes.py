@@ -44,11 +44,13 @@ HELD_OUT_COUNT = 200
 
 @dataclass(frozen=True)
 class Scene:
-    """An RGB image (H x W x 3 uint8) and its shapes: boxes x1, y1, x2, y2 in pixels, class indices."""
+    """An RGB image (H x W x 3 uint8) and its shapes: boxes x1, y1, x2, y2 in pixels, class indices, and
+    the pixel mask (H x W uint8: 0 background, 1 + the class index of the shape drawn last there)."""
 
     image: np.ndarray
     boxes: np.ndarray
     classes: np.ndarray
+    mask: np.ndarray
 
 
 def overlap(a: Sequence[float], b: Sequence[float]) -> float:
@@ -81,7 +83,7 @@ def _background(rng: np.random.Generator, width: int, height: int) -> tuple[np.n
     return colour, image
 
 
-def _draw(draw: ImageDraw.ImageDraw, kind: int, box: Sequence[int], colour: tuple[int, int, int]) -> None:
+def _draw(draw: ImageDraw.ImageDraw, kind: int, box: Sequence[int], colour: int | tuple[int, int, int]) -> None:
     x1, y1, x2, y2 = box
     if CLASSES[kind] == "circle":
         draw.ellipse([x1, y1, x2 - 1, y2 - 1], fill=colour)
@@ -97,6 +99,8 @@ def make_scene(seed: int) -> Scene:
     width, height = (int(v) for v in rng.integers(SIDE_RANGE[0], SIDE_RANGE[1] + 1, 2))
     background, image = _background(rng, width, height)
     draw = ImageDraw.Draw(image)
+    mask = Image.new("L", (width, height), 0)
+    draw_mask = ImageDraw.Draw(mask)
     boxes: list[list[int]] = []
     classes: list[int] = []
     for _ in range(int(rng.integers(1, MAX_OBJECTS + 1))):
@@ -107,10 +111,16 @@ def make_scene(seed: int) -> Scene:
             if all(overlap(box, other) <= MAX_OVERLAP for other in boxes):
                 kind = int(rng.integers(0, len(CLASSES)))
                 _draw(draw, kind, box, _colour(rng, background))
+                _draw(draw_mask, kind, box, kind + 1)
                 boxes.append(box)
                 classes.append(kind)
                 break
-    return Scene(np.asarray(image), np.array(boxes, dtype=np.float32).reshape(-1, 4), np.array(classes, dtype=np.int64))
+    return Scene(
+        np.asarray(image),
+        np.array(boxes, dtype=np.float32).reshape(-1, 4),
+        np.array(classes, dtype=np.int64),
+        np.asarray(mask),
+    )
 
 
 def held_out(count: int) -> list[Scene]:

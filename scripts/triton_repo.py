@@ -13,7 +13,8 @@ image, ``IMAGE``, ``TYPE_STRING``) and get the same JSON (``ANSWER``):
 Each ensemble is ``<name>_preprocess`` -> ``<name>_model`` -> ``<name>_postprocess``; the two python
 steps run the kit's own decode, transforms and answers (``servekit.triton_steps``). Classifiers batch
 (``max_batch_size`` 16); the detector takes images of any size one request at a time
-(``max_batch_size: 0``, dynamic height and width, variable-length outputs). A raw-output (``output: yolo``)
+(``max_batch_size: 0``, dynamic height and width, variable-length outputs). A segmenter batches at its recipe's
+[h, w] and passes each image's size (``TYPE_INT32``, 2 values) to the postprocess. A raw-output (``output: yolo``)
 detector batches like a classifier: the preprocess letterboxes every image to one square and passes its
 geometry (``TYPE_FP64``, 6 values) around the model to the postprocess, which runs the kit's NMS; the
 model's tensors keep the ONNX graph's own names (``images``/``output0`` for ultralytics' exports).
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from archive_args import stage_servekit
-from servekit.config import ClassifierConfig, DetectorConfig, HandlerConfig, read_model_config
+from servekit.config import ClassifierConfig, DetectorConfig, HandlerConfig, SegmenterConfig, read_model_config
 from servekit.loading import load_labels
 
 logger = logging.getLogger("triton_repo")
@@ -100,6 +101,15 @@ class Signature:
                 [Tensor("input", "TYPE_FP32", (3, *config.input_size))],
                 [Tensor("logits", "TYPE_FP32", (classes,))],
                 [],
+            )
+        if isinstance(config, SegmenterConfig):  # one [h, w] for every image (the ONNX export needs it too)
+            if not isinstance(config.resize, tuple):
+                raise SystemExit("a segmenter's Triton ensemble needs resize as [height, width]")
+            return cls(
+                MAX_BATCH,
+                [Tensor("input", "TYPE_FP32", (3, *config.resize))],
+                [Tensor("logits", "TYPE_FP32", (classes, -1, -1))],
+                [Tensor("size", "TYPE_INT32", (2,))],
             )
         return cls(
             0,

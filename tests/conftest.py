@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL_STORE = REPO / "model_store"
 # the detectors' ONNX Runtime archives, to compare with Triton's ONNX models
 SERVED_VARIANTS = ["fasterrcnn_onnx", "shapes_onnx"]
-MODELS = ("digits", "resnet18", "mobilenet_v3_small", "fasterrcnn", "shapes")
+MODELS = ("digits", "resnet18", "mobilenet_v3_small", "fasterrcnn", "shapes", "shapes_seg")
 ZOO_DEMOS = ("timm_convnext", "hf_vit")  # a timm and a Hugging Face classifier, served and in the Triton repository
 
 

@@ -57,7 +57,7 @@ def test_corpus_in_process(model: str, load_handler: Any) -> None:
         if status != 200:
             assert body["code"] == status and case.text in body["error"], (case.name, body)
         else:
-            assert isinstance(body, list), (case.name, body)
+            assert isinstance(body, (list, dict)), (case.name, body)  # a segmenter answers one document
 
 
 def test_exif_rotation_reaches_the_detector(load_handler: Any) -> None:

@@ -18,6 +18,7 @@ import demo_models
 import reference
 import shapes
 import shapes_eval
+import shapes_seg
 from client import GrpcClient, KeyRing, RestClient, predict_many
 from conftest import REPO, Server
 from loadgen import servekit_counters
@@ -239,3 +240,22 @@ def test_shapes_detector_served_map(rest: RestClient, shape_scenes: tuple[list[s
     in_process = shapes_eval.answers_in_process(REPO / "models" / "shapes", images[:16])
     for served, mine in zip(replies[:16], in_process):
         reference.assert_detections_close(served.body, mine)
+
+
+def test_shapes_segmenter_served_miou(
+    rest: RestClient, grpc_client: GrpcClient, shape_scenes: tuple[list[shapes.Scene], list[bytes]]
+) -> None:
+    """The trained segmenter through TorchServe: its mean IoU on the held-out scenes, and answers equal to the
+    kit's service in process (REST) and over gRPC, at each scene's own size."""
+    scenes, images = shape_scenes
+    replies = predict_many(rest, "shapes_seg", images, concurrency=8)
+    assert all(r.status == 200 for r in replies), next(r for r in replies if r.status != 200)
+    miou, ious = shapes_seg.mean_iou(scenes, [r.body for r in replies])
+    each = ", ".join(f"{c} {v:.3f}" for c, v in zip(shapes_seg.SEG_CLASSES, ious))
+    where = f"through TorchServe on {len(scenes)} held-out scenes"
+    sys.stderr.write(f"\n[shapes_seg] mean IoU {where}: {miou:.3f} ({each})\n")
+    assert miou >= shapes_seg.MIN_MIOU
+    assert all(r.body["size"] == list(s.mask.shape) for r, s in zip(replies, scenes))
+    in_process = shapes_seg.answers_in_process(REPO / "models" / "shapes_seg", images[:8])
+    assert [r.body for r in replies[:8]] == in_process
+    assert [grpc_client.predict("shapes_seg", d).body for d in images[:4]] == in_process[:4]

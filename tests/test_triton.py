@@ -19,6 +19,7 @@ import demo_models
 import reference
 import shapes
 import shapes_eval
+import shapes_seg
 from client import KeyRing, Reply, RestClient, TritonClient
 from conftest import MODELS, REPO, ZOO_DEMOS, Server
 from servekit.config import read_model_config
@@ -27,7 +28,7 @@ from triton_repo import RawGraph, model_configs, parse_config
 from tritonctl import ADMIN_HEADER, Triton, TritonEndpoints, ensembles
 
 REPOSITORY = REPO / "model_repository"
-SERVED = ["resnet18", "fasterrcnn", "shapes", *ZOO_DEMOS]
+SERVED = ["resnet18", "fasterrcnn", "shapes", "shapes_seg", *ZOO_DEMOS]
 DETECTORS = ("fasterrcnn", "shapes")
 SHAPES_RAW = RawGraph("images", "output0", (7, 1600))
 
@@ -242,13 +243,40 @@ def test_shapes_detector_map_through_triton_equals_torchserve(
 
 
 @pytest.mark.e2e
-def test_shapes_images_of_mixed_sizes_batch_and_a_corrupt_one_fails_alone(
-    triton: Triton, triton_client: TritonClient, shape_scenes: tuple[list[shapes.Scene], list[bytes]]
+def test_shapes_segmenter_miou_through_triton_equals_torchserve(
+    triton_client: TritonClient, server: Server, shape_scenes: tuple[list[shapes.Scene], list[bytes]]
+) -> None:
+    # Triton runs the ONNX graph and TorchServe the TorchScript one: the same mean IoU, nearly every pixel alike.
+    scenes, images = shape_scenes
+    with ThreadPoolExecutor(8) as pool:
+        replies: list[Reply] = list(pool.map(lambda d: triton_client.predict("shapes_seg", d), images))
+    assert all(r.status == 200 for r in replies), next(r for r in replies if r.status != 200)
+    miou, _ = shapes_seg.mean_iou(scenes, [r.body for r in replies])
+    torchserve = RestClient(server.endpoints, KeyRing(server.key_file))
+    theirs = [torchserve.predict("shapes_seg", d).body for d in images]
+    served_miou, _ = shapes_seg.mean_iou(scenes, theirs)
+    sys.stderr.write(
+        f"\n[shapes_seg] mean IoU through Triton ({triton_client.protocol}): {miou:.4f}, "
+        f"TorchServe: {served_miou:.4f}\n"
+    )
+    assert miou >= shapes_seg.MIN_MIOU and abs(miou - served_miou) <= 0.002
+    for ours, their in zip(replies[:16], theirs[:16]):
+        same = (shapes_seg.answer_map(ours.body) == shapes_seg.answer_map(their)).mean()
+        assert same >= 0.999, same
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("model", ["shapes", "shapes_seg"])
+def test_images_of_mixed_sizes_batch_and_a_corrupt_one_fails_alone(
+    triton: Triton, triton_client: TritonClient, shape_scenes: tuple[list[shapes.Scene], list[bytes]], model: str
 ) -> None:
     images = shape_scenes[1][:15]
-    expected = [triton_client.predict("shapes", d).body for d in images]
-    for reply, want in zip(send_batched_with_a_corrupt_one(triton, triton_client, "shapes", images), expected):
-        assert_same_detections(reply.body, want)
+    expected = [triton_client.predict(model, d).body for d in images]
+    for reply, want in zip(send_batched_with_a_corrupt_one(triton, triton_client, model, images), expected):
+        if model == "shapes":
+            assert_same_detections(reply.body, want)
+        else:  # the same ONNX graph alone or in a batch: the same label map
+            assert reply.body == want
 
 
 def test_yolo_steps_answer_as_the_torchserve_service(shape_scenes: tuple[list[shapes.Scene], list[bytes]]) -> None:

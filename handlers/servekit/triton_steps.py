@@ -3,8 +3,9 @@ the TorchServe handlers (this module imports neither Triton nor TorchServe).
 
 Every step class answers per image: ``preprocess`` gives, for each encoded image, its tensors by name
 (or the exception that image ended in), and ``postprocess`` gives one JSON document per image of a
-request. ``batched`` says whether the ensemble has a batch dimension (classifiers and raw-output
-detectors, letterboxed to one square) or takes one image per request (torchvision detectors).
+request. ``batched`` says whether the ensemble has a batch dimension (classifiers, segmenters resized to one
+[h, w], and raw-output detectors, letterboxed to one square) or takes one image per request (torchvision
+detectors).
 
 An ensemble takes the encoded image bytes (``IMAGE``, ``TYPE_STRING``) and answers the JSON bytes
 (``ANSWER``) that TorchServe would send. A request that fails gets, as its Triton error message, the
@@ -22,13 +23,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from servekit.config import ClassifierConfig, DetectorConfig, HandlerConfig, read_model_config
+from servekit.config import ClassifierConfig, DetectorConfig, HandlerConfig, SegmenterConfig, read_model_config
 from servekit.decode import decode_request
 from servekit.errors import error_body
 from servekit.loading import load_labels
 from servekit.onnx_backend import RAW_IO
 from servekit.postprocess import detections_to_json, topk_to_json
-from servekit.service import classifier_item, letterboxed_item, run_batch, yolo_answers, yolo_settings
+from servekit.service import (
+    SegmenterItem,
+    classifier_item,
+    letterboxed_item,
+    run_batch,
+    segmenter_answers,
+    segmenter_item,
+    yolo_answers,
+    yolo_settings,
+)
 from servekit.transforms import classifier_batch, detector_inputs
 from servekit.yolo import Letterbox, resolve_layout
 
@@ -145,7 +155,39 @@ class DetectorSteps:
         return [answer_bytes(answer)]
 
 
-Steps = ClassifierSteps | YoloSteps | DetectorSteps
+@dataclass(frozen=True)
+class SegmenterSteps:
+    """Preprocess (bytes -> normalized image at the recipe's [h, w], and the size as sent) and postprocess
+    (logits -> label map at that size -> JSON). A fixed [h, w] recipe lets images of any sizes batch."""
+
+    config: SegmenterConfig
+    labels: list[str]
+    batched = True
+
+    def preprocess(self, images: Sequence[bytes]) -> list[Outcome]:
+        """Decode and resize each image alone; normalize the good ones as one batch."""
+
+        def prepare(data: bytes) -> SegmenterItem:
+            return segmenter_item({"body": data}, self.config)
+
+        def normalize(items: list[SegmenterItem]) -> torch.Tensor:
+            return classifier_batch([pixels for pixels, _ in items], self.config)
+
+        def split(batch: torch.Tensor, items: list[SegmenterItem]) -> list[Tensors]:
+            return [
+                {"input": row, "size": np.array(size, dtype=np.int32)} for row, (_, size) in zip(batch.numpy(), items)
+            ]
+
+        return run_batch(images, prepare, normalize, split).answers
+
+    def postprocess(self, tensors: Tensors) -> list[bytes]:
+        """One JSON answer per image of a batch of logits, in the pixels of the image as sent."""
+        logits = torch.from_numpy(tensors["logits"])
+        items = [(torch.empty(0), (int(h), int(w))) for h, w in np.asarray(tensors["size"]).reshape(-1, 2)]
+        return [answer_bytes(a) for a in segmenter_answers(logits, items, self.config, self.labels)]
+
+
+Steps = ClassifierSteps | YoloSteps | DetectorSteps | SegmenterSteps
 
 
 def load_steps(folder: Path, image_name: str = RAW_IO[0], raw_name: str = RAW_IO[1]) -> Steps:
@@ -154,6 +196,8 @@ def load_steps(folder: Path, image_name: str = RAW_IO[0], raw_name: str = RAW_IO
     labels = load_labels(folder / config.labels)
     if isinstance(config, ClassifierConfig):
         return ClassifierSteps(config, labels)
+    if isinstance(config, SegmenterConfig):
+        return SegmenterSteps(config, labels)
     if config.output == "yolo":
         return YoloSteps(config, labels, image_name, raw_name)
     return DetectorSteps(config, labels)

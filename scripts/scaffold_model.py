@@ -33,6 +33,7 @@ from cli import report
 from servekit import hf_source, timm_source
 from servekit.checkpoint import check_labels, head_key, shape_of
 from servekit.config import WEIGHT_FORMATS, ModelSource, parse_handler_config
+from servekit.detr import detr_outputs, scoring_of
 from servekit.errors import ConfigError, plain_line
 from servekit.loading import load_labels, load_model
 from servekit.program_backend import InputSpec, exported_input_spec
@@ -49,6 +50,7 @@ CLASSIFIER_DEFAULTS = {"resize": 256, "crop": 224, "topk": 5}
 DETECTOR_DEFAULTS = {"score_threshold": 0.5, "max_detections": 100}
 SEGMENTER_DEFAULTS = {"resize": 520}  # torchvision's segmentation recipe, when the model says none
 YOLO_DEFAULTS = {"score_threshold": 0.25, "iou_threshold": 0.45, "max_detections": 300}
+DETR_DEFAULTS = {"score_threshold": 0.5, "max_detections": 100}  # post_process_object_detection's threshold
 ULTRALYTICS_PREDICT = {"score_threshold": 0.25, "iou_threshold": 0.7, "max_detections": 300}  # `yolo predict`
 BACKGROUND = "__background__"
 TASKS = ("classification", "detection", "segmentation")
@@ -240,6 +242,10 @@ def hf_plan(args: argparse.Namespace, sniffed: Sniffed) -> Plan:
     plan = Plan(task_section(args, {"file": weights, "format": "transformers"}), copies=copies, network=network)
     plan.labels, plan.labels_from = hf_source.id2label(config), "config.json id2label"
     plan.classes = len(plan.labels) or None
+    if task == "detection":
+        scoring = scoring_of(str(config.get("model_type", "")))
+        plan.section.update(DETR_DEFAULTS, output="detr", scoring=scoring)
+        plan.notes.append(f"DETR-family outputs, {scoring} scoring ({config.get('model_type')})")
     if args.input_size:
         return plan
     if PROCESSOR_FILE in copies:
@@ -270,21 +276,8 @@ def graph_plan(args: argparse.Namespace, sniffed: Sniffed) -> Plan:
     if max_batch:
         model["max_batch"] = max_batch
     section = task_section(args, model)
-    notes = []
-    if spec.height and not args.input_size and args.task == "classification":
-        section.update(crop_sizes(spec.height))
-        notes.append(f"input {spec.height}x{spec.width or spec.height} read from the graph")
-    elif spec.height and not args.input_size and args.task == "segmentation":
-        section["resize"] = [spec.height, spec.width or spec.height]
-        notes.append(f"input {spec.height}x{spec.width or spec.height} read from the graph")
     meta = read_export_metadata(args.pt, sniffed.format) if args.task == "detection" else None
-    if meta is not None:
-        size = args.input_size or max(meta.imgsz)
-        section.update(ULTRALYTICS_PREDICT, output="yolo", input_size=size, letterbox="ultralytics")
-        notes.append(meta.describe())
-    elif args.task == "detection" and not kit_onnx_detector(args.pt, sniffed.format):
-        size = args.input_size or spec.height or 640
-        section.update(YOLO_DEFAULTS, output="yolo", input_size=size)
+    notes = graph_task_notes(args, sniffed, spec, section, meta)
     if spec.static_batch:
         notes.append(f"static batch {spec.max_batch}: batches run in chunks of {spec.max_batch}")
     if sniffed.format == "aoti":
@@ -293,6 +286,68 @@ def graph_plan(args: argparse.Namespace, sniffed: Sniffed) -> Plan:
     if meta is not None:
         plan.labels, plan.labels_from = meta.names, "the export's metadata"
     return plan
+
+
+def graph_task_notes(
+    args: argparse.Namespace, sniffed: Sniffed, spec: InputSpec, section: dict[str, Any], meta: Any
+) -> list[str]:
+    """Set a graph's task keys in ``section`` from what it says (input size, export metadata, outputs)."""
+    notes = []
+    if spec.height and not args.input_size and args.task == "classification":
+        section.update(crop_sizes(spec.height))
+        notes.append(f"input {spec.height}x{spec.width or spec.height} read from the graph")
+    elif spec.height and not args.input_size and args.task == "segmentation":
+        section["resize"] = [spec.height, spec.width or spec.height]
+        notes.append(f"input {spec.height}x{spec.width or spec.height} read from the graph")
+    if meta is not None:
+        size = args.input_size or max(meta.imgsz)
+        section.update(ULTRALYTICS_PREDICT, output="yolo", input_size=size, letterbox="ultralytics")
+        notes.append(meta.describe())
+    elif args.task == "detection" and detr_graph(args.pt, sniffed.format):
+        notes.extend(detr_graph_section(args, section, spec))
+    elif args.task == "detection" and not kit_onnx_detector(args.pt, sniffed.format):
+        size = args.input_size or spec.height or 640
+        section.update(YOLO_DEFAULTS, output="yolo", input_size=size)
+    return notes
+
+
+def detr_graph(path: Path, fmt: str) -> bool:
+    """An ONNX graph answering a DETR-family detector's ``logits`` and ``pred_boxes``."""
+    if fmt != "onnx":
+        return False
+    import onnx
+
+    from servekit.onnx_backend import DETR_IO
+
+    outputs = {o.name for o in onnx.load_model(str(path), load_external_data=False).graph.output}
+    return set(DETR_IO) <= outputs
+
+
+def detr_graph_section(args: argparse.Namespace, section: dict[str, Any], spec: InputSpec) -> list[str]:
+    """A DETR graph's keys: the recipe from a ``preprocessor_config.json`` beside it (else its input size and
+    ImageNet's mean and std), and the scoring: softmax when LABELS name one class fewer than its logits."""
+    notes = []
+    section.update(DETR_DEFAULTS, output="detr")
+    processor = args.pt.parent / PROCESSOR_FILE
+    if processor.is_file() and not args.input_size:
+        recipe = hf_processor_recipe(args.pt.parent, "detection")
+        section.update(recipe.section("detection"))
+        notes.append(recipe.describe())
+    elif spec.height or args.input_size:
+        section["resize"] = [args.input_size or spec.height, args.input_size or spec.width or spec.height]
+        notes.append(f"no {PROCESSOR_FILE} beside it: input {section['resize']}, ImageNet mean and std")
+    import onnx
+
+    graph = onnx.load_model(str(args.pt), load_external_data=False).graph
+    logits = next(o for o in graph.output if o.name == "logits")
+    width = logits.type.tensor_type.shape.dim[-1].dim_value
+    labels = len(load_labels(Path(args.labels))) if args.labels else 0
+    section["scoring"] = "softmax" if labels and width == labels + 1 else "sigmoid"
+    why = "LABELS name one class fewer than its logits"
+    if section["scoring"] == "sigmoid":
+        why = "set scoring: softmax for DETR or YOLOS"
+    notes.append(f"DETR-family outputs logits [N, Q, {width}] and pred_boxes: {section['scoring']} scoring ({why})")
+    return notes
 
 
 def kit_onnx_detector(path: Path, fmt: str) -> bool:
@@ -362,9 +417,14 @@ def crop_sizes(crop: int) -> dict[str, int]:
 
 def output_classes(folder: Path, config: Any) -> int | None:
     """A classifier's output width, or a segmenter's logit planes, from one forward pass on a blank batch."""
-    if config.task == "detection":
+    if config.task == "detection" and config.output != "detr":
         return None
     model = load_model(folder, config.model, torch.device("cpu"))
+    if config.task == "detection":  # a DETR graph: its logits' width, less the no-object class of softmax scoring
+        side = config.resize if isinstance(config.resize, tuple) else (config.resize, config.resize)
+        with torch.inference_mode():
+            logits, _ = detr_outputs(model(torch.zeros(1, 3, *side)))
+        return int(logits.shape[-1]) - (1 if config.scoring == "softmax" else 0)
     if config.task == "segmentation":
         side = config.resize if isinstance(config.resize, tuple) else (config.resize, config.resize)
         with torch.inference_mode():

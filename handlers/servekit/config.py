@@ -179,9 +179,21 @@ class DetectorConfig:
     score_threshold: float = 0.5
     max_detections: int = 100
     mask_threshold: float = 0.5  # Mask R-CNN: a mask pixel is in at this probability
-    # output: torchvision (a list of images in, {boxes, labels, scores} out) or yolo (a letterboxed
-    # batch in, a raw [N, A, 5+C] / [N, 4+C, A] / [N, K, 6] tensor out; see servekit/yolo.py)
-    output: Literal["torchvision", "yolo"] = "torchvision"
+    # output: torchvision (a list of images in, {boxes, labels, scores} out), yolo (a letterboxed
+    # batch in, a raw [N, A, 5+C] / [N, 4+C, A] / [N, K, 6] tensor out; see servekit/yolo.py) or detr
+    # (a resized batch in, class logits [N, Q, C] and normalized cx, cy, w, h boxes [N, Q, 4] out)
+    output: Literal["torchvision", "yolo", "detr"] = "torchvision"
+    # detr: softmax over classes with a trailing no-object class (DETR, YOLOS), or sigmoid per class and
+    # the top max_detections over queries x classes (Deformable/Conditional DETR, RT-DETR, D-FINE, RF-DETR);
+    # auto reads it from a Hugging Face folder's model type
+    scoring: Literal["auto", "softmax", "sigmoid"] = "auto"
+    # detr: the recipe (the image processor's): the short side to resize, the long side at most max_size
+    # (0: no cap), or exactly [h, w] (RT-DETR: 640 x 640); normalized with mean and std
+    resize: Size = 800
+    max_size: int = 1333
+    interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
     layout: Literal["auto", "yolov5", "yolov8", "end2end"] = "auto"
     input_size: int = 640
     # yolo output: "kit" fits the image antialiased; "ultralytics" as their predictor does (OpenCV
@@ -200,6 +212,12 @@ class DetectorConfig:
         _require(0.0 < self.iou_threshold <= 1.0, "iou_threshold", "must be within (0, 1]")
         _require(self.threads >= 0, "threads", "must be >= 0 (0: cores / workers)")
         _require(self.compile is None, "compile", "applies to classifiers (torchvision detectors do not compile whole)")
+        _require(min(_pair(self.resize, "resize")) > 0 and self.max_size >= 0, "resize", "must be > 0")
+        _require(len(self.mean) == 3 and len(self.std) == 3 and min(self.std) > 0, "mean", "and std need 3 values")
+
+    @property
+    def decode_side(self) -> int:
+        return decode_side(self.resize)
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,12 @@
 """Hugging Face transformers vision models: a ``save_pretrained`` folder, loaded offline.
 
 The class comes from the folder's ``config.json`` through the Auto class of its task
-(``AutoModelForImageClassification``, ``AutoModelForSemanticSegmentation``), with
+(``AutoModelForImageClassification``, ``AutoModelForSemanticSegmentation``, ``AutoModelForObjectDetection``
+for the DETR family), with
 ``local_files_only=True`` and no remote code: a folder whose config names code of its own (``auto_map``)
 is refused. The module returned takes a normalized batch and returns its logits (``[N, C]`` for a
-classifier, ``[N, C, h, w]`` for a segmenter), as every other model of its task the kit serves.
+classifier, ``[N, C, h, w]`` for a segmenter; a detector's ``logits`` and ``pred_boxes``), as every other
+model of its task the kit serves.
 transformers is imported only when such a model loads.
 """
 
@@ -23,14 +25,18 @@ CONFIG_FILE = "config.json"
 
 
 class Logits(torch.nn.Module):
-    """A transformers vision model as ``pixel_values -> logits``."""
+    """A transformers vision model as ``pixel_values -> logits`` (a detector: ``-> (logits, pred_boxes)``)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, outputs: tuple[str, ...] = ("logits",)) -> None:
         super().__init__()
         self.model = model
+        self.outputs = outputs
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=pixel_values).logits
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        found = self.model(pixel_values=pixel_values)
+        if len(self.outputs) == 1:
+            return getattr(found, self.outputs[0])
+        return tuple(getattr(found, name) for name in self.outputs)
 
 
 # the kit's task -> the Auto class that loads it, the transformers mapping of its model classes, an example
@@ -45,7 +51,13 @@ HF_TASKS = {
         "MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES",
         "a semantic segmenter (such as SegformerForSemanticSegmentation)",
     ),
+    "detection": (
+        "AutoModelForObjectDetection",
+        "MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES",
+        "a DETR-family detector (such as RTDetrForObjectDetection)",
+    ),
 }
+OUTPUTS = {"detection": ("logits", "pred_boxes")}  # what each task's wrapper returns, when not the logits alone
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -111,7 +123,7 @@ def load_transformers(folder: Path) -> Logits:
         model = auto.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False, dtype=torch.float32)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise ConfigError(f"cannot load the Hugging Face folder: {plain_line(str(exc))[:300]}") from None
-    return Logits(model).eval()
+    return Logits(model, OUTPUTS.get(task, ("logits",))).eval()
 
 
 def id2label(config: dict[str, Any]) -> list[str]:

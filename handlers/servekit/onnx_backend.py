@@ -19,6 +19,7 @@ from servekit.program_backend import BoundedBatch, InputSpec
 
 CLASSIFIER_IO = ("input", "logits")
 DETECTOR_IO = ("image", ("boxes", "labels", "scores"))
+DETR_IO = ("logits", "pred_boxes")  # a DETR-family graph's outputs, as Hugging Face (and optimum) name them
 RAW_IO = ("images", "output0")  # a raw-output (YOLO-style) detector, named as ultralytics' exports name them
 
 
@@ -47,8 +48,8 @@ class OnnxModel:
     """The part of ``torch.nn.Module`` the services use (``eval``, ``__call__``), over an ORT session.
 
     A detector graph has the outputs ``boxes``, ``labels`` and ``scores`` (``scripts/export_onnx.py``);
-    any other graph is a classifier whose first input is the image batch and whose output ``logits``
-    (or else its first output) holds the scores. A graph with a static batch size runs in chunks.
+    any other graph takes an image batch as its first input and answers ``logits`` (or else its first
+    output), plus ``pred_boxes`` for a DETR-family detector. A graph with a static batch size runs in chunks.
     """
 
     def __init__(self, session: Any, max_batch: int = 0) -> None:
@@ -58,6 +59,8 @@ class OnnxModel:
         outputs = [o.name for o in session.get_outputs()]
         self.is_detector = set(DETECTOR_IO[1]) <= set(outputs)
         self.output_name = CLASSIFIER_IO[1] if CLASSIFIER_IO[1] in outputs else outputs[0]
+        # a DETR-family graph answers its logits and boxes together
+        self.output_names = list(DETR_IO) if set(DETR_IO) <= set(outputs) else [self.output_name]
         if not self.is_detector and len(first.shape) != 4:
             raise ConfigError(f"ONNX model input {first.name!r} has shape {first.shape}; expected N x 3 x H x W")
         self.spec = onnx_input_spec(first.shape, max_batch)
@@ -72,9 +75,11 @@ class OnnxModel:
         assert isinstance(inputs, torch.Tensor)
         return self._bounded(inputs)
 
-    def _classify(self, batch: torch.Tensor) -> torch.Tensor:
-        (logits,) = self.session.run([self.output_name], {self.input_name: batch.cpu().numpy()})
-        return torch.from_numpy(logits)
+    def _classify(self, batch: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        found = self.session.run(self.output_names, {self.input_name: batch.cpu().numpy()})
+        if len(found) == 1:
+            return torch.from_numpy(found[0])
+        return tuple(torch.from_numpy(value) for value in found)
 
     def _detect(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         names = list(DETECTOR_IO[1])

@@ -57,12 +57,14 @@ class BoundedBatch:
     def eval(self) -> BoundedBatch:
         return self
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         size = self.spec.max_batch or len(batch)
         outputs = [self._chunk(batch[i : i + size]) for i in range(0, len(batch), size)]
+        if isinstance(outputs[0], tuple):  # several batch-major outputs (a DETR graph's logits and boxes)
+            return tuple(torch.cat(parts) for parts in zip(*outputs))
         return torch.cat(outputs)
 
-    def _chunk(self, chunk: torch.Tensor) -> torch.Tensor:
+    def _chunk(self, chunk: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         wanted = max(len(chunk), self.spec.min_batch)
         if self.spec.static_batch:
             wanted = self.spec.max_batch or wanted
@@ -71,6 +73,9 @@ class BoundedBatch:
             padded = torch.cat([chunk, chunk[-1:].expand(wanted - len(chunk), *chunk.shape[1:])])
         out = self.run(padded.to(self.device).contiguous())
         if isinstance(out, (tuple, list)):
+            batched = all(isinstance(o, torch.Tensor) and o.dim() and o.shape[0] == wanted for o in out)
+            if len(out) > 1 and batched:
+                return tuple(o[: len(chunk)] for o in out)
             out = out[0]
         return out[: len(chunk)]
 

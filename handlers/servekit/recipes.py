@@ -35,16 +35,18 @@ class Recipe:
     source: str
     notes: tuple[str, ...] = ()
     crop_rounding: str = "round"
+    max_size: int = 0  # a DETR processor's longest_edge: the long side's cap when the short side is resized
 
     def section(self, task: str = "classification") -> dict[str, Any]:
-        """The ``handler:`` keys this recipe sets (a segmenter's recipe has no crop)."""
+        """The ``handler:`` keys this recipe sets (a segmenter's or a detector's has no crop)."""
         crop = {
             "crop": _yaml_size(self.crop),
             **({"crop_rounding": self.crop_rounding} if self.crop_rounding != "round" else {}),
         }
+        cap = {"max_size": self.max_size} if task == "detection" and isinstance(self.resize, int) else {}
         return {
             "resize": _yaml_size(self.resize),
-            **(crop if task != "segmentation" else {}),
+            **(crop if task == "classification" else cap),
             "interpolation": self.interpolation,
             "mean": [round(v, 6) for v in self.mean],
             "std": [round(v, 6) for v in self.std],
@@ -56,6 +58,8 @@ class Recipe:
             f"short side {self.resize}" if isinstance(self.resize, int) else f"to {self.resize[0]}x{self.resize[1]}"
         )
         crop = "no crop" if not self.crop else f"crop {_text(self.crop)}"
+        if self.max_size and isinstance(self.resize, int):
+            resize += f" (long side at most {self.max_size})"
         mean = ", ".join(f"{v:.3g}" for v in self.mean)
         std = ", ".join(f"{v:.3g}" for v in self.std)
         return f"recipe from {self.source}: resize {resize} {self.interpolation}, {crop}, mean [{mean}] std [{std}]"
@@ -113,8 +117,9 @@ def hf_recipe(processor: Mapping[str, Any], source: str, task: str = "classifica
 
     Its center crop puts an odd margin's extra pixel at the bottom/right (``crop_rounding: floor``);
     ``size`` as ``shortest_edge`` (with ConvNeXt's ``crop_pct``: short side to ``edge / crop_pct``, then
-    the center ``edge``; warped at 384 and above) or as ``height``/``width`` (exact resize); a center
-    crop when ``do_center_crop``; ``rescale_factor`` and ``do_normalize`` folded into mean and std.
+    the center ``edge``; warped at 384 and above; a DETR processor's ``longest_edge`` becomes ``max_size``)
+    or as ``height``/``width`` (exact resize); a center crop when ``do_center_crop``; ``rescale_factor`` and
+    ``do_normalize`` folded into mean and std.
 
     Raises:
         ConfigError: a classifier's processor whose output size varies with the image (short side, no crop;
@@ -122,6 +127,7 @@ def hf_recipe(processor: Mapping[str, Any], source: str, task: str = "classifica
     """
     size = dict(processor.get("size") or {})
     crop_pct = processor.get("crop_pct")
+    max_size = 0
     resize: Size
     crop: Size = 0
     if not processor.get("do_resize", True):
@@ -131,6 +137,7 @@ def hf_recipe(processor: Mapping[str, Any], source: str, task: str = "classifica
         resize, crop = (int(edge / float(crop_pct)), edge) if edge < HF_LARGE_EDGE else ((edge, edge), 0)
     elif "shortest_edge" in size:
         resize = int(size["shortest_edge"])
+        max_size = int(size.get("longest_edge") or 0)
     elif "height" in size and "width" in size:
         resize = (int(size["height"]), int(size["width"]))
     else:
@@ -144,7 +151,7 @@ def hf_recipe(processor: Mapping[str, Any], source: str, task: str = "classifica
     interpolation = PIL_RESAMPLE.get(int(resample), "") if isinstance(resample, int) else str(resample).lower()
     mean, std = _folded(processor)
     interpolation = _interpolation(interpolation, source)
-    return Recipe(resize, crop, interpolation, mean, std, source, crop_rounding="floor")
+    return Recipe(resize, crop, interpolation, mean, std, source, crop_rounding="floor", max_size=max_size)
 
 
 def _folded(processor: Mapping[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -19,6 +19,7 @@ import torch
 
 from servekit.config import ClassifierConfig, DetectorConfig, HandlerConfig, ImageLimits, SegmenterConfig
 from servekit.decode import DecodedImage, decode_request
+from servekit.detr import aspect_size, detr_detections, detr_outputs, scoring_of
 from servekit.errors import ConfigError, KitError
 from servekit.loading import compile_module, load_labels, load_model
 from servekit.postprocess import detections_to_json, topk_to_json
@@ -30,6 +31,7 @@ from servekit.transforms import (
     detector_inputs,
     detector_padded_shape,
     group_by_key,
+    resize_image,
     segmenter_input,
 )
 from servekit.yolo import (
@@ -166,6 +168,35 @@ def segmenter_answers(
         )
         for one, (_, (height, width)) in zip(logits, items)
     ]
+
+
+DetrItem = tuple[torch.Tensor, tuple[int, int]]  # the resized uint8 image, the (width, height) as sent
+
+
+def detr_item(row: Any, config: DetectorConfig) -> DetrItem:
+    """One request row resized by a DETR processor's recipe (uint8; the target shape computed from the size
+    as sent, so a reduced-scale JPEG decode gives the same shape), with the size its boxes are given in."""
+    decoded = decode_request(row, config.limits, config.decode_side)
+    if isinstance(config.resize, tuple):
+        shape = config.resize
+    else:
+        shape = aspect_size(decoded.height, decoded.width, config.resize, config.max_size)
+    return resize_image(decoded.pixels, shape, config.interpolation), (decoded.width, decoded.height)
+
+
+def detr_answers(
+    outputs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    items: Sequence[DetrItem],
+    config: DetectorConfig,
+    scoring: str,
+    labels: list[str],
+) -> list[Any]:
+    """One JSON answer per image from its queries' logits and boxes, in the pixels of the image as sent."""
+    answers = []
+    for (logits, boxes), (_, size) in zip(outputs, items):
+        found = detr_detections(logits, boxes, size, scoring, config.max_detections)
+        answers.append(detections_to_json(found, labels, size, config.score_threshold, config.max_detections))
+    return answers
 
 
 def letterboxed_item(row: Any, config: DetectorConfig) -> tuple[torch.Tensor, Letterbox]:
@@ -336,6 +367,51 @@ class DetectorService(VisionService[DecodedImage]):
         ]
 
 
+class DetrDetectorService(VisionService[DetrItem]):
+    """DETR-family detectors: images of one resized shape run as one forward pass (no padding, so no answer
+    depends on its batch-mates; RT-DETR's fixed 640 x 640 makes every batch one pass); no NMS."""
+
+    def __init__(
+        self, config: DetectorConfig, model: Network, labels: list[str], device: torch.device, scoring: str
+    ) -> None:
+        super().__init__(model, labels, config.limits, device)
+        self.config = config
+        self.scoring = scoring
+
+    def prepare(self, row: Any) -> DetrItem:
+        return detr_item(row, self.config)
+
+    def infer(self, items: list[DetrItem]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        outputs: list[tuple[torch.Tensor, torch.Tensor]] = [(torch.empty(0), torch.empty(0))] * len(items)
+        with torch.inference_mode():
+            for group in group_by_key([tuple(pixels.shape) for pixels, _ in items]):
+                batch = classifier_batch([items[i][0] for i in group], self.config).to(self.device)
+                logits, boxes = detr_outputs(self.model(batch))
+                for index, one_logits, one_boxes in zip(group, logits.float().cpu(), boxes.float().cpu()):
+                    outputs[index] = (one_logits, one_boxes)
+        return outputs
+
+    def finish(self, raw: list[tuple[torch.Tensor, torch.Tensor]], items: list[DetrItem]) -> list[Any]:
+        return detr_answers(raw, items, self.config, self.scoring, self.labels)
+
+
+def detr_scoring(config: DetectorConfig, model_dir: Path) -> str:
+    """The scoring a DETR-family detector uses: as configured, else its Hugging Face model type's.
+
+    Raises:
+        ConfigError: ``scoring: auto`` on a graph, which does not say.
+    """
+    if config.scoring != "auto":
+        return config.scoring
+    if config.model.format != "transformers":
+        raise ConfigError(
+            "handler.scoring must be softmax or sigmoid for a DETR-family graph (auto reads a Hugging Face folder)"
+        )
+    from servekit.hf_source import read_config
+
+    return scoring_of(str(read_config(model_dir).get("model_type", "")))
+
+
 class YoloDetectorService(VisionService[tuple[torch.Tensor, Letterbox]]):
     """Raw-output detectors: every image letterboxed to one square, so a batch is one forward pass."""
 
@@ -398,7 +474,7 @@ def raw_tensor(output: Any) -> torch.Tensor:
 
 def build_service(
     config: HandlerConfig, model_dir: Path, device: torch.device, max_batch: int = 1, model_name: str = ""
-) -> ClassifierService | DetectorService | YoloDetectorService | SegmenterService:
+) -> VisionService[Any]:
     """Load the model folder's network and labels and return the service for its task.
 
     With ``handler.compile``, the classifier is compiled and run once at every batch size from 1 to
@@ -411,13 +487,13 @@ def build_service(
     return service
 
 
-def _service(
-    config: HandlerConfig, model_dir: Path, device: torch.device, max_batch: int
-) -> ClassifierService | DetectorService | YoloDetectorService | SegmenterService:
+def _service(config: HandlerConfig, model_dir: Path, device: torch.device, max_batch: int) -> VisionService[Any]:
     if config.model.format == "transformers":
         from servekit.hf_source import check_task
 
         check_task(model_dir, config.task)
+        if isinstance(config, DetectorConfig) and config.output != "detr":
+            raise ConfigError("a Hugging Face detector folder is served with handler.output: detr")
     model = load_model(model_dir, config.model, device)
     labels = load_labels(model_dir / config.labels)
     if isinstance(config, ClassifierConfig):
@@ -430,4 +506,6 @@ def _service(
         return SegmenterService(config, model, labels, device)
     if config.output == "yolo":
         return YoloDetectorService(config, model, labels, device)
+    if config.output == "detr":
+        return DetrDetectorService(config, model, labels, device, detr_scoring(config, model_dir))
     return DetectorService(config, model, labels, device)

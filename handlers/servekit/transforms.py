@@ -9,7 +9,7 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from servekit.config import ClassifierConfig, SegmenterConfig, Size
+from servekit.config import ClassifierConfig, DetectorConfig, SegmenterConfig, Size
 
 # nearest-exact picks the pixels PIL's NEAREST picks (torch's plain "nearest" is off by half a pixel)
 INTERPOLATION_MODES = {
@@ -44,7 +44,9 @@ def segmenter_input(pixels: torch.Tensor, config: SegmenterConfig) -> torch.Tens
     return resize_image(pixels, config.resize, config.interpolation)
 
 
-def classifier_batch(crops: Sequence[torch.Tensor], config: ClassifierConfig | SegmenterConfig) -> torch.Tensor:
+def classifier_batch(
+    crops: Sequence[torch.Tensor], config: ClassifierConfig | SegmenterConfig | DetectorConfig
+) -> torch.Tensor:
     """Stack uint8 images of one shape into one float batch normalized by the config's mean and std."""
     batch = torch.stack(list(crops)).to(torch.float32).div_(255.0)
     mean = torch.tensor(config.mean, dtype=torch.float32).view(1, 3, 1, 1)

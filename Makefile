@@ -54,7 +54,7 @@ ZOO_WEIGHTS := models/timm_convnext/model.pt models/hf_vit/model.safetensors
 ZOO_VARIANTS := $(foreach m,$(ZOO_DEMOS),$(STORE)/$(m).mar $(STORE)/$(m)_onnx.mar $(STORE)/$(m)_openvino.mar $(STORE)/$(m)_int8.mar $(STORE)/$(m)_aoti.mar)
 
 .PHONY: models
-models: $(foreach m,$(DEMOS),models/$(m)/model.pt) $(ZOO_WEIGHTS) ## Build the demo models (trained digits CNN, shapes detector and segmenter, seeded torchvision, timm and Hugging Face nets)
+models: $(foreach m,$(DEMOS),models/$(m)/model.pt) $(ZOO_WEIGHTS) models/lraspp/model.pt ## Build the demo models (trained digits CNN, shapes detector and segmenter, seeded torchvision, timm and Hugging Face nets)
 
 models/%/model.pt: | $(STAMP)
 	$(PY) scripts/make_models.py $*
@@ -71,6 +71,7 @@ archive: $(if $(MODEL),$(STORE)/$(MODEL).mar,$(ALL_MARS)) ## Build .mar archives
 # Each demo archive also needs its generated weights.
 $(foreach m,$(DEMOS),$(eval $(STORE)/$(m).mar: models/$(m)/model.pt))
 $(STORE)/timm_convnext.mar: models/timm_convnext/model.pt
+$(STORE)/lraspp.mar: models/lraspp/model.pt
 $(STORE)/hf_vit.mar: models/hf_vit/model.safetensors
 
 .SECONDEXPANSION:
@@ -106,10 +107,11 @@ $(STORE)/%_openvino.mar: $(ONNX_DIR)/%/model.onnx $(HANDLER_SRC) scripts/archive
 
 # The side-by-side benchmark: stock-handler archives of the same weights, and every kit variant.
 STOCK_STORE := build/stock_store
+SEG_BENCH_INPUTS := model_store/lraspp.mar $(STOCK_STORE)/lraspp_stock.mar model_store/shapes_seg_onnx.mar $(TRITON_STAMP)
 BENCH_INPUTS := $(foreach m,resnet18 mobilenet_v3_small fasterrcnn,model_store/$(m).mar model_store/$(m)_onnx.mar $(STOCK_STORE)/$(m)_stock.mar) \
 	model_store/digits_onnx.mar model_store/shapes_onnx.mar model_store/shapes_openvino.mar model_store/resnet18_openvino.mar model_store/resnet18_int8.mar model_store/resnet18_aoti.mar model_store/resnet18_exported.mar \
 	model_store/resnet18_compile.mar model_store/mobilenet_v3_small_int8.mar model_store/mobilenet_v3_small_openvino.mar $(ONNX_DIR)/digits/model.int8.onnx \
-	$(TRITON_STAMP) $(ZOO_VARIANTS)
+	$(TRITON_STAMP) $(ZOO_VARIANTS) $(SEG_BENCH_INPUTS)
 
 $(STOCK_STORE)/%_stock.mar: $$(filter-out %/__pycache__,$$(wildcard models/$$*/*)) scripts/stock_archives.py | $(STAMP)
 	$(PY) scripts/stock_archives.py $* --export $(STOCK_STORE)
@@ -146,6 +148,10 @@ profile-workers: model_store/resnet18.mar $(STOCK_STORE)/resnet18_stock.mar ## p
 .PHONY: bench-zoo
 bench-zoo: model_store/resnet18.mar model_store/resnet18_onnx.mar model_store/resnet18_openvino.mar $(ZOO_VARIANTS) ## A timm and a Hugging Face classifier next to resnet18: eager, ONNX Runtime, OpenVINO, in process and served -> build/bench-zoo/
 	$(PY) scripts/bench.py --mode zoo --out build/bench-zoo
+
+.PHONY: bench-seg
+bench-seg: $(SEG_BENCH_INPUTS) ## Segmentation: torchvision lraspp under the kit and the stock image_segmenter (req/s, answer bytes); the shapes segmenter on TorchServe and Triton -> build/bench-seg/
+	$(PY) scripts/bench.py --mode segmentation --out build/bench-seg
 
 .PHONY: bench-shapes
 bench-shapes: model_store/shapes.mar model_store/shapes_onnx.mar model_store/shapes_openvino.mar $(TRITON_STAMP) ## The shapes detector (yolo path): raw in process, TorchScript and ONNX served, Triton; one size and mixed -> build/bench-shapes/

@@ -30,12 +30,12 @@ import yaml
 import demo_models
 from client import KeyRing, RestClient
 from loadgen import LoadResult, closed_loop, servekit_counters
-from servekit.config import ClassifierConfig, CompileSettings, read_model_config
+from servekit.config import ClassifierConfig, CompileSettings, SegmenterConfig, read_model_config
 from servekit.loading import compile_module, load_model
 from servekit.onnx_backend import load_onnx
 from servekit.openvino_backend import load_openvino
 from servekit.program_backend import load_aoti, load_exported
-from servekit.transforms import detector_inputs
+from servekit.transforms import classifier_batch, detector_inputs, segmenter_input
 from servekit.yolo import letterbox
 from tsctl import Endpoints, Keys, TorchServe, derive_config, random_endpoints, worker_pids
 
@@ -170,6 +170,21 @@ def unique(*groups: Sequence[Served]) -> tuple[Served, ...]:
     return tuple(seen.values())
 
 
+# Semantic segmentation (`make bench-seg`): torchvision's lraspp under the kit and under TorchServe's stock
+# image_segmenter (224 x 224 center crop, a [class, probability] pair per pixel), answer bytes beside req/s;
+# the trained shapes segmenter's ONNX graph under TorchServe and under the Triton ensemble.
+SEG_SERVED = (
+    *(
+        Served("lraspp", where, "torch", archive, images=images, concurrencies=(4,))
+        for images in ("same", "640x480", "1080p")
+        for where, archive in (("stock", "lraspp_stock"), ("kit", "lraspp"))
+    ),
+    *(
+        Served("shapes_seg", where, "onnx", archive, images=images, concurrencies=(8,))
+        for images in ("same", "mixed")
+        for where, archive in (("kit", "shapes_seg_onnx"), ("triton", "shapes_seg"))
+    ),
+)
 # What a timm and a Hugging Face classifier cost next to resnet18 (`make bench-zoo`): eager, ONNX Runtime and
 # OpenVINO, served by the kit and run raw in process, on the same 451x300 JPEG.
 ZOO_MODELS = ("resnet18", "timm_convnext", "hf_vit")
@@ -184,7 +199,12 @@ ZOO_SERVED = tuple(
 )
 PLANS = {
     "full": Plan(
-        15.0, 4.0, (1, 4, 16), 6.0, (1, 8), unique(FULL_SERVED, SHAPES_SERVED, PHOTOS_SERVED, PLAIN_SERVED, ZOO_SERVED)
+        15.0,
+        4.0,
+        (1, 4, 16),
+        6.0,
+        (1, 8),
+        unique(FULL_SERVED, SHAPES_SERVED, PHOTOS_SERVED, PLAIN_SERVED, ZOO_SERVED, SEG_SERVED),
     ),
     # Photos at the sizes users send (`make bench-photos`), at concurrency 16; also part of the full bench.
     "photos": Plan(10.0, 3.0, (16,), 4.0, (8,), PHOTOS_SERVED, frozenset(("torch", "int8", "openvino"))),
@@ -194,6 +214,7 @@ PLANS = {
     # resnet18 on every backend, in process and served, side by side (`make bench-backends`).
     "backends": Plan(10.0, 4.0, (16,), 4.0, (1, 8), BACKENDS_SERVED),
     "zoo": Plan(10.0, 3.0, (1, 16), 4.0, (1, 8), ZOO_SERVED, frozenset(("torch", "onnx", "openvino"))),
+    "segmentation": Plan(10.0, 3.0, (4,), 4.0, (1, 4), SEG_SERVED, frozenset(("torch", "torchscript", "onnx"))),
     "plain": Plan(10.0, 3.0, (16,), 4.0, (8,), PLAIN_SERVED, frozenset(("torch", "torchscript"))),
     "quick": Plan(
         5.0,
@@ -211,6 +232,8 @@ INPROCESS = {
     "fasterrcnn": ("torch", "onnx"),
     "shapes": ("torchscript", "onnx", "openvino"),
     "timm_convnext": ("torch", "onnx", "openvino"),
+    "lraspp": ("torch",),
+    "shapes_seg": ("torchscript", "onnx"),
     "hf_vit": ("torch", "onnx", "openvino"),
 }
 
@@ -231,6 +254,7 @@ class Row:
     errors: int = 0
     peak_worker_mib: float = float("nan")  # the largest RSS of one of the archive's workers during the row
     stage_ms: dict[str, float] = field(default_factory=dict)
+    answer_bytes: int = 0  # the JSON answer to the row's first image
 
 
 # ---------------------------------------------------------------- in process
@@ -274,6 +298,8 @@ def model_inputs(name: str, photo: Any, wanted: int) -> tuple[Any, int]:
     pixels = torch.from_numpy(photo.copy()).permute(2, 0, 1)
     if isinstance(config, ClassifierConfig):
         return demo_models.classifier_inputs([photo] * wanted, config), wanted
+    if isinstance(config, SegmenterConfig):
+        return classifier_batch([segmenter_input(pixels, config)] * wanted, config), wanted
     if config.output == "yolo":
         square, _ = letterbox(pixels, config.input_size)
         return square.float().div(255).expand(wanted, -1, -1, -1).contiguous(), wanted
@@ -359,6 +385,7 @@ def served_row(
     def read() -> dict[str, float]:
         return servekit_counters(requests.get(metrics, timeout=10).text, served.archive) if metrics else {}
 
+    first = client.predict(served.archive, payloads[0])
     before = read()
     with PeakMemory(workers(served.archive) if workers else []) as memory:
         load: LoadResult = closed_loop(send, concurrency=concurrency, seconds=plan.seconds, warmup=plan.warmup)
@@ -367,6 +394,7 @@ def served_row(
     row.p50_ms, row.p90_ms, row.p99_ms = (load.percentile(q) for q in (50, 90, 99))
     row.errors = load.errors
     row.stage_ms = stage_ms(before, read())
+    row.answer_bytes = len(json.dumps(first.body)) if first.status == 200 else 0
     return row
 
 
@@ -660,6 +688,25 @@ def plain_lines(rows: Sequence[Row]) -> list[str]:
     ]
 
 
+def segmentation_lines(rows: Sequence[Row]) -> list[str]:
+    """Segmenters side by side: throughput and the bytes of one answer, per handler and image size."""
+    found = [r for r in rows if r.model in ("lraspp", "shapes_seg") and r.where != "in-process"]
+    if not found:
+        return []
+    lines = ["", "## Semantic segmentation (same run)", ""]
+    lines += [
+        "| model | handler | backend | images | c | req/s | p50 ms | answer bytes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in found:
+        shown = PHOTO_NAMES.get(r.images, r.images)
+        lines.append(
+            f"| {r.model} | {r.where} | {r.backend} | {shown} | {r.concurrency} | {r.rate:.1f} | {r.p50_ms:.0f} "
+            f"| {r.answer_bytes:,} |"
+        )
+    return lines
+
+
 def markdown(rows: Sequence[Row], plan_name: str, fidelity_report: dict[str, Any], command: str) -> str:
     lines = [
         f"# Benchmark ({plan_name})",
@@ -673,6 +720,7 @@ def markdown(rows: Sequence[Row], plan_name: str, fidelity_report: dict[str, Any
     if plan_name == "full":
         lines += tuned_lines()
     lines += plain_lines(rows)
+    lines += segmentation_lines(rows)
     if any(r.model == "shapes" for r in rows):
         lines += ["", "## The shapes detector side by side (same run)", "", "| ratio | measured |", "|---|---|"]
         lines += [f"| {what} | {value:.2f}x |" if value else f"| {what} | n/a |" for what, value in shapes_ratios(rows)]
@@ -800,6 +848,8 @@ def payload_sets() -> tuple[dict[str, Any], dict[str, list[bytes]]]:
         "mixed": jpegs,
         "shapes:same": [shapes.encode_jpeg(one.image)],
         "shapes:mixed": [shapes.encode_jpeg(s.image) for s in scenes],
+        "shapes_seg:same": [shapes.encode_jpeg(one.image)],
+        "shapes_seg:mixed": [shapes.encode_jpeg(s.image) for s in scenes],
     }
     return {"*": photos["chelsea"], "shapes": one.image}, payloads
 
@@ -818,7 +868,7 @@ def run(plan_name: str, out: Path, onnx_dir: Path) -> Path:
     rows += triton_rows(plan, payloads, Path("build") / f"bench-{plan_name}-triton", progress)
     import fidelity
 
-    models = {"backends": ("resnet18",), "shapes": (), "photos": (), "zoo": (), "plain": ()}.get(
+    models = {"backends": ("resnet18",), "shapes": (), "photos": (), "zoo": (), "plain": (), "segmentation": ()}.get(
         plan_name, ("digits", "resnet18", "mobilenet_v3_small")
     )
     report = {
@@ -835,6 +885,7 @@ def run(plan_name: str, out: Path, onnx_dir: Path) -> Path:
         "photos": "make bench-photos",
         "zoo": "make bench-zoo",
         "plain": "make bench-plain",
+        "segmentation": "make bench-seg",
     }[plan_name]
     (out / "results.json").write_text(json.dumps({"rows": [asdict(r) for r in rows], "fidelity": report}, indent=1))
     (out / "results.md").write_text(markdown(rows, plan_name, report, command), encoding="utf-8")

@@ -11,6 +11,7 @@ and the detector's class logits are spread, which makes scores distinct and comp
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -146,6 +147,24 @@ def make_classifier(name: str, model_dir: Path, torchscript: bool = False) -> No
         torch.save(model.state_dict(), model_dir / "model.pt")
     categories = torchvision.models.get_model_weights(name).DEFAULT.meta["categories"]
     _write_labels(model_dir, list(categories))
+
+
+def make_segmenter(model_dir: Path, name: str = "lraspp_mobilenet_v3_large") -> None:
+    """A torchvision segmenter with seeded weights and BatchNorm recalibrated on the photos, VOC's 21 names."""
+    from servekit.config import SegmenterConfig
+    from servekit.transforms import segmenter_input
+
+    config = read_model_config(model_dir)
+    assert isinstance(config, SegmenterConfig)
+    torch.manual_seed(SEED)
+    model = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=21)
+    square = dataclasses.replace(config, resize=(320, 320))  # one shape: the photos calibrate as one batch
+    photos = [torch.from_numpy(np.array(img)).permute(2, 0, 1) for img in sample_photos().values()]
+    pixels = [segmenter_input(photo, square) for photo in photos]
+    batch = classifier_batch(pixels, config)
+    recalibrate_batchnorm(model, lambda: model(batch))
+    torch.save(model.state_dict(), model_dir / "model.pt")
+    _write_labels(model_dir, list(torchvision.models.get_model_weights(name).DEFAULT.meta["categories"]))
 
 
 IMAGENET_NAMES_FROM = "resnet18"  # torchvision's weight metadata carries ImageNet's 1000 names offline

@@ -61,6 +61,7 @@ BUILDERS: dict[str, Callable[[Path], object]] = {
     "resnet18": lambda d: demo_models.make_classifier("resnet18", d),
     "mobilenet_v3_small": lambda d: demo_models.make_classifier("mobilenet_v3_small", d, torchscript=True),
     "fasterrcnn": demo_models.make_detector,
+    "lraspp": demo_models.make_segmenter,
     "shapes": build_shapes,
     "shapes_seg": build_shapes_seg,
     "timm_convnext": demo_models.make_timm_classifier,

@@ -1,8 +1,8 @@
 """Archives of the demo models served by TorchServe's *stock* handlers, for the side-by-side benchmark.
 
 The same weights and the same frontend settings (workers, ``batchSize``, ``maxBatchDelay``) as the kit's
-archives; only the handler differs: ``image_classifier`` or ``object_detector``. State_dicts need a model
-file with exactly one class that builds the network with no arguments (TorchServe's eager-mode
+archives; only the handler differs: ``image_classifier``, ``object_detector`` or ``image_segmenter``.
+State_dicts need a model file with exactly one class that builds the network with no arguments (TorchServe's eager-mode
 contract), written here from the model folder's ``architecture`` and ``kwargs``; TorchScript files load
 as they are. The stock vision handlers import ``captum`` (installed by requirements.txt for this).
 """
@@ -17,10 +17,14 @@ from pathlib import Path
 
 import yaml
 
-from servekit.config import ClassifierConfig, parse_handler_config, read_model_document
+from servekit.config import parse_handler_config, read_model_document
 from servekit.loading import load_labels
 
-STOCK_HANDLERS = {"classification": "image_classifier", "detection": "object_detector"}
+STOCK_HANDLERS = {
+    "classification": "image_classifier",
+    "detection": "object_detector",
+    "segmentation": "image_segmenter",
+}
 MODEL_FILE = '''"""Built by scripts/stock_archives.py: {architecture} with the kit's demo arguments."""
 import torchvision
 
@@ -29,7 +33,15 @@ class {class_name}(torchvision.models.{base}):
     def __new__(cls):
         return torchvision.models.get_model({architecture!r}, weights=None, **{kwargs!r})
 '''
-BASES = {"resnet": "ResNet", "mobilenet_v3": "MobileNetV3", "fasterrcnn": "detection.FasterRCNN"}
+BASES = {
+    "resnet": "ResNet",
+    "mobilenet_v3": "MobileNetV3",
+    "fasterrcnn": "detection.FasterRCNN",
+    "lraspp": "segmentation.LRASPP",
+    "deeplabv3": "segmentation.DeepLabV3",
+    "fcn": "segmentation.FCN",
+}
+BACKBONE_BUILDERS = ("fasterrcnn", "lraspp", "deeplabv3", "fcn")  # never download a backbone: weights_backbone=None
 
 
 def model_file_source(architecture: str, kwargs: dict) -> str:
@@ -38,7 +50,7 @@ def model_file_source(architecture: str, kwargs: dict) -> str:
     if base is None:
         raise SystemExit(f"no stock model file template for {architecture!r}")
     args = dict(kwargs)
-    if architecture.startswith("fasterrcnn"):
+    if architecture.startswith(BACKBONE_BUILDERS):
         args.setdefault("weights_backbone", None)
     class_name = "".join(part.title() for part in architecture.split("_"))
     return MODEL_FILE.format(architecture=architecture, class_name=class_name, base=base, kwargs=args)
@@ -49,7 +61,7 @@ def stock_archive(name: str, models: Path, work: Path, export: Path, archiver: s
     model_dir = models / name
     document = read_model_document(model_dir)
     config = parse_handler_config(document.get("handler"))
-    task = "classification" if isinstance(config, ClassifierConfig) else "detection"
+    task = config.task
     folder = work / f"{name}_stock"
     folder.mkdir(parents=True, exist_ok=True)
     labels = load_labels(model_dir / config.labels)

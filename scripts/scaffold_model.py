@@ -323,7 +323,7 @@ def detr_graph(path: Path, fmt: str) -> bool:
     return set(DETR_IO) <= outputs
 
 
-def detr_graph_section(args: argparse.Namespace, section: dict[str, Any], spec: InputSpec) -> list[str]:
+def detr_graph_section(args: argparse.Namespace, section: dict[str, Any], spec: InputSpec, width: int = 0) -> list[str]:
     """A DETR graph's keys: the recipe from a ``preprocessor_config.json`` beside it (else its input size and
     ImageNet's mean and std), and the scoring: softmax when LABELS name one class fewer than its logits."""
     notes = []
@@ -336,11 +336,12 @@ def detr_graph_section(args: argparse.Namespace, section: dict[str, Any], spec: 
     elif spec.height or args.input_size:
         section["resize"] = [args.input_size or spec.height, args.input_size or spec.width or spec.height]
         notes.append(f"no {PROCESSOR_FILE} beside it: input {section['resize']}, ImageNet mean and std")
-    import onnx
+    if not width:  # an ONNX graph names its outputs and their shapes
+        import onnx
 
-    graph = onnx.load_model(str(args.pt), load_external_data=False).graph
-    logits = next(o for o in graph.output if o.name == "logits")
-    width = logits.type.tensor_type.shape.dim[-1].dim_value
+        graph = onnx.load_model(str(args.pt), load_external_data=False).graph
+        logits = next(o for o in graph.output if o.name == "logits")
+        width = int(logits.type.tensor_type.shape.dim[-1].dim_value)
     labels = len(load_labels(Path(args.labels))) if args.labels else 0
     section["scoring"] = "softmax" if labels and width == labels + 1 else "sigmoid"
     why = "LABELS name one class fewer than its logits"
@@ -348,6 +349,23 @@ def detr_graph_section(args: argparse.Namespace, section: dict[str, Any], spec: 
         why = "set scoring: softmax for DETR or YOLOS"
     notes.append(f"DETR-family outputs logits [N, Q, {width}] and pred_boxes: {section['scoring']} scoring ({why})")
     return notes
+
+
+YOLO_ONLY_KEYS = ("output", "input_size", "iou_threshold", "layout", "letterbox", "agnostic_nms")
+
+
+def answers_detr_pair(folder: Path, config: Any) -> int:
+    """The logits' class width when a detector graph answers a DETR pair (logits ``[N, Q, C]``, boxes
+    ``[N, Q, 4]``), else 0: one forward pass on a gray image (TorchScript and torch.export graphs do not name
+    their outputs)."""
+    model = load_model(folder, config.model, torch.device("cpu"))
+    with torch.inference_mode():
+        output = model(torch.full((1, 3, config.input_size, config.input_size), 0.5))
+    try:
+        logits, _ = detr_outputs(output if isinstance(output, (tuple, list)) else ())
+    except ConfigError:
+        return 0
+    return int(logits.shape[-1])
 
 
 def kit_onnx_detector(path: Path, fmt: str) -> bool:
@@ -518,6 +536,11 @@ def scaffold(args: argparse.Namespace) -> tuple[Path, str]:
         write_folder(folder, args, plan)
         (folder / "labels.json").write_text("[]\n")
         classes = plan.classes
+        width = answers_detr_pair(folder, config) if config.task == "detection" and config.output == "yolo" else 0
+        if width:
+            plan.section = {k: v for k, v in plan.section.items() if k not in YOLO_ONLY_KEYS}
+            plan.notes.extend(detr_graph_section(args, plan.section, InputSpec(), width))
+            config = parse_handler_config(plan.section)
         if config.task == "detection" and config.output == "yolo":
             given = (
                 len(load_labels(Path(args.labels))) if args.labels else (args.num_classes or len(plan.labels) or None)

@@ -27,7 +27,7 @@ def test_archive_is_self_contained(name: str) -> None:
         files = set(mar.namelist())
         manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))
     handler = manifest["model"]["handler"]
-    assert handler in ("servekit_classifier.py", "servekit_detector.py")
+    assert handler in ("servekit_classifier.py", "servekit_detector.py", "servekit_segmenter.py")
     shipped = {f"servekit/{p.name}" for p in (REPO / "handlers" / "servekit").glob("*.py")}
     assert shipped <= files
     assert {handler, "model.pt", "labels.json", "model-config.yaml"} <= files

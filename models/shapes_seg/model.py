@@ -38,7 +38,7 @@ class ShapesSegNet(nn.Module):
         return F.interpolate(self.features(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits at stride 4 (training computes its loss here, on the mask at that stride)."""
+        """Class logits at stride 4."""
         c2 = self.stem(x)
         c3 = self.c3(c2)
         c4 = self.c4(c3)

@@ -54,14 +54,14 @@ ZOO_WEIGHTS := models/timm_convnext/model.pt models/hf_vit/model.safetensors
 ZOO_VARIANTS := $(foreach m,$(ZOO_DEMOS),$(STORE)/$(m).mar $(STORE)/$(m)_onnx.mar $(STORE)/$(m)_openvino.mar $(STORE)/$(m)_int8.mar $(STORE)/$(m)_aoti.mar)
 
 .PHONY: models
-models: $(foreach m,$(DEMOS),models/$(m)/model.pt) $(ZOO_WEIGHTS) models/lraspp/model.pt ## Build the demo models (trained digits CNN, shapes detector and segmenter, seeded torchvision, timm and Hugging Face nets)
+models: $(foreach m,$(DEMOS),models/$(m)/model.pt) $(ZOO_WEIGHTS) models/lraspp/model.pt models/hf_rtdetr/model.safetensors ## Build the demo models (trained digits CNN, shapes detector and segmenter, seeded torchvision, timm and Hugging Face nets, a seeded RT-DETR)
 
 models/%/model.pt: | $(STAMP)
 	$(PY) scripts/make_models.py $*
 
 models/digits/model.pt: models/digits/model.py scripts/demo_models.py
-models/hf_vit/model.safetensors: | $(STAMP)
-	$(PY) scripts/make_models.py hf_vit
+models/hf_vit/model.safetensors models/hf_rtdetr/model.safetensors: | $(STAMP)
+	$(PY) scripts/make_models.py $(notdir $(@D))
 models/shapes/model.pt: models/shapes/model.py scripts/shapes.py
 models/shapes_seg/model.pt: models/shapes_seg/model.py scripts/shapes.py scripts/shapes_seg.py
 
@@ -73,6 +73,7 @@ $(foreach m,$(DEMOS),$(eval $(STORE)/$(m).mar: models/$(m)/model.pt))
 $(STORE)/timm_convnext.mar: models/timm_convnext/model.pt
 $(STORE)/lraspp.mar: models/lraspp/model.pt
 $(STORE)/hf_vit.mar: models/hf_vit/model.safetensors
+$(STORE)/hf_rtdetr.mar: models/hf_rtdetr/model.safetensors
 
 .SECONDEXPANSION:
 $(STORE)/%.mar: $(MODELS)/%/model-config.yaml $$(filter-out %/__pycache__,$$(wildcard $(MODELS)/$$*/*)) $(HANDLER_SRC) scripts/archive_args.py | $(STAMP)
@@ -111,7 +112,7 @@ SEG_BENCH_INPUTS := model_store/lraspp.mar $(STOCK_STORE)/lraspp_stock.mar model
 BENCH_INPUTS := $(foreach m,resnet18 mobilenet_v3_small fasterrcnn,model_store/$(m).mar model_store/$(m)_onnx.mar $(STOCK_STORE)/$(m)_stock.mar) \
 	model_store/digits_onnx.mar model_store/shapes_onnx.mar model_store/shapes_openvino.mar model_store/resnet18_openvino.mar model_store/resnet18_int8.mar model_store/resnet18_aoti.mar model_store/resnet18_exported.mar \
 	model_store/resnet18_compile.mar model_store/mobilenet_v3_small_int8.mar model_store/mobilenet_v3_small_openvino.mar $(ONNX_DIR)/digits/model.int8.onnx \
-	$(TRITON_STAMP) $(ZOO_VARIANTS) $(SEG_BENCH_INPUTS)
+	$(TRITON_STAMP) $(ZOO_VARIANTS) $(SEG_BENCH_INPUTS) model_store/hf_rtdetr.mar
 
 $(STOCK_STORE)/%_stock.mar: $$(filter-out %/__pycache__,$$(wildcard models/$$*/*)) scripts/stock_archives.py | $(STAMP)
 	$(PY) scripts/stock_archives.py $* --export $(STOCK_STORE)
@@ -152,6 +153,10 @@ bench-zoo: model_store/resnet18.mar model_store/resnet18_onnx.mar model_store/re
 .PHONY: bench-seg
 bench-seg: $(SEG_BENCH_INPUTS) ## Segmentation: torchvision lraspp under the kit and the stock image_segmenter (req/s, answer bytes); the shapes segmenter on TorchServe and Triton -> build/bench-seg/
 	$(PY) scripts/bench.py --mode segmentation --out build/bench-seg
+
+.PHONY: bench-detr
+bench-detr: model_store/hf_rtdetr.mar ## A DETR-family detector (seeded RT-DETR): served by the kit vs its network raw in process -> build/bench-detr/
+	$(PY) scripts/bench.py --mode detr --out build/bench-detr
 
 .PHONY: bench-shapes
 bench-shapes: model_store/shapes.mar model_store/shapes_onnx.mar model_store/shapes_openvino.mar $(TRITON_STAMP) ## The shapes detector (yolo path): raw in process, TorchScript and ONNX served, Triton; one size and mixed -> build/bench-shapes/

@@ -35,6 +35,7 @@ from servekit.loading import compile_module, load_model
 from servekit.onnx_backend import load_onnx
 from servekit.openvino_backend import load_openvino
 from servekit.program_backend import load_aoti, load_exported
+from servekit.service import detr_item
 from servekit.transforms import classifier_batch, detector_inputs, segmenter_input
 from servekit.yolo import letterbox
 from tsctl import Endpoints, Keys, TorchServe, derive_config, random_endpoints, worker_pids
@@ -176,7 +177,7 @@ def unique(*groups: Sequence[Served]) -> tuple[Served, ...]:
 SEG_SERVED = (
     *(
         Served("lraspp", where, "torch", archive, images=images, concurrencies=(4,))
-        for images in ("same", "640x480", "1080p")
+        for images in ("same", "640x480", "1080p", "phone")
         for where, archive in (("stock", "lraspp_stock"), ("kit", "lraspp"))
     ),
     *(
@@ -184,6 +185,11 @@ SEG_SERVED = (
         for images in ("same", "mixed")
         for where, archive in (("kit", "shapes_seg_onnx"), ("triton", "shapes_seg"))
     ),
+)
+# A DETR-family detector (`make bench-detr`): the seeded Hugging Face RT-DETR served by the kit (fixed
+# 640 x 640 input, sigmoid scoring, no NMS) against the same network run raw in process.
+DETR_SERVED = tuple(
+    Served("hf_rtdetr", "kit", "torch", "hf_rtdetr", images=images, concurrencies=(4,)) for images in ("same", "mixed")
 )
 # What a timm and a Hugging Face classifier cost next to resnet18 (`make bench-zoo`): eager, ONNX Runtime and
 # OpenVINO, served by the kit and run raw in process, on the same 451x300 JPEG.
@@ -204,7 +210,7 @@ PLANS = {
         (1, 4, 16),
         6.0,
         (1, 8),
-        unique(FULL_SERVED, SHAPES_SERVED, PHOTOS_SERVED, PLAIN_SERVED, ZOO_SERVED, SEG_SERVED),
+        unique(FULL_SERVED, SHAPES_SERVED, PHOTOS_SERVED, PLAIN_SERVED, ZOO_SERVED, SEG_SERVED, DETR_SERVED),
     ),
     # Photos at the sizes users send (`make bench-photos`), at concurrency 16; also part of the full bench.
     "photos": Plan(10.0, 3.0, (16,), 4.0, (8,), PHOTOS_SERVED, frozenset(("torch", "int8", "openvino"))),
@@ -215,6 +221,7 @@ PLANS = {
     "backends": Plan(10.0, 4.0, (16,), 4.0, (1, 8), BACKENDS_SERVED),
     "zoo": Plan(10.0, 3.0, (1, 16), 4.0, (1, 8), ZOO_SERVED, frozenset(("torch", "onnx", "openvino"))),
     "segmentation": Plan(10.0, 3.0, (4,), 4.0, (1, 4), SEG_SERVED, frozenset(("torch", "torchscript", "onnx"))),
+    "detr": Plan(10.0, 3.0, (4,), 4.0, (1, 4), DETR_SERVED, frozenset(("torch",))),
     "plain": Plan(10.0, 3.0, (16,), 4.0, (8,), PLAIN_SERVED, frozenset(("torch", "torchscript"))),
     "quick": Plan(
         5.0,
@@ -235,6 +242,7 @@ INPROCESS = {
     "lraspp": ("torch",),
     "shapes_seg": ("torchscript", "onnx"),
     "hf_vit": ("torch", "onnx", "openvino"),
+    "hf_rtdetr": ("torch",),
 }
 
 
@@ -300,6 +308,8 @@ def model_inputs(name: str, photo: Any, wanted: int) -> tuple[Any, int]:
         return demo_models.classifier_inputs([photo] * wanted, config), wanted
     if isinstance(config, SegmenterConfig):
         return classifier_batch([segmenter_input(pixels, config)] * wanted, config), wanted
+    if config.output == "detr":
+        return classifier_batch([detr_item({"body": demo_models.encode(photo)}, config)[0]] * wanted, config), wanted
     if config.output == "yolo":
         square, _ = letterbox(pixels, config.input_size)
         return square.float().div(255).expand(wanted, -1, -1, -1).contiguous(), wanted
@@ -707,6 +717,21 @@ def segmentation_lines(rows: Sequence[Row]) -> list[str]:
     return lines
 
 
+def detr_lines(rows: Sequence[Row]) -> list[str]:
+    """The DETR-family detector served against its network run raw in process on preprocessed tensors."""
+    batch = max((r.concurrency for r in rows if r.model == "hf_rtdetr" and r.where == "in-process"), default=0)
+    raw = rate_of(rows, model="hf_rtdetr", where="in-process", concurrency=batch)
+    found = [r for r in rows if r.model == "hf_rtdetr" and r.where == "kit"]
+    if not raw or not found:
+        return []
+    lines = ["", "## A DETR-family detector served vs raw (seeded RT-DETR, 640 x 640, same run)", ""]
+    lines += [f"| images | c | served req/s | p50 ms | raw img/s (batch {batch}) | served / raw |", "|---" * 6 + "|"]
+    for r in found:
+        shown = PHOTO_NAMES.get(r.images, r.images)
+        lines.append(f"| {shown} | {r.concurrency} | {r.rate:.1f} | {r.p50_ms:.0f} | {raw:.1f} | {r.rate / raw:.2f}x |")
+    return lines
+
+
 def markdown(rows: Sequence[Row], plan_name: str, fidelity_report: dict[str, Any], command: str) -> str:
     lines = [
         f"# Benchmark ({plan_name})",
@@ -721,6 +746,7 @@ def markdown(rows: Sequence[Row], plan_name: str, fidelity_report: dict[str, Any
         lines += tuned_lines()
     lines += plain_lines(rows)
     lines += segmentation_lines(rows)
+    lines += detr_lines(rows)
     if any(r.model == "shapes" for r in rows):
         lines += ["", "## The shapes detector side by side (same run)", "", "| ratio | measured |", "|---|---|"]
         lines += [f"| {what} | {value:.2f}x |" if value else f"| {what} | n/a |" for what, value in shapes_ratios(rows)]

@@ -196,6 +196,28 @@ def make_hf_classifier(model_dir: Path) -> None:
     _write_labels(model_dir, names)
 
 
+def make_hf_detector(model_dir: Path) -> None:
+    """A seeded RT-DETR (ResNet-18-vd-sized backbone, 300 queries, COCO's 80 names) as ``save_pretrained``
+    writes it, with its RTDetrImageProcessor (640 x 640, pixels / 255): the DETR family's sigmoid scoring.
+    Seeded, not trained: it answers few confident boxes, and serves to measure and to test the served path."""
+    import transformers
+
+    coco = torchvision.models.detection.FasterRCNN_ResNet50_FPN_Weights.DEFAULT.meta["categories"]
+    names = [c for c in coco if c not in ("__background__", "N/A")]
+    backbone = transformers.RTDetrResNetConfig(
+        hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2], layer_type="basic", downsample_in_bottleneck=False,
+        out_features=["stage2", "stage3", "stage4"],
+    )  # fmt: skip
+    config = transformers.RTDetrConfig(
+        backbone_config=backbone, use_pretrained_backbone=False, encoder_in_channels=[128, 256, 512],
+        decoder_layers=3, num_labels=len(names), id2label=dict(enumerate(names)),
+    )  # fmt: skip
+    torch.manual_seed(SEED)
+    transformers.RTDetrForObjectDetection(config).eval().save_pretrained(str(model_dir))
+    transformers.RTDetrImageProcessor().save_pretrained(str(model_dir))
+    _write_labels(model_dir, names)
+
+
 def imagenet_names() -> list[str]:
     return list(torchvision.models.get_model_weights(IMAGENET_NAMES_FROM).DEFAULT.meta["categories"])
 

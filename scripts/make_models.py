@@ -66,6 +66,7 @@ BUILDERS: dict[str, Callable[[Path], object]] = {
     "shapes_seg": build_shapes_seg,
     "timm_convnext": demo_models.make_timm_classifier,
     "hf_vit": demo_models.make_hf_classifier,
+    "hf_rtdetr": demo_models.make_hf_detector,
 }
 DEMOS = tuple(BUILDERS)
 

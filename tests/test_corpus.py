@@ -45,7 +45,7 @@ def test_corpus_is_big_enough() -> None:
     assert {c.status for c in CASES} == {200, 400, 413, 415}
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", [*MODELS, "hf_rtdetr"])  # every task and output family, DETR's included
 def test_corpus_in_process(model: str, load_handler: Any) -> None:
     handler = load_handler(model)
     good = {"body": bytearray(next(c.body for c in CASES if c.name == "JPEG"))}

@@ -97,6 +97,25 @@ class SegmenterLogits(torch.nn.Module):
         return segmentation_logits(self.model(x))
 
 
+def segmenter_graph(model: Any, scripted: bool, size: tuple[int, int]) -> Any:
+    """What to export for a segmenter: a TorchScript one as it is (a scripted module cannot be traced inside
+    a Python wrapper), when it already returns the logits tensor; any other wrapped by ``SegmenterLogits``.
+
+    Raises:
+        ConfigError: a TorchScript segmenter returning something else than one tensor.
+    """
+    if not scripted:
+        return SegmenterLogits(model)
+    with torch.inference_mode():
+        found = model(torch.rand(1, 3, *size))
+    if not isinstance(found, torch.Tensor):
+        raise ConfigError(
+            f"the TorchScript segmenter returns {type(found).__name__}, not a logits tensor: export it to ONNX from "
+            "its Python class, or script a module returning the logits alone"
+        )
+    return model
+
+
 def export_detector(model: Any, path: Path) -> str:
     """Export one image in, boxes/labels/scores out, height and width dynamic."""
     example = [torch.rand(3, 320, 480)]
@@ -182,7 +201,7 @@ def export(name: str, models: Path, out: Path) -> ExportCheck:
     elif isinstance(config, SegmenterConfig):
         if not isinstance(config.resize, tuple):
             raise ConfigError(f"{name}: ONNX export of a segmenter needs resize as [height, width] (one input shape)")
-        exporter = export_classifier(SegmenterLogits(model), config.resize, target, scripted)
+        exporter = export_classifier(segmenter_graph(model, scripted, config.resize), config.resize, target, scripted)
         onnx_model = load_onnx(target, torch.device("cpu"), 2)
         check = check_classifier(name, exporter, model, onnx_model, config.resize, segmenter=True)
     elif isinstance(config, DetectorConfig) and config.output == "yolo":

@@ -35,7 +35,8 @@ class ShapesSegNet(nn.Module):
         self.classifier = nn.Conv2d(w, num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(self.features(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        # fixed scale factors, not sizes read from tensors: the graph exports to ONNX from TorchScript as is
+        return F.interpolate(self.features(x), scale_factor=4.0, mode="bilinear", align_corners=False)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits at stride 4."""
@@ -43,7 +44,7 @@ class ShapesSegNet(nn.Module):
         c3 = self.c3(c2)
         c4 = self.c4(c3)
         c5 = self.c5(c4)
-        p4 = c4 + F.interpolate(self.lat5(c5), size=c4.shape[-2:], mode="nearest")
-        p3 = c3 + F.interpolate(self.lat4(p4), size=c3.shape[-2:], mode="nearest")
-        p2 = c2 + F.interpolate(self.lat3(p3), size=c2.shape[-2:], mode="nearest")
+        p4 = c4 + F.interpolate(self.lat5(c5), scale_factor=2.0, mode="nearest")
+        p3 = c3 + F.interpolate(self.lat4(p4), scale_factor=2.0, mode="nearest")
+        p2 = c2 + F.interpolate(self.lat3(p3), scale_factor=2.0, mode="nearest")
         return self.classifier(self.head(p2))

@@ -19,9 +19,10 @@ from PIL import Image
 
 import demo_models
 from servekit.config import DetectorConfig, read_model_config
-from servekit.detr import aspect_size, detr_detections, detr_outputs
+from servekit.detr import detr_detections, detr_outputs
 from servekit.errors import ConfigError
 from servekit.service import DetrDetectorService, build_service
+from servekit.transforms import aspect_size
 
 transformers = pytest.importorskip("transformers")
 LABELS = ["cat", "dog", "car", "tree", "person"]

@@ -9,6 +9,7 @@ import io
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -107,7 +108,9 @@ def serve_folder(folder: Path, payloads: dict[str, bytes]) -> dict[str, dict]:
     return dict(zip(payloads, answers))
 
 
-def check_against(reference: Callable[[Image.Image], np.ndarray], served: dict[str, dict], payloads: dict) -> None:
+def check_against(
+    reference: Callable[[Image.Image], np.ndarray], served: dict[str, dict], payloads: dict, classes: int = 3
+) -> None:
     for name, data in payloads.items():
         image = Image.open(io.BytesIO(data)).convert("RGB")
         want = reference(image)
@@ -116,7 +119,7 @@ def check_against(reference: Callable[[Image.Image], np.ndarray], served: dict[s
         shown = ", ".join(f"{c['label']} {c['area']:.2f}" for c in served[name]["classes"])
         print(f"{name} {image.width}x{image.height}: {same * 100:.2f} % pixels agree, mIoU {miou:.3f} ({shown})")
         assert same >= 0.99 and miou >= 0.95, (name, same, miou)
-    assert max(sum(c["area"] >= 0.01 for c in a["classes"]) for a in served.values()) >= 3  # not one class
+    assert max(sum(c["area"] >= 0.01 for c in a["classes"]) for a in served.values()) >= classes  # not one class
 
 
 @pytest.mark.parametrize("architecture", ["lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large"])
@@ -148,26 +151,61 @@ def test_torchvision_segmenters_answer_as_their_weights_transforms_and_model(tmp
     check_against(reference, serve_folder(folder, payloads), payloads)
 
 
-def test_hugging_face_segformer_answers_as_its_processor_and_post_process(tmp_path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
+HF_NAMES = ["sky", "road", "tree", "car", "person"]
+
+
+def segformer(transformers: Any) -> tuple[Any, Any]:
     config = transformers.SegformerConfig(
         num_labels=5,
         hidden_sizes=[16, 32, 64, 96],
         depths=[1, 1, 1, 1],
         num_attention_heads=[1, 2, 2, 4],
         decoder_hidden_size=64,
-        id2label={i: name for i, name in enumerate(["sky", "road", "tree", "car", "person"])},
+        id2label=dict(enumerate(HF_NAMES)),
     )
-    model = transformers.SegformerForSemanticSegmentation(config).eval()
-    source = tmp_path / "segformer"
+    return transformers.SegformerForSemanticSegmentation(config).eval(), transformers.SegformerImageProcessor()
+
+
+def mask2former(transformers: Any) -> tuple[Any, Any]:
+    backbone = transformers.SwinConfig(
+        embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], out_features=["stage1", "stage2", "stage3", "stage4"]
+    )
+    config = transformers.Mask2FormerConfig(
+        backbone_config=backbone, feature_size=32, mask_feature_size=32, hidden_dim=32, encoder_feedforward_dim=64,
+        dim_feedforward=64, encoder_layers=1, decoder_layers=2, num_attention_heads=2, num_queries=12,
+        id2label=dict(enumerate(HF_NAMES)),
+    )  # fmt: skip
+    model = transformers.Mask2FormerForUniversalSegmentation(config).eval()
+    # seeded, every query answers one class with a flat mask: let queries and masks differ, as trained ones do
+    embedder = model.model.transformer_module.decoder.mask_predictor.mask_embedder
+    last = [layer for layer in embedder.modules() if isinstance(layer, torch.nn.Linear)][-1]
+    projection = model.model.pixel_level_module.decoder.mask_projection
+    with torch.no_grad():
+        model.model.transformer_module.queries_features.weight.normal_(0, 3)
+        model.class_predictor.weight.normal_(0, 1)
+        for layer, gain in ((model.class_predictor, 1.0), (projection, 10.0), (last, 20.0)):
+            layer.weight.mul_(gain)
+            layer.bias.zero_()
+    # a short side and a long-side cap: the shape varies with the photo, each side rounded up to a multiple of 32
+    return model, transformers.Mask2FormerImageProcessor(size={"shortest_edge": 320, "longest_edge": 480})
+
+
+@pytest.mark.parametrize("make", [segformer, mask2former], ids=["segformer", "mask2former"])
+def test_hugging_face_segmenters_answer_as_their_processor_and_post_process(tmp_path: Path, make: Any) -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model, processor = make(transformers)
+    source = tmp_path / "hf"
     model.save_pretrained(str(source))
-    processor = transformers.SegformerImageProcessor()
     processor.save_pretrained(str(source))
     args = ["--name", "seg", "--task", "segmentation", "--pt", str(source), "--root", str(tmp_path)]
     assert scaffold_model.main(args) == 0
     scaffolded = read_model_config(tmp_path / "seg")
-    assert isinstance(scaffolded, SegmenterConfig) and scaffolded.resize == (512, 512)
+    assert isinstance(scaffolded, SegmenterConfig)
+    if make is segformer:
+        assert scaffolded.resize == (512, 512)
+    else:
+        assert (scaffolded.resize, scaffolded.max_size, scaffolded.size_divisor) == (320, 480, 32)
 
     def reference(image: Image.Image) -> np.ndarray:
         with torch.inference_mode():
@@ -177,5 +215,5 @@ def test_hugging_face_segformer_answers_as_its_processor_and_post_process(tmp_pa
 
     payloads = photos_of_several_sizes()
     served = serve_folder(tmp_path / "seg", payloads)
-    assert {c["label"] for a in served.values() for c in a["classes"]} <= set(config.id2label.values())
-    check_against(reference, served, payloads)
+    assert {c["label"] for a in served.values() for c in a["classes"]} <= set(HF_NAMES)
+    check_against(reference, served, payloads, classes=3 if make is segformer else 2)

@@ -231,6 +231,8 @@ class SegmenterConfig:
     # to exactly [height, width] (Hugging Face processors: SegFormer 512 x 512), antialiased, no crop; then
     # normalize. Images of one resized shape run as one forward pass.
     resize: Size = 520
+    max_size: int = 0  # with a short-side resize: the long side's cap (Hugging Face's longest_edge; 0: none)
+    size_divisor: int = 0  # then each side rounded up to a multiple of it (Mask2Former's size_divisor; 0: none)
     interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
@@ -244,6 +246,7 @@ class SegmenterConfig:
 
     def __post_init__(self) -> None:
         _require(min(_pair(self.resize, "resize")) > 0, "resize", "must be > 0")
+        _require(self.max_size >= 0 and self.size_divisor >= 0, "max_size", "and size_divisor must be >= 0")
         _require(len(self.mean) == 3, "mean", "needs 3 values (R, G, B)")
         _require(len(self.std) == 3 and min(self.std) > 0, "std", "needs 3 values > 0")
         _require(0.0 <= self.min_area < 1.0, "min_area", "must be within [0, 1) (a share of the image)")

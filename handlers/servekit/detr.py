@@ -43,24 +43,6 @@ def scoring_of(model_type: str) -> str:
     raise ConfigError(f"model type {model_type!r} is not a DETR-family detector the kit knows ({known}); set scoring")
 
 
-def aspect_size(height: int, width: int, short: int, max_size: int) -> tuple[int, int]:
-    """The resized (height, width) of a DETR processor's ``shortest_edge`` / ``longest_edge`` resize:
-    the short side to ``short`` unless the long side would pass ``max_size`` (0: no cap). The rounding is
-    Hugging Face's (``image_transforms.get_size_with_aspect_ratio``), so the model sees the same shape."""
-    raw: float | None = None
-    if max_size:
-        low, high = float(min(height, width)), float(max(height, width))
-        if high / low * short > max_size:
-            raw = max_size * low / high
-            short = round(raw)
-    if (height <= width and height == short) or (width <= height and width == short):
-        return height, width
-    scale = raw if raw is not None else short
-    if width < height:
-        return int(scale * height / width), short
-    return short, int(scale * width / height)
-
-
 def detr_outputs(output: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logits [N, Q, C], pred_boxes [N, Q, 4])`` from a Hugging Face output, a dict, or a pair.
 

@@ -39,6 +39,34 @@ class Logits(torch.nn.Module):
         return tuple(getattr(found, name) for name in self.outputs)
 
 
+class QuerySemantics(torch.nn.Module):
+    """A mask-classification model (MaskFormer, Mask2Former) as ``pixel_values -> [N, C, h, w]`` class scores,
+    as their processors' ``post_process_semantic_segmentation`` computes them: each query's class softmax
+    (no-object dropped) times its mask's sigmoid, summed over queries; Mask2Former's masks first upsampled
+    to 384 x 384 as that processor does. The kit then resizes the scores to the image and takes each
+    pixel's best class, as for any segmenter."""
+
+    def __init__(self, model: torch.nn.Module, mask_size: tuple[int, int] | None) -> None:
+        super().__init__()
+        self.model = model
+        self.mask_size = mask_size
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        found = self.model(pixel_values=pixel_values)
+        masks = found.masks_queries_logits
+        if self.mask_size is not None:
+            masks = torch.nn.functional.interpolate(masks, size=self.mask_size, mode="bilinear", align_corners=False)
+        classes = found.class_queries_logits.softmax(dim=-1)[..., :-1]
+        return torch.einsum("bqc,bqhw->bchw", classes, masks.sigmoid())
+
+
+# mask-classification models served as semantic segmenters -> the mask size their post-processing upsamples to
+QUERY_SEGMENTERS: dict[str, tuple[int, int] | None] = {
+    "Mask2FormerForUniversalSegmentation": (384, 384),
+    "MaskFormerForInstanceSegmentation": None,
+}
+
+
 # the kit's task -> the Auto class that loads it, the transformers mapping of its model classes, an example
 HF_TASKS = {
     "classification": (
@@ -95,7 +123,15 @@ def model_task(config: dict[str, Any]) -> tuple[str, str]:
         named = next((a for a in architectures if a in set(getattr(mappings, mapping).values())), None)
         if named is not None:
             return task, named
+    named = next((a for a in architectures if a in QUERY_SEGMENTERS), None)
+    if named is not None:
+        return "segmentation", named
     what = ", ".join(architectures) or f"model_type {model_type}"
+    if model_type == "oneformer":
+        raise ConfigError(
+            "the Hugging Face folder holds a OneFormer, whose forward pass takes a tokenized task prompt beside the "
+            "image: the kit serves MaskFormer and Mask2Former in semantic mode, not OneFormer"
+        )
     served = "; ".join(example for _, _, example in HF_TASKS.values())
     raise ConfigError(f"the Hugging Face folder holds {what}, which the kit does not serve: it serves {served}")
 
@@ -112,17 +148,20 @@ def check_task(folder: Path, task: str) -> str:
     return named
 
 
-def load_transformers(folder: Path) -> Logits:
+def load_transformers(folder: Path) -> Logits | QuerySemantics:
     """The folder's model, weights loaded from its own files only, in eval mode, on the CPU."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    task, _ = model_task(read_config(folder))
+    task, named = model_task(read_config(folder))
     transformers = require("transformers", "a Hugging Face model folder")
     transformers.utils.logging.disable_progress_bar()
-    auto = getattr(transformers, HF_TASKS[task][0])
+    auto_class = "AutoModelForUniversalSegmentation" if named in QUERY_SEGMENTERS else HF_TASKS[task][0]
+    auto = getattr(transformers, auto_class)
     try:
         model = auto.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False, dtype=torch.float32)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise ConfigError(f"cannot load the Hugging Face folder: {plain_line(str(exc))[:300]}") from None
+    if named in QUERY_SEGMENTERS:
+        return QuerySemantics(model, QUERY_SEGMENTERS[named]).eval()
     return Logits(model, OUTPUTS.get(task, ("logits",))).eval()
 
 

@@ -35,7 +35,8 @@ class Recipe:
     source: str
     notes: tuple[str, ...] = ()
     crop_rounding: str = "round"
-    max_size: int = 0  # a DETR processor's longest_edge: the long side's cap when the short side is resized
+    max_size: int = 0  # a processor's longest_edge: the long side's cap when the short side is resized
+    size_divisor: int = 0  # a Mask2Former processor's: each resized side rounded up to a multiple of it
 
     def section(self, task: str = "classification") -> dict[str, Any]:
         """The ``handler:`` keys this recipe sets (a segmenter's or a detector's has no crop)."""
@@ -43,7 +44,9 @@ class Recipe:
             "crop": _yaml_size(self.crop),
             **({"crop_rounding": self.crop_rounding} if self.crop_rounding != "round" else {}),
         }
-        cap = {"max_size": self.max_size} if task == "detection" and isinstance(self.resize, int) else {}
+        cap = {"max_size": self.max_size} if task != "classification" and isinstance(self.resize, int) else {}
+        if task == "segmentation" and self.size_divisor:
+            cap["size_divisor"] = self.size_divisor
         return {
             "resize": _yaml_size(self.resize),
             **(crop if task == "classification" else cap),
@@ -60,6 +63,8 @@ class Recipe:
         crop = "no crop" if not self.crop else f"crop {_text(self.crop)}"
         if self.max_size and isinstance(self.resize, int):
             resize += f" (long side at most {self.max_size})"
+        if self.size_divisor:
+            resize += f" (sides rounded up to a multiple of {self.size_divisor})"
         mean = ", ".join(f"{v:.3g}" for v in self.mean)
         std = ", ".join(f"{v:.3g}" for v in self.std)
         return f"recipe from {self.source}: resize {resize} {self.interpolation}, {crop}, mean [{mean}] std [{std}]"
@@ -151,7 +156,10 @@ def hf_recipe(processor: Mapping[str, Any], source: str, task: str = "classifica
     interpolation = PIL_RESAMPLE.get(int(resample), "") if isinstance(resample, int) else str(resample).lower()
     mean, std = _folded(processor)
     interpolation = _interpolation(interpolation, source)
-    return Recipe(resize, crop, interpolation, mean, std, source, crop_rounding="floor", max_size=max_size)
+    divisor = int(processor.get("size_divisor") or 0) if task == "segmentation" else 0
+    return Recipe(
+        resize, crop, interpolation, mean, std, source, crop_rounding="floor", max_size=max_size, size_divisor=divisor
+    )
 
 
 def _folded(processor: Mapping[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:

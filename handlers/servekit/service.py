@@ -19,7 +19,7 @@ import torch
 
 from servekit.config import ClassifierConfig, DetectorConfig, HandlerConfig, ImageLimits, SegmenterConfig
 from servekit.decode import DecodedImage, decode_request
-from servekit.detr import aspect_size, detr_detections, detr_outputs, scoring_of
+from servekit.detr import detr_detections, detr_outputs, scoring_of
 from servekit.errors import ConfigError, KitError
 from servekit.loading import compile_module, load_labels, load_model
 from servekit.postprocess import detections_to_json, topk_to_json
@@ -32,6 +32,7 @@ from servekit.transforms import (
     detector_padded_shape,
     group_by_key,
     resize_image,
+    resized_shape,
     segmenter_input,
 )
 from servekit.yolo import (
@@ -151,7 +152,7 @@ def segmenter_item(row: Any, config: SegmenterConfig) -> SegmenterItem:
     """One request row resized by the segmenter's recipe (uint8), with the size its answer is given in:
     decoded at reduced scale when the JPEG allows. TorchServe's service and Triton's step share it."""
     decoded = decode_request(row, config.limits, config.decode_side)
-    return segmenter_input(decoded.pixels, config), (decoded.height, decoded.width)
+    return segmenter_input(decoded.pixels, config, (decoded.height, decoded.width)), (decoded.height, decoded.width)
 
 
 def segmenter_answers(
@@ -177,10 +178,7 @@ def detr_item(row: Any, config: DetectorConfig) -> DetrItem:
     """One request row resized by a DETR processor's recipe (uint8; the target shape computed from the size
     as sent, so a reduced-scale JPEG decode gives the same shape), with the size its boxes are given in."""
     decoded = decode_request(row, config.limits, config.decode_side)
-    if isinstance(config.resize, tuple):
-        shape = config.resize
-    else:
-        shape = aspect_size(decoded.height, decoded.width, config.resize, config.max_size)
+    shape = resized_shape(decoded.height, decoded.width, config.resize, config.max_size)
     return resize_image(decoded.pixels, shape, config.interpolation), (decoded.width, decoded.height)
 
 

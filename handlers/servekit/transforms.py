@@ -39,9 +39,43 @@ def resize_image(pixels: torch.Tensor, resize: Size, interpolation: str) -> torc
     return F.resize(pixels, size, interpolation=INTERPOLATION_MODES[interpolation], antialias=True)
 
 
-def segmenter_input(pixels: torch.Tensor, config: SegmenterConfig) -> torch.Tensor:
-    """The segmenter's recipe on one uint8 image: resized as the model was trained, no crop; still uint8."""
-    return resize_image(pixels, config.resize, config.interpolation)
+def aspect_size(height: int, width: int, short: int, max_size: int) -> tuple[int, int]:
+    """The resized (height, width) of a Hugging Face processor's ``shortest_edge`` / ``longest_edge`` resize:
+    the short side to ``short`` unless the long side would pass ``max_size`` (0: no cap). The rounding is
+    Hugging Face's (``image_transforms.get_size_with_aspect_ratio``), so the model sees the same shape."""
+    raw: float | None = None
+    if max_size:
+        low, high = float(min(height, width)), float(max(height, width))
+        if high / low * short > max_size:
+            raw = max_size * low / high
+            short = round(raw)
+    if (height <= width and height == short) or (width <= height and width == short):
+        return height, width
+    scale = raw if raw is not None else short
+    if width < height:
+        return int(scale * height / width), short
+    return short, int(scale * width / height)
+
+
+def resized_shape(height: int, width: int, resize: Size, max_size: int = 0, divisor: int = 0) -> tuple[int, int]:
+    """The (height, width) a recipe resizes an image of this size to: exactly ``resize`` when it is a pair;
+    else the short side to ``resize`` (the long side capped at ``max_size``, 0: no cap; torchvision's and
+    Hugging Face's rounding), then each side rounded up to a multiple of ``divisor`` (Mask2Former's
+    ``size_divisor``; 0: none)."""
+    if not isinstance(resize, int):
+        return resize
+    out_h, out_w = aspect_size(height, width, resize, max_size)
+    if divisor > 0:
+        out_h, out_w = math.ceil(out_h / divisor) * divisor, math.ceil(out_w / divisor) * divisor
+    return out_h, out_w
+
+
+def segmenter_input(pixels: torch.Tensor, config: SegmenterConfig, sent: tuple[int, int] | None = None) -> torch.Tensor:
+    """The segmenter's recipe on one uint8 image: resized as the model was trained, no crop; still uint8.
+    The shape comes from the (height, width) as sent, so a reduced-scale JPEG decode gives the same one."""
+    height, width = sent or (int(pixels.shape[-2]), int(pixels.shape[-1]))
+    shape = resized_shape(height, width, config.resize, config.max_size, config.size_divisor)
+    return resize_image(pixels, shape, config.interpolation)
 
 
 def classifier_batch(

@@ -8,10 +8,8 @@ held-out scenes, at each scene's own size, averaged over the background and the 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,16 @@ import torch
 from torch.nn import functional as F
 
 from servekit.transforms import resize_image
-from shapes import CLASSES, HELD_OUT_COUNT, Scene, encode_jpeg, held_out, load_network_module, make_scene
+from shapes import (
+    CLASSES,
+    HELD_OUT_COUNT,
+    Scene,
+    encode_jpeg,
+    held_out,
+    load_network_module,
+    make_scene,
+    save_scripted,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -88,11 +95,7 @@ def train(model_dir: Path, *, pool_size: int = 1500, steps: int = 1400, batch: i
         if step % 100 == 0 or step == steps - 1:
             elapsed = time.perf_counter() - start
             logger.info("shapes_seg: step %d/%d loss %.3f (%.0f s)", step, steps, loss.item(), elapsed)
-    model.eval()
-    with warnings.catch_warnings():  # TorchScript's deprecation notice: the kit serves it, and ONNX starts from it
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.save(torch.jit.script(model), str(model_dir / "model.pt"))
-    (model_dir / "labels.json").write_text(json.dumps(list(SEG_CLASSES)) + "\n", encoding="utf-8")
+    save_scripted(model, model_dir, SEG_CLASSES)
     return time.perf_counter() - start
 
 

@@ -21,8 +21,8 @@ from pycocotools import mask as coco_mask
 from torch.nn import functional as F
 
 import demo_models
-from servekit.config import SegmenterConfig, read_model_config
-from servekit.errors import ConfigError
+from servekit.config import ModelSource, SegmenterConfig, read_model_config
+from servekit.errors import BadInput, ConfigError
 from servekit.segmentation import label_map, segmentation_answer, segmentation_logits
 from servekit.service import SegmenterService, build_service
 
@@ -69,6 +69,23 @@ def test_segmenter_outputs_are_read_from_each_zoo_and_anything_else_refused() ->
     assert segmentation_logits((logits,)) is logits
     with pytest.raises(ConfigError, match=r"must return class logits \[N, C, h, w\]; this model returned \[1, 10\]"):
         segmentation_logits(torch.zeros(1, 10))
+
+
+def test_a_request_may_ask_for_png_and_a_bad_format_fails_alone() -> None:
+    source = ModelSource(format="torchscript")
+    config = SegmenterConfig(task="segmentation", model=source, resize=(64, 64), mean=(0.5,) * 3, std=(0.25,) * 3)
+    service = SegmenterService(config, torch.nn.Conv2d(3, 3, 1).eval(), ["a", "b", "c"], torch.device("cpu"))
+    jpeg = demo_models.encode(demo_models.sample_photos(("chelsea",))["chelsea"], "JPEG", quality=90)
+    rows = [
+        {"body": jpeg},
+        {"data": jpeg, "format": b"png"},  # a multipart form field
+        {"body": {"data": base64.b64encode(jpeg).decode(), "format": "PNG"}},  # beside the image in a JSON body
+        {"body": jpeg, "format": b"gif"},
+    ]
+    plain, form, body, bad = service.handle(rows).answers
+    assert "png" not in plain and all("mask" in c for c in plain["classes"])
+    assert form == body and "png" in form and all("mask" not in c for c in form["classes"])
+    assert isinstance(bad, BadInput) and "format must be one of rle, png; got 'gif'" in str(bad)
 
 
 # ------------------------------------------------------------------ served masks against the zoo's reference

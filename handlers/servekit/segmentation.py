@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from servekit.errors import ConfigError
+from servekit.errors import BadInput, ConfigError
 from servekit.postprocess import label_of, mask_to_rle
 
 CHUNK_ELEMENTS = 1 << 24  # floats blended at a time (64 MB)
@@ -82,6 +82,31 @@ def _source_index(size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor,
     source = ((torch.arange(out_size, dtype=torch.float32) + 0.5) * (size / out_size) - 0.5).clamp_(min=0)
     first = source.floor().long().clamp_(max=size - 1)
     return first, (first + 1).clamp_(max=size - 1), source - first
+
+
+ANSWER_FORMATS = ("rle", "png")
+
+
+def requested_format(row: Any, default: str) -> str:
+    """The answer format a request asks for: a ``format`` form field (``-F format=png``) or a ``format`` key
+    beside the base64 image of a JSON body (``{"data": "<base64>", "format": "png"}``); else ``default``.
+
+    Raises:
+        BadInput: a format other than rle or png.
+    """
+    if not isinstance(row, Mapping):
+        return default
+    value = row.get("format")
+    for body in (row.get("body"), row.get("data")):
+        if value is None and isinstance(body, Mapping):
+            value = body.get("format")
+    if value is None:
+        return default
+    text = bytes(value).decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
+    found = text.strip().lower()
+    if found not in ANSWER_FORMATS:
+        raise BadInput(f"format must be one of {', '.join(ANSWER_FORMATS)}; got {text.strip()[:20]!r}")
+    return found
 
 
 def segmentation_answer(

@@ -24,7 +24,7 @@ from servekit.errors import ConfigError, KitError
 from servekit.loading import compile_module, load_labels, load_model
 from servekit.postprocess import detections_to_json, topk_to_json
 from servekit.protocols import answer_requests, unwrap
-from servekit.segmentation import label_map, segmentation_answer, segmentation_logits
+from servekit.segmentation import label_map, requested_format, segmentation_answer, segmentation_logits
 from servekit.transforms import (
     classifier_batch,
     classifier_crop,
@@ -145,14 +145,18 @@ def classifier_item(row: Any, config: ClassifierConfig) -> torch.Tensor:
     return classifier_crop(decoded.pixels, config)
 
 
-SegmenterItem = tuple[torch.Tensor, tuple[int, int]]  # the resized uint8 image, the (height, width) as sent
+# the resized uint8 image, the (height, width) as sent, the answer format the request asked for
+SegmenterItem = tuple[torch.Tensor, tuple[int, int], str]
 
 
 def segmenter_item(row: Any, config: SegmenterConfig) -> SegmenterItem:
-    """One request row resized by the segmenter's recipe (uint8), with the size its answer is given in:
-    decoded at reduced scale when the JPEG allows. TorchServe's service and Triton's step share it."""
+    """One request row resized by the segmenter's recipe (uint8), with the size its answer is given in and
+    the format it asked for: decoded at reduced scale when the JPEG allows. TorchServe's service and
+    Triton's step share it."""
+    answer_format = requested_format(row, config.format)
     decoded = decode_request(row, config.limits, config.decode_side)
-    return segmenter_input(decoded.pixels, config, (decoded.height, decoded.width)), (decoded.height, decoded.width)
+    size = (decoded.height, decoded.width)
+    return segmenter_input(decoded.pixels, config, size), size, answer_format
 
 
 def segmenter_answers(
@@ -163,11 +167,11 @@ def segmenter_answers(
         segmentation_answer(
             label_map(one, height, width),
             labels,
-            answer_format=config.format,
+            answer_format=answer_format,
             min_area=config.min_area,
             ignore=config.ignore,
         )
-        for one, (_, (height, width)) in zip(logits, items)
+        for one, (_, (height, width), answer_format) in zip(logits, items)
     ]
 
 
@@ -309,7 +313,7 @@ class SegmenterService(VisionService[SegmenterItem]):
     def infer(self, items: list[SegmenterItem]) -> list[torch.Tensor]:
         logits: list[torch.Tensor] = [torch.empty(0)] * len(items)
         with torch.inference_mode():
-            for group in group_by_key([tuple(pixels.shape) for pixels, _ in items]):
+            for group in group_by_key([tuple(item[0].shape) for item in items]):
                 batch = classifier_batch([items[i][0] for i in group], self.config).to(self.device)
                 if self.channels_last:
                     batch = batch.contiguous(memory_format=torch.channels_last)

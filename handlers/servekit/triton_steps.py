@@ -171,19 +171,19 @@ class SegmenterSteps:
             return segmenter_item({"body": data}, self.config)
 
         def normalize(items: list[SegmenterItem]) -> torch.Tensor:
-            return classifier_batch([pixels for pixels, _ in items], self.config)
+            return classifier_batch([item[0] for item in items], self.config)
 
         def split(batch: torch.Tensor, items: list[SegmenterItem]) -> list[Tensors]:
-            return [
-                {"input": row, "size": np.array(size, dtype=np.int32)} for row, (_, size) in zip(batch.numpy(), items)
-            ]
+            sizes = [np.array(item[1], dtype=np.int32) for item in items]
+            return [{"input": row, "size": size} for row, size in zip(batch.numpy(), sizes)]
 
         return run_batch(images, prepare, normalize, split).answers
 
     def postprocess(self, tensors: Tensors) -> list[bytes]:
         """One JSON answer per image of a batch of logits, in the pixels of the image as sent."""
         logits = torch.from_numpy(tensors["logits"])
-        items = [(torch.empty(0), (int(h), int(w))) for h, w in np.asarray(tensors["size"]).reshape(-1, 2)]
+        sizes = np.asarray(tensors["size"]).reshape(-1, 2)
+        items = [(torch.empty(0), (int(h), int(w)), self.config.format) for h, w in sizes]
         return [answer_bytes(a) for a in segmenter_answers(logits, items, self.config, self.labels)]
 
 

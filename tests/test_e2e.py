@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import ipaddress
 import sys
 import time
@@ -13,6 +15,7 @@ import numpy as np
 import psutil
 import pytest
 import requests
+from PIL import Image
 
 import demo_models
 import reference
@@ -259,3 +262,13 @@ def test_shapes_segmenter_served_miou(
     in_process = shapes_seg.answers_in_process(REPO / "models" / "shapes_seg", images[:8])
     assert [r.body for r in replies[:8]] == in_process
     assert [grpc_client.predict("shapes_seg", d).body for d in images[:4]] == in_process[:4]
+    # a request may ask for the label map as one PNG: as a form field, or beside the image in a JSON body
+    url, auth = f"{rest.base}/predictions/shapes_seg", {"Authorization": f"Bearer {rest.keys.inference}"}
+    form = requests.post(url, files={"data": images[0]}, data={"format": "png"}, headers=auth, timeout=60)
+    encoded = base64.b64encode(images[0]).decode()
+    body = requests.post(url, json={"data": encoded, "format": "png"}, headers=auth, timeout=60)
+    assert form.status_code == body.status_code == 200 and form.json() == body.json()
+    png = np.asarray(Image.open(io.BytesIO(base64.b64decode(form.json()["png"]))))
+    assert np.array_equal(png, shapes_seg.answer_map(in_process[0]))
+    bad = requests.post(url, files={"data": images[0]}, data={"format": "gif"}, headers=auth, timeout=60)
+    assert bad.status_code == 400 and "format must be one of rle, png" in bad.json()["error"]

@@ -17,7 +17,7 @@ def test_every_shipped_model_config_parses() -> None:
     for path in sorted((REPO / "models").glob("*/model-config.yaml")):
         document = yaml.safe_load(path.read_text())
         config = parse_handler_config(document["handler"])
-        assert config.task in ("classification", "detection"), path
+        assert config.task in ("classification", "detection", "segmentation"), path
         assert document["batchSize"] >= 1 and document["maxBatchDelay"] >= 0
 
 
@@ -47,7 +47,7 @@ def test_detector_config() -> None:
     ("section", "message"),
     [
         (None, "'handler' must be a mapping"),
-        ({"task": "segmentation"}, "handler.task must be one of"),
+        ({"task": "keypoints"}, "handler.task must be one of"),
         ({"task": "classification", "model": {"architecture": "resnet18"}, "topK": 3}, "unknown key 'handler.topK'"),
         (
             {"task": "classification", "model": {"architecture": "resnet18", "wieghts": 1}},

@@ -25,7 +25,10 @@ from servekit.config import read_model_config
 from tsctl import TorchServe, derive_config, random_endpoints
 
 logger = logging.getLogger("demo")
-MODELS = ("digits", "resnet18", "mobilenet_v3_small", "fasterrcnn", "shapes", "shapes_seg", "timm_convnext", "hf_vit")
+MODELS = (
+    *("digits", "resnet18", "mobilenet_v3_small", "fasterrcnn", "shapes", "shapes_seg"),
+    *("timm_convnext", "hf_vit", "hf_rtdetr"),
+)
 ZOO = {"timm_convnext": "timm convnext_atto", "hf_vit": "Hugging Face ViTForImageClassification"}
 SHAPE_SCENES = 4
 
@@ -169,6 +172,9 @@ def run(workdir: Path) -> None:
         logger.info("Detection (seeded weights, COCO names; boxes in the pixels of the image sent)")
         for name in ("astronaut", "rocket"):
             show(f"fasterrcnn gRPC {name}.jpg", grpc_client.predict("fasterrcnn", jpegs[name]))
+
+        logger.info("DETR family (a seeded Hugging Face RT-DETR: 300 queries, sigmoid scoring, no NMS)")
+        show("hf_rtdetr REST astronaut.jpg", rest.predict("hf_rtdetr", jpegs["astronaut"]))
 
         detect_shapes(rest, workdir)
         segment_shapes(rest, workdir)

@@ -118,7 +118,7 @@ $(STOCK_STORE)/%_stock.mar: $$(filter-out %/__pycache__,$$(wildcard models/$$*/*
 	$(PY) scripts/stock_archives.py $* --export $(STOCK_STORE)
 
 .PHONY: bench
-bench: $(BENCH_INPUTS) ## Full benchmark (about 40 min): raw model, stock handlers, kit per backend -> scripts/bench_results/
+bench: $(BENCH_INPUTS) ## Full benchmark (about 60 min): raw model, stock handlers, kit per backend, segmentation, DETR -> scripts/bench_results/
 	$(PY) scripts/bench.py --mode full --out scripts/bench_results
 
 .PHONY: bench-backends

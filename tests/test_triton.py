@@ -221,15 +221,21 @@ def test_bad_inputs_get_the_kits_errors(triton_client: TritonClient) -> None:
     assert bomb.status == 400 and "base64" in bomb.body["error"], bomb
 
 
+def answered(client: TritonClient, model: str, images: list[bytes]) -> list[Reply]:
+    """Every image sent to ``model`` through Triton, 8 at a time; each must be answered 200."""
+    with ThreadPoolExecutor(8) as pool:
+        replies: list[Reply] = list(pool.map(lambda data: client.predict(model, data), images))
+    assert all(r.status == 200 for r in replies), next(r for r in replies if r.status != 200)
+    return replies
+
+
 @pytest.mark.e2e
 def test_shapes_detector_map_through_triton_equals_torchserve(
     triton_client: TritonClient, server: Server, shape_scenes: tuple[list[shapes.Scene], list[bytes]]
 ) -> None:
     # Triton runs the ONNX graph, so its answers are compared with TorchServe's shapes_onnx archive.
     scenes, images = shape_scenes
-    with ThreadPoolExecutor(8) as pool:
-        replies: list[Reply] = list(pool.map(lambda d: triton_client.predict("shapes", d), images))
-    assert all(r.status == 200 for r in replies), next(r for r in replies if r.status != 200)
+    replies = answered(triton_client, "shapes", images)
     score = shapes_eval.map50(scenes, [r.body for r in replies])
     sys.stderr.write(
         f"\n[shapes] mAP@0.5 through Triton ({triton_client.protocol}) on {len(scenes)} scenes: {score:.3f}\n"
@@ -248,9 +254,7 @@ def test_shapes_segmenter_miou_through_triton_equals_torchserve(
 ) -> None:
     # Triton runs the ONNX graph and TorchServe the TorchScript one: the same mean IoU, nearly every pixel alike.
     scenes, images = shape_scenes
-    with ThreadPoolExecutor(8) as pool:
-        replies: list[Reply] = list(pool.map(lambda d: triton_client.predict("shapes_seg", d), images))
-    assert all(r.status == 200 for r in replies), next(r for r in replies if r.status != 200)
+    replies = answered(triton_client, "shapes_seg", images)
     miou, _ = shapes_seg.mean_iou(scenes, [r.body for r in replies])
     torchserve = RestClient(server.endpoints, KeyRing(server.key_file))
     theirs = [torchserve.predict("shapes_seg", d).body for d in images]

@@ -264,18 +264,14 @@ class ClassifierService(VisionService[torch.Tensor]):
 
     def __init__(self, config: ClassifierConfig, model: Network, labels: list[str], device: torch.device) -> None:
         self.channels_last = prefers_channels_last(model)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        super().__init__(model, labels, config.limits, device)
+        super().__init__(in_layout(model, self.channels_last), labels, config.limits, device)
         self.config = config
 
     def prepare(self, row: Any) -> torch.Tensor:
         return classifier_item(row, self.config)
 
     def infer(self, items: list[torch.Tensor]) -> torch.Tensor:
-        batch = classifier_batch(items, self.config).to(self.device)
-        if self.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
+        batch = in_layout(classifier_batch(items, self.config).to(self.device), self.channels_last)
         with torch.inference_mode():
             return self.model(batch).float().cpu()
 
@@ -296,15 +292,18 @@ def prefers_channels_last(model: Network) -> bool:
     return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) >= MIN_CONVS_FOR_CHANNELS_LAST
 
 
+def in_layout(value: Any, channels_last: bool) -> Any:
+    """A network or a batch in channels-last layout when ``channels_last`` (both take ``.to(memory_format)``)."""
+    return value.to(memory_format=torch.channels_last) if channels_last else value
+
+
 class SegmenterService(VisionService[SegmenterItem]):
     """Semantic segmentation: images of one resized shape run as one forward pass (a fixed [h, w] recipe
     makes every batch one pass); each answer is for the image as sent."""
 
     def __init__(self, config: SegmenterConfig, model: Network, labels: list[str], device: torch.device) -> None:
         self.channels_last = prefers_channels_last(model)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        super().__init__(model, labels, config.limits, device)
+        super().__init__(in_layout(model, self.channels_last), labels, config.limits, device)
         self.config = config
 
     def prepare(self, row: Any) -> SegmenterItem:
@@ -315,9 +314,7 @@ class SegmenterService(VisionService[SegmenterItem]):
         with torch.inference_mode():
             for group in group_by_key([tuple(item[0].shape) for item in items]):
                 batch = classifier_batch([items[i][0] for i in group], self.config).to(self.device)
-                if self.channels_last:
-                    batch = batch.contiguous(memory_format=torch.channels_last)
-                out = segmentation_logits(self.model(batch)).float().cpu()
+                out = segmentation_logits(self.model(in_layout(batch, self.channels_last))).float().cpu()
                 for index, one in zip(group, out):
                     logits[index] = one
         return logits

@@ -130,6 +130,11 @@ tune: $(if $(MODEL),$(STORE)/$(MODEL).mar) | $(STAMP) ## Sweep archive variants 
 	@test -n "$(MODEL)" || { echo "usage: make tune MODEL=<name> [P99_MS=<p99 bound in ms>]"; exit 2; }
 	$(PY) scripts/tune.py $(MODEL) --store $(STORE) $(if $(P99_MS),--p99-ms $(P99_MS))
 
+.PHONY: keys-vs-stock
+keys-vs-stock: $(if $(MODEL),$(STORE)/$(MODEL).mar $(STOCK_STORE)/$(MODEL)_stock.mar) | $(STAMP) ## The kit's archive against the stock handler's at four batchSize/maxBatchDelay settings, same keys: MODEL=<name> -> build/tune/<name>/against_stock.md
+	@test -n "$(MODEL)" || { echo "usage: make keys-vs-stock MODEL=<resnet18|mobilenet_v3_small|fasterrcnn>"; exit 2; }
+	$(PY) scripts/tune.py $(MODEL) --store $(STORE) --against-stock $(STOCK_STORE) --seconds 10
+
 .PHONY: decode-fidelity
 decode-fidelity: models ## Reduced-scale JPEG decode vs full decode on 4K upscales of the digits and shapes held-out sets
 	$(PY) scripts/fidelity.py
@@ -143,8 +148,8 @@ bench-plain: model_store/resnet18.mar model_store/mobilenet_v3_small.mar model_s
 	$(PY) scripts/bench.py --mode plain --out build/bench-plain
 
 .PHONY: profile-workers
-profile-workers: model_store/resnet18.mar $(STOCK_STORE)/resnet18_stock.mar ## py-spy samples of the kit's and the stock handler's resnet18 workers under the same load (needs py-spy) -> build/profile/
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) scripts/profile_workers.py
+profile-workers: model_store/$(or $(MODEL),resnet18).mar $(STOCK_STORE)/$(or $(MODEL),resnet18)_stock.mar ## py-spy samples of the kit's and the stock handler's workers under the same load: [MODEL=resnet18|mobilenet_v3_small|fasterrcnn] (needs py-spy) -> build/profile/
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) scripts/profile_workers.py --model $(or $(MODEL),resnet18) --out build/profile/$(or $(MODEL),resnet18)
 
 .PHONY: bench-zoo
 bench-zoo: model_store/resnet18.mar model_store/resnet18_onnx.mar model_store/resnet18_openvino.mar $(ZOO_VARIANTS) ## A timm and a Hugging Face classifier next to resnet18: eager, ONNX Runtime, OpenVINO, in process and served -> build/bench-zoo/

@@ -79,18 +79,27 @@ class KeyedClient:
 
     keys: KeyRing
 
-    def predict(self, model: str, data: bytes) -> Reply:
-        reply = self._send(model, data)
+    def predict(self, model: str, data: bytes, **fields: str) -> Reply:
+        """The model's answer for one image; ``fields`` go beside it (a form field, a gRPC input)."""
+        return self._keyed(model, data, fields, False)
+
+    def explain(self, model: str, data: bytes, **fields: str) -> Reply:
+        """The model's explanation of one image (``target`` a class index or label name; else its top-1)."""
+        return self._keyed(model, data, fields, True)
+
+    def _keyed(self, model: str, data: bytes, fields: dict[str, str], explain: bool) -> Reply:
+        reply = self._send(model, data, fields, explain)
         if _key_refused(reply) and self.keys.refresh():
-            reply = self._send(model, data)
+            reply = self._send(model, data, fields, explain)
         return reply
 
-    def _send(self, model: str, data: bytes) -> Reply:  # pragma: no cover - abstract
+    def _send(self, model: str, data: bytes, fields: dict[str, str], explain: bool) -> Reply:  # pragma: no cover
         raise NotImplementedError
 
 
 class RestClient(KeyedClient):
-    """``POST /predictions/<model>`` with the image as the body."""
+    """``POST /predictions/<model>`` (``/explanations/<model>``) with the image as the body, or as the
+    multipart field ``data`` beside the other fields."""
 
     def __init__(self, endpoints: Endpoints, keys: KeyRing, timeout: float = 120.0) -> None:
         self.base = endpoints.url("inference")
@@ -98,16 +107,17 @@ class RestClient(KeyedClient):
         self.timeout = timeout
         self._local = threading.local()
 
-    def _send(self, model: str, data: bytes) -> Reply:
+    def _send(self, model: str, data: bytes, fields: dict[str, str], explain: bool) -> Reply:
         session = getattr(self._local, "session", None)
         if session is None:
             session = self._local.session = requests.Session()
-        response = session.post(
-            f"{self.base}/predictions/{model}",
-            data=data,
-            timeout=self.timeout,
-            headers={"Authorization": f"Bearer {self.keys.inference}", "Content-Type": "application/octet-stream"},
-        )
+        url = f"{self.base}/{'explanations' if explain else 'predictions'}/{model}"
+        headers = {"Authorization": f"Bearer {self.keys.inference}"}
+        if fields:
+            response = session.post(url, files={"data": data}, data=fields, timeout=self.timeout, headers=headers)
+        else:
+            headers["Content-Type"] = "application/octet-stream"
+            response = session.post(url, data=data, timeout=self.timeout, headers=headers)
         try:
             body = response.json()
         except ValueError:
@@ -116,7 +126,8 @@ class RestClient(KeyedClient):
 
 
 class GrpcClient(KeyedClient):
-    """``InferenceAPIsService.Predictions`` with the image under input ``data``."""
+    """``InferenceAPIsService.Predictions`` with the image under input ``data`` and the fields beside it
+    (TorchServe's gRPC API has no explanations call: an ``explain`` input asks for one)."""
 
     def __init__(self, endpoints: Endpoints, keys: KeyRing, timeout: float = 120.0) -> None:
         import grpc
@@ -132,8 +143,11 @@ class GrpcClient(KeyedClient):
         self.keys = keys
         self.timeout = timeout
 
-    def _send(self, model: str, data: bytes) -> Reply:
-        request = self._pb2.PredictionsRequest(model_name=model, input={"data": data})
+    def _send(self, model: str, data: bytes, fields: dict[str, str], explain: bool) -> Reply:
+        inputs = {"data": data, **{k: str(v).encode() for k, v in fields.items()}}
+        if explain:
+            inputs["explain"] = b"true"
+        request = self._pb2.PredictionsRequest(model_name=model, input=inputs)
         try:
             response = self.stub.Predictions(
                 request, timeout=self.timeout, metadata=(("authorization", f"Bearer {self.keys.inference}"),)

@@ -1,4 +1,4 @@
-"""``make profile-workers``: where a worker's time goes, the kit's resnet18 archive beside the stock handler's.
+"""``make profile-workers [MODEL=<name>]``: where a worker's time goes, the kit's archive beside the stock one's.
 
 Both archives are served by one TorchServe (the shipped config on free loopback ports); each worker is
 sampled by ``py-spy record`` (``pip install py-spy``) for 10 s while 16 clients send one image size, and
@@ -24,7 +24,6 @@ from loadgen import closed_loop
 from tsctl import Keys, TorchServe, derive_config, random_endpoints, worker_pids
 
 logger = logging.getLogger("profile_workers")
-ARCHIVES = ("resnet18", "resnet18_stock")
 # First match wins, on the innermost frames of each sampled stack.
 CATEGORIES = (
     ("JPEG decode", re.compile(r"PIL|decode_image|draft|ImageFile|Image\.open|_open")),
@@ -65,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("build/profile"))
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--model", default="resnet18", help="a demo model with a stock archive")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     chelsea = demo_models.sample_photos(("chelsea",))["chelsea"]
@@ -72,16 +72,17 @@ def main(argv: list[str] | None = None) -> int:
         "451x300": demo_models.encode(chelsea, "JPEG", quality=90),
         "640x480": demo_models.user_image("photo_640x480.jpg"),
     }
+    archives = (args.model, f"{args.model}_stock")
     args.out.mkdir(parents=True, exist_ok=True)
     config = derive_config(Path("config.properties"), args.out / "config.properties", random_endpoints().properties())
-    store = link_store(ARCHIVES, args.out / "store")
-    server = TorchServe(args.out, config, store, [f"{a}={a}.mar" for a in ARCHIVES])
+    store = link_store(archives, args.out / "store")
+    server = TorchServe(args.out, config, store, [f"{a}={a}.mar" for a in archives])
     server.start()
     try:
-        server.wait_ready(ARCHIVES, timeout=300)
+        server.wait_ready(archives, timeout=300)
         rest = RestClient(server.endpoints, KeyRing(args.out / "key_file.json"))
         for label, body in images.items():
-            for name in ARCHIVES:
+            for name in archives:
                 line = profile(server, rest, name, body, out=args.out / f"{name}_{label}.txt", seconds=args.seconds)
                 logger.info("%s, %s JPEG, c=16: %s", name, label, line)
     finally:

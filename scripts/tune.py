@@ -149,7 +149,7 @@ class Bench:
             return self._management(method, path, **params)
         return reply
 
-    def measure(self, point: Point, source: Path, stage: str) -> Result:
+    def measure(self, point: Point, source: Path, stage: str, payloads: list[bytes] | None = None) -> Result:
         self.count += 1
         name = f"tune{self.count}"
         repack(source, self.store / f"{name}.mar", tuned_document(read_document(source), point))
@@ -159,7 +159,7 @@ class Bench:
         if reply.status_code != 200:
             raise SystemExit(f"registering {point.label} failed: {reply.status_code} {reply.text[:300]}")
         try:
-            payloads = self.payloads
+            payloads = payloads or self.payloads
 
             def send(number: int) -> int:
                 return self.client.predict(name, payloads[number % len(payloads)]).status
@@ -241,6 +241,84 @@ def run(name: str, store: Path, out: Path, bound_ms: float | None, args: argpars
     return report
 
 
+# Shipped keys must hold on any CPU: the kit's archive and the stock one, both repacked with the same keys, at
+# several batch/delay settings and at the image sizes of `make bench-plain` (`make keys-vs-stock MODEL=...`).
+STOCK_POINTS = ((4, 10), (8, 20), (16, 20), (16, 50))
+STOCK_SIZES = {"resnet18": ("same", "640x480"), "mobilenet_v3_small": ("same", "640x480"), "fasterrcnn": ("same",)}
+
+
+@dataclass(frozen=True)
+class Pair:
+    """The kit and the stock archive at one batch/delay setting on one image size."""
+
+    batch: int
+    delay_ms: int
+    images: str
+    stock: Result
+    kit: Result
+
+    @property
+    def ratio(self) -> float:
+        return self.kit.rate / self.stock.rate if self.stock.rate else 0.0
+
+
+def safest(pairs: Sequence[Pair]) -> tuple[int, int] | None:
+    """The batch/delay setting whose worst kit/stock ratio over the image sizes is highest (errors disqualify)."""
+    worst: dict[tuple[int, int], float] = {}
+    for p in pairs:
+        ok = p.kit.errors == 0 and p.stock.errors == 0
+        key = (p.batch, p.delay_ms)
+        worst[key] = min(worst.get(key, float("inf")), p.ratio if ok else 0.0)
+    return max(worst, key=lambda k: worst[k], default=None)
+
+
+def against_stock(name: str, store: Path, stock_store: Path, out: Path, args: argparse.Namespace) -> list[Pair]:
+    """Measure the kit's and the stock archive of ``name`` at every STOCK_POINTS setting, interleaved."""
+    from bench import payload_sets
+
+    cores = os.cpu_count() or 1
+    kit_mar, stock_mar = store / f"{name}.mar", stock_store / f"{name}_stock.mar"
+    for mar in (kit_mar, stock_mar):
+        if not mar.is_file():
+            raise SystemExit(f"{mar} is missing: run `make {mar}` first")
+    shipped = shipped_point(name, read_document(kit_mar), cores)
+    payloads = payload_sets()[1]
+    pairs: list[Pair] = []
+    out.mkdir(parents=True, exist_ok=True)
+    with Bench(out / "server", payloads["same"], args.concurrency, args.seconds, args.warmup) as bench:
+        for batch, delay in STOCK_POINTS:
+            point = replace(shipped, batch=batch, delay_ms=delay)
+            for images in STOCK_SIZES.get(name, ("same",)):
+                stock = bench.measure(replace(point, archive=f"{name}_stock"), stock_mar, images, payloads[images])
+                kit = bench.measure(point, kit_mar, images, payloads[images])
+                pairs.append(Pair(batch, delay, images, stock, kit))
+    return pairs
+
+
+def stock_markdown(name: str, pairs: Sequence[Pair], shipped: tuple[int, int], concurrency: int) -> str:
+    from bench import machine
+
+    lines = [
+        f"# make keys-vs-stock MODEL={name}",
+        "",
+        f"Machine: {machine()}. Closed loop at concurrency {concurrency}; the kit's archive and TorchServe's stock "
+        "handler's, repacked with the same frontend keys, measured one after the other in one TorchServe.",
+        "",
+        "| batchSize | maxBatchDelay | images | stock req/s | kit req/s | kit / stock | stock p99 ms | kit p99 ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p in pairs:
+        mark = " (shipped)" if (p.batch, p.delay_ms) == shipped else ""
+        lines.append(
+            f"| {p.batch}{mark} | {p.delay_ms} | {p.images} | {p.stock.rate:.1f} | {p.kit.rate:.1f} | {p.ratio:.2f}x "
+            f"| {p.stock.p99_ms:.0f} | {p.kit.p99_ms:.0f} |"
+        )
+    best = safest(pairs)
+    if best:
+        lines += ["", f"Highest worst-case kit / stock: batchSize {best[0]}, maxBatchDelay {best[1]}."]
+    return "\n".join(lines) + "\n"
+
+
 def markdown(report: dict[str, Any], results: Sequence[Result], chosen: Result | None, shipped: Result) -> str:
     from bench import machine
 
@@ -320,9 +398,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--against-stock", type=Path, default=None, metavar="STOCK_STORE")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     started = time.monotonic()
+    if args.against_stock:
+        out = args.out or Path("build/tune") / args.model
+        pairs = against_stock(args.model, args.store, args.against_stock, out, args)
+        document = read_document(args.store / f"{args.model}.mar")
+        shipped = (int(document.get("batchSize", 1)), int(document.get("maxBatchDelay", 100)))
+        text = stock_markdown(args.model, pairs, shipped, args.concurrency)
+        (out / "against_stock.md").write_text(text, encoding="utf-8")
+        logger.info("%s\nwrote %s in %.0f s", text, out / "against_stock.md", time.monotonic() - started)
+        return 0
     out = args.out or Path("build/tune") / args.model
     report = run(args.model, args.store, out, args.p99_ms, args)
     logger.info("%s", advice(report))

@@ -107,6 +107,29 @@ class CompileSettings:
 
 
 @dataclass(frozen=True)
+class ExplainSettings:
+    """``handler.explain``: how ``/explanations`` (and KServe's ``:explain``) answer (servekit/explain.py).
+
+    ``auto`` is Grad-CAM on an eager network with convolutions and occlusion otherwise; ``grid`` cells
+    along the longer side of the model's input; ``budget`` forward passes per image for occlusion;
+    ``steps`` for Integrated Gradients; ``layer`` the module Grad-CAM reads ('' : the last convolution);
+    ``png`` adds a small heatmap PNG to every explanation.
+    """
+
+    method: Literal["auto", "gradcam", "occlusion", "integrated_gradients"] = "auto"
+    grid: int = 14
+    budget: int = 64
+    steps: int = 16
+    layer: str = ""
+    png: bool = False
+
+    def __post_init__(self) -> None:
+        _require(2 <= self.grid <= 64, "explain.grid", "must be within [2, 64] (cells on the longer side)")
+        _require(1 <= self.budget <= 1024, "explain.budget", "must be within [1, 1024] forward passes")
+        _require(1 <= self.steps <= 256, "explain.steps", "must be within [1, 256]")
+
+
+@dataclass(frozen=True)
 class ClassifierConfig:
     """Settings of an image classifier."""
 
@@ -126,6 +149,7 @@ class ClassifierConfig:
     topk: int = 5
     threads: int = 0
     compile: CompileSettings | None = None
+    explain: ExplainSettings = field(default_factory=ExplainSettings)
     limits: ImageLimits = field(default_factory=ImageLimits)
 
     def __post_init__(self) -> None:
@@ -242,6 +266,7 @@ class SegmenterConfig:
     min_area: float = 0.0  # classes covering less than this share of the image are left out
     ignore: tuple[str, ...] = ()  # labels never reported (e.g. [background])
     threads: int = 0
+    explain: ExplainSettings = field(default_factory=ExplainSettings)
     limits: ImageLimits = field(default_factory=ImageLimits)
 
     def __post_init__(self) -> None:

@@ -21,6 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from servekit.config import ImageLimits
 from servekit.errors import BadInput, PayloadTooLarge, UnsupportedMediaType
+from servekit.quality import note_image
 
 # Field names a request may carry its image under, in order of preference.
 IMAGE_FIELDS = ("data", "body", "image", "file", "img")
@@ -146,7 +147,9 @@ def decode_image(data: bytes, limits: ImageLimits, min_side: int = 0) -> Decoded
         array = np.array(rgb, dtype=np.uint8)  # one copy, writable, owned by the tensor
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise BadInput(f"image data is corrupt or truncated ({image.format}): {exc}") from None
-    return DecodedImage(pixels=torch.from_numpy(array).permute(2, 0, 1), width=width, height=height)
+    pixels = torch.from_numpy(array).permute(2, 0, 1)
+    note_image(pixels, width, height)
+    return DecodedImage(pixels=pixels, width=width, height=height)
 
 
 def _open(data: bytes, limits: ImageLimits) -> Image.Image:

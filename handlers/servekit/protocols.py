@@ -135,6 +135,30 @@ def v2_instances(tensor: Mapping[str, Any]) -> tuple[Any, ...]:
     return tuple({"data": item} for item in items)
 
 
+def request_field(row: Any, name: str) -> Any:
+    """A field sent beside the image: a form field or gRPC input ``name`` (``-F target=281``), or a key beside
+    the base64 image of a JSON body (``{"data": "<base64>", "target": 281}``); None when absent."""
+    if not isinstance(row, Mapping):
+        return None
+    value = row.get(name)
+    for body in (row.get("body"), row.get("data")):
+        if value is None and isinstance(body, Mapping):
+            value = body.get(name)
+    return value
+
+
+def field_text(value: Any) -> str:
+    """A field's value as text (form fields and gRPC inputs arrive as bytes)."""
+    return bytes(value).decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
+
+
+def field_flag(row: Any, name: str) -> bool:
+    """Whether a request row sets the flag ``name`` (true, 1 or yes): how a gRPC client, which has no
+    explanations RPC, asks for an explanation (``explain``)."""
+    value = request_field(row, name)
+    return value is True or (value is not None and field_text(value).strip().lower() in ("true", "1", "yes"))
+
+
 def answer_requests(requests: Sequence[Request], answers: Sequence[Any], model_name: str) -> list[Any]:
     """One answer per request from the answers of all their instances, in order."""
     out: list[Any] = []

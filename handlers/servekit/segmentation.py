@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,7 @@ import torch
 
 from servekit.errors import BadInput, ConfigError
 from servekit.postprocess import label_of, mask_to_rle
+from servekit.protocols import field_text, request_field
 
 CHUNK_ELEMENTS = 1 << 24  # floats blended at a time (64 MB)
 
@@ -85,6 +86,13 @@ def _source_index(size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor,
 
 
 ANSWER_FORMATS = ("rle", "png")
+BACKGROUND_LABELS = frozenset(("background", "__background__", "__bg__", "bg"))
+
+
+def is_background(label: str) -> bool:
+    """Whether a class name means "nothing" (VOC's and torchvision's ``__background__``, the kit's shapes):
+    left out of the segmented area and of an explanation's default target."""
+    return label.strip().lower() in BACKGROUND_LABELS
 
 
 def requested_format(row: Any, default: str) -> str:
@@ -94,15 +102,10 @@ def requested_format(row: Any, default: str) -> str:
     Raises:
         BadInput: a format other than rle or png.
     """
-    if not isinstance(row, Mapping):
-        return default
-    value = row.get("format")
-    for body in (row.get("body"), row.get("data")):
-        if value is None and isinstance(body, Mapping):
-            value = body.get("format")
+    value = request_field(row, "format")
     if value is None:
         return default
-    text = bytes(value).decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
+    text = field_text(value)
     found = text.strip().lower()
     if found not in ANSWER_FORMATS:
         raise BadInput(f"format must be one of {', '.join(ANSWER_FORMATS)}; got {text.strip()[:20]!r}")

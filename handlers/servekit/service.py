@@ -17,14 +17,23 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-from servekit.config import ClassifierConfig, DetectorConfig, HandlerConfig, ImageLimits, SegmenterConfig
+from servekit.config import (
+    ClassifierConfig,
+    DetectorConfig,
+    ExplainSettings,
+    HandlerConfig,
+    ImageLimits,
+    SegmenterConfig,
+)
 from servekit.decode import DecodedImage, decode_request
 from servekit.detr import detr_detections, detr_outputs, scoring_of
-from servekit.errors import ConfigError, KitError
+from servekit.errors import BadInput, ConfigError, KitError, plain_line
+from servekit.explain import Explained, choose_method, explain_batch, explanation_json, grid_shape, resolve_target
 from servekit.loading import compile_module, load_labels, load_model
 from servekit.postprocess import detections_to_json, topk_to_json
-from servekit.protocols import answer_requests, unwrap
-from servekit.segmentation import label_map, requested_format, segmentation_answer, segmentation_logits
+from servekit.protocols import answer_requests, field_flag, request_field, unwrap
+from servekit.quality import ImageStats, observing
+from servekit.segmentation import is_background, label_map, requested_format, segmentation_answer, segmentation_logits
 from servekit.transforms import (
     classifier_batch,
     classifier_crop,
@@ -69,10 +78,13 @@ class StageTimes:
 
 @dataclass
 class BatchOutcome:
-    """One answer per request row, in order, and how long each stage took."""
+    """One answer per request row, in order, and how long each stage took; for the quality metrics, the
+    answer of every instance (a KServe request may carry several) and the image each decoded."""
 
     answers: list[Answer]
     times: StageTimes = field(default_factory=StageTimes)
+    instances: list[Answer] = field(default_factory=list)
+    images: list[ImageStats | None] = field(default_factory=list)
 
     @property
     def good(self) -> int:
@@ -97,9 +109,11 @@ def run_batch(
     start = time.perf_counter()
     outcomes = list(pool.map(_attempt(prepare), rows)) if pool and len(rows) > 1 else map(_attempt(prepare), rows)
     answers: list[Answer] = [None] * len(rows)
+    images: list[ImageStats | None] = [None] * len(rows)
     good_idx: list[int] = []
     prepared: list[Prepared] = []
-    for i, (ok, value) in enumerate(outcomes):
+    for i, (ok, value, seen) in enumerate(outcomes):
+        images[i] = seen[0] if seen else None
         if ok:
             prepared.append(value)
             good_idx.append(i)
@@ -107,7 +121,7 @@ def run_batch(
             answers[i] = value
     times.preprocess_ms = (time.perf_counter() - start) * 1000
     if not prepared:
-        return BatchOutcome(answers, times)
+        return BatchOutcome(answers, times, list(answers), images)
     try:
         start = time.perf_counter()
         raw = infer(prepared)
@@ -120,20 +134,22 @@ def run_batch(
         results = [exc] * len(prepared)
     for i, result in zip(good_idx, results):
         answers[i] = result
-    return BatchOutcome(answers, times)
+    return BatchOutcome(answers, times, list(answers), images)
 
 
-def _attempt(prepare: Callable[[Any], Prepared]) -> Callable[[Any], tuple[bool, Any]]:
-    """``prepare`` as (True, result) or (False, the exception): one row's failure stays its own."""
+def _attempt(prepare: Callable[[Any], Prepared]) -> Callable[[Any], tuple[bool, Any, list[ImageStats]]]:
+    """``prepare`` as (True, result) or (False, the exception), with the images it decoded: one row's
+    failure stays its own."""
 
-    def run(row: Any) -> tuple[bool, Any]:
-        try:
-            return True, prepare(row)
-        except KitError as exc:
-            return False, exc
-        except Exception as exc:
-            logger.exception("unexpected error while decoding a request")
-            return False, exc
+    def run(row: Any) -> tuple[bool, Any, list[ImageStats]]:
+        with observing() as seen:
+            try:
+                return True, prepare(row), seen
+            except KitError as exc:
+                return False, exc, seen
+            except Exception as exc:
+                logger.exception("unexpected error while decoding a request")
+                return False, exc, seen
 
     return run
 
@@ -211,6 +227,53 @@ def letterboxed_item(row: Any, config: DetectorConfig) -> tuple[torch.Tensor, Le
     return letterbox(decoded.pixels, config.input_size, (decoded.width, decoded.height))
 
 
+@dataclass(frozen=True)
+class ExplainItem:
+    """One image to explain: the model's uint8 input, the box of the image as sent it shows, the target the
+    request named (None: the model's choice) and whether it asked for a PNG heatmap."""
+
+    pixels: torch.Tensor
+    box: tuple[int, int, int, int]
+    target: int | None
+    png: bool
+
+
+def explain_item(row: Any, pixels: torch.Tensor, box: tuple[int, int, int, int], labels: list[str]) -> ExplainItem:
+    """A request row's explanation item; a bad ``target`` fails this request alone."""
+    target = resolve_target(request_field(row, "target"), labels, len(labels))
+    return ExplainItem(pixels, box, target, field_flag(row, "png"))
+
+
+def crop_box(height: int, width: int, config: ClassifierConfig) -> tuple[int, int, int, int]:
+    """The [x0, y0, x1, y1] of an image as sent that a classifier's resize and center crop show."""
+    out_h, out_w = resized_shape(height, width, config.resize)
+    if not config.crop:
+        return 0, 0, width, height
+    crop_h, crop_w = config.input_size
+    top, left = (out_h - crop_h) / 2, (out_w - crop_w) / 2
+    sy, sx = height / out_h, width / out_w
+    return (
+        max(0, round(left * sx)),
+        max(0, round(top * sy)),
+        min(width, round((left + crop_w) * sx)),
+        min(height, round((top + crop_h) * sy)),
+    )
+
+
+def explained_network(model: Network) -> Network:
+    """The network explanations run on: a torch.compile'd module's original (hooks and gradients)."""
+    return getattr(model, "_orig_mod", model)
+
+
+def explanation_answers(
+    raw: Sequence[Explained], items: Sequence[ExplainItem], labels: list[str], settings: ExplainSettings
+) -> list[Any]:
+    return [
+        explanation_json(one, labels, item.box, png=settings.png or item.png, layer=settings.layer)
+        for one, item in zip(raw, items)
+    ]
+
+
 class VisionService(Generic[Prepared]):
     """What both tasks share: the model, its labels, its device and its input limits."""
 
@@ -227,18 +290,46 @@ class VisionService(Generic[Prepared]):
         """Extract and decode the image of one request row, in full."""
         return decode_request(row, self.limits)
 
-    def handle(self, rows: Sequence[Any]) -> BatchOutcome:
+    def handle(self, rows: Sequence[Any], explain: Sequence[bool] = ()) -> BatchOutcome:
         """Answer one batch of request rows: the instances of every row (plain, KServe v1 or v2 bodies) run
-        as one model batch, decoded in parallel on the worker's threads; one answer per row."""
+        as one model batch, decoded in parallel on the worker's threads; one answer per row.
+
+        ``explain`` marks the rows that came to the explanations endpoint; a row may also ask itself (an
+        ``explain`` field). Those rows are explained, the rest of the batch is predicted as usual.
+        """
         requests = [unwrap(row) for row in rows]
-        instances = [instance for request in requests for instance in request.instances]
+        marked = list(explain) + [False] * (len(rows) - len(explain))
+        instances = [
+            (inst, flag or field_flag(inst, "explain")) for r, flag in zip(requests, marked) for inst in r.instances
+        ]
         step = max(self.max_batch, len(rows), 1)  # several instances per request: no batch beyond batchSize
         outcome = BatchOutcome([])
         for start in range(0, len(instances), step):
-            part = run_batch(instances[start : start + step], self.prepare, self.infer, self.finish, self.decode_pool())
-            outcome.answers.extend(part.answers)
-            outcome.times.add(part.times)
-        return BatchOutcome(answer_requests(requests, outcome.answers, self.model_name), outcome.times)
+            part = instances[start : start + step]
+            answers: list[Answer] = [None] * len(part)
+            images: list[ImageStats | None] = [None] * len(part)
+            for wanted, steps in ((False, (self.prepare, self.infer, self.finish)), (True, self.explain_steps())):
+                index = [i for i, (_, flag) in enumerate(part) if flag == wanted]
+                if not index:
+                    continue
+                done = run_batch([part[i][0] for i in index], *steps, self.decode_pool())
+                for i, answer, seen in zip(index, done.answers, done.images):
+                    answers[i], images[i] = answer, seen
+                outcome.times.add(done.times)
+            outcome.answers.extend(answers)
+            outcome.images.extend(images)
+        folded = answer_requests(requests, outcome.answers, self.model_name)
+        # a request whose body itself is bad has no instances: its error is counted as an instance's
+        errors = [r.error for r in requests if r.error is not None]
+        return BatchOutcome(folded, outcome.times, outcome.answers + errors, outcome.images)
+
+    def explain_steps(self) -> tuple[Callable[[Any], Any], Callable[[list[Any]], Any], Callable[..., list[Any]]]:
+        """prepare, infer and finish of an explanation (a model that cannot explain refuses each request)."""
+
+        def refuse(_: Any) -> Any:
+            raise BadInput("this model does not answer explanations: classifiers and segmenters do")
+
+        return refuse, lambda items: items, lambda raw, items: list(raw)
 
     def decode_pool(self) -> Executor | None:
         """A pool of as many threads as torch's intra-op threads (none when that is 1), made once."""
@@ -263,8 +354,9 @@ class ClassifierService(VisionService[torch.Tensor]):
     """Top-k classification: uint8 crops per item, one normalized float batch through the model."""
 
     def __init__(self, config: ClassifierConfig, model: Network, labels: list[str], device: torch.device) -> None:
-        self.channels_last = prefers_channels_last(model)
-        super().__init__(in_layout(model, self.channels_last), labels, config.limits, device)
+        probe = torch.zeros(1, 3, *config.input_size, device=device).to(memory_format=torch.channels_last)
+        self.channels_last = adopt_channels_last(model, probe)
+        super().__init__(model, labels, config.limits, device)
         self.config = config
 
     def prepare(self, row: Any) -> torch.Tensor:
@@ -278,18 +370,66 @@ class ClassifierService(VisionService[torch.Tensor]):
     def finish(self, raw: torch.Tensor, items: list[torch.Tensor]) -> list[Any]:
         return topk_to_json(raw, self.labels, self.config.topk)
 
+    def explain_steps(self) -> tuple[Callable[[Any], Any], Callable[[list[Any]], Any], Callable[..., list[Any]]]:
+        return self.explain_prepare, self.explain_infer, self.explain_finish
+
+    def explain_prepare(self, row: Any) -> ExplainItem:
+        decoded = decode_request(row, self.config.limits, self.config.decode_side)
+        box = crop_box(decoded.height, decoded.width, self.config)
+        return explain_item(row, classifier_crop(decoded.pixels, self.config), box, self.labels)
+
+    def explain_infer(self, items: list[ExplainItem]) -> list[Explained]:
+        batch = in_layout(
+            classifier_batch([item.pixels for item in items], self.config).to(self.device), self.channels_last
+        )
+        network = explained_network(self.model)
+        settings = self.config.explain
+        return explain_batch(
+            network,
+            lambda x: network(x).float(),
+            batch,
+            [item.target for item in items],
+            method=choose_method(settings.method, network),
+            grid=grid_shape(*self.config.input_size, settings.grid),
+            budget=settings.budget,
+            steps=settings.steps,
+            layer=settings.layer,
+            chunk=max(self.max_batch, 1),
+        )
+
+    def explain_finish(self, raw: list[Explained], items: list[ExplainItem]) -> list[Any]:
+        return explanation_answers(raw, items, self.labels, self.config.explain)
+
 
 MIN_CONVS_FOR_CHANNELS_LAST = 3
 
 
 def prefers_channels_last(model: Network) -> bool:
-    """Whether an eager torch network is mostly convolutions, which oneDNN runs faster in channels-last
-    layout (resnet18 at batch 8 on a 2-core AVX-512 CPU: 1.21x; a ViT's one patch conv: left alone)."""
-    if not isinstance(model, torch.nn.Module) or isinstance(model, torch.jit.ScriptModule):
+    """Whether a torch network (eager or TorchScript) is mostly convolutions, which oneDNN runs faster in
+    channels-last layout (2 cores, AVX-512: resnet18 at batch 8 1.21x, TorchScript mobilenet_v3_small 1.42x,
+    fasterrcnn_mobilenet_v3_large_320_fpn 1.24x; a ViT's one patch conv: left alone)."""
+    if not isinstance(model, torch.nn.Module):
         return False
     if hasattr(model, "_orig_mod"):  # torch.compile'd and warmed up in the layout it was given
         return False
-    return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) >= MIN_CONVS_FOR_CHANNELS_LAST
+    convs = sum(isinstance(m, torch.nn.Conv2d) or getattr(m, "original_name", "") == "Conv2d" for m in model.modules())
+    return convs >= MIN_CONVS_FOR_CHANNELS_LAST
+
+
+def adopt_channels_last(model: Network, sample: Any) -> bool:
+    """Put a mostly-convolutional torch network in channels-last layout if one forward pass on ``sample``
+    (a channels-last batch, or a detector's list of images) works there; else leave it as it was."""
+    if not prefers_channels_last(model):
+        return False
+    model.to(memory_format=torch.channels_last)
+    try:
+        with torch.inference_mode():
+            model(sample)
+    except Exception as exc:  # a graph that views its activations as contiguous, say
+        logger.warning("the network fails in channels-last layout (%s): it stays contiguous", plain_line(str(exc)))
+        model.to(memory_format=torch.contiguous_format)
+        return False
+    return True
 
 
 def in_layout(value: Any, channels_last: bool) -> Any:
@@ -302,8 +442,10 @@ class SegmenterService(VisionService[SegmenterItem]):
     makes every batch one pass); each answer is for the image as sent."""
 
     def __init__(self, config: SegmenterConfig, model: Network, labels: list[str], device: torch.device) -> None:
-        self.channels_last = prefers_channels_last(model)
-        super().__init__(in_layout(model, self.channels_last), labels, config.limits, device)
+        shape = resized_shape(64, 64, config.resize, config.max_size, config.size_divisor)
+        probe = torch.zeros(1, 3, *shape, device=device).to(memory_format=torch.channels_last)
+        self.channels_last = adopt_channels_last(model, probe)
+        super().__init__(model, labels, config.limits, device)
         self.config = config
 
     def prepare(self, row: Any) -> SegmenterItem:
@@ -322,11 +464,62 @@ class SegmenterService(VisionService[SegmenterItem]):
     def finish(self, raw: list[torch.Tensor], items: list[SegmenterItem]) -> list[Any]:
         return segmenter_answers(raw, items, self.config, self.labels)
 
+    def explain_steps(self) -> tuple[Callable[[Any], Any], Callable[[list[Any]], Any], Callable[..., list[Any]]]:
+        return self.explain_prepare, self.explain_infer, self.explain_finish
+
+    def explain_prepare(self, row: Any) -> ExplainItem:
+        decoded = decode_request(row, self.config.limits, self.config.decode_side)
+        size = (decoded.height, decoded.width)
+        pixels = segmenter_input(decoded.pixels, self.config, size)
+        return explain_item(row, pixels, (0, 0, decoded.width, decoded.height), self.labels)
+
+    def explain_infer(self, items: list[ExplainItem]) -> list[Explained]:
+        """Each class's score is its logit averaged over the image; the default target is the class with the
+        largest area that is neither background nor one of ``ignore``."""
+        network = explained_network(self.model)
+        settings = self.config.explain
+        ignored = [i for i, label in enumerate(self.labels) if label in self.config.ignore or is_background(label)]
+
+        def scores(x: torch.Tensor) -> torch.Tensor:
+            return segmentation_logits(network(in_layout(x, self.channels_last))).float().mean(dim=(2, 3))
+
+        explained: list[Explained] = [None] * len(items)  # type: ignore[list-item]
+        for group in group_by_key([tuple(item.pixels.shape) for item in items]):
+            batch = classifier_batch([items[i].pixels for i in group], self.config).to(self.device)
+            with torch.inference_mode():
+                areas = segmentation_logits(network(in_layout(batch, self.channels_last))).argmax(1)
+            targets = [items[i].target for i in group]
+            for k, target in enumerate(targets):
+                if target is None:
+                    counts = torch.bincount(areas[k].flatten(), minlength=max(len(self.labels), 1)).float()
+                    counts[ignored] = -1
+                    targets[k] = int(counts.argmax())
+            found = explain_batch(
+                network,
+                scores,
+                batch,
+                targets,
+                method=choose_method(settings.method, network),
+                grid=grid_shape(int(batch.shape[2]), int(batch.shape[3]), settings.grid),
+                budget=settings.budget,
+                steps=settings.steps,
+                layer=settings.layer,
+                chunk=max(self.max_batch, 1),
+            )
+            for index, one in zip(group, found):
+                explained[index] = one
+        return explained
+
+    def explain_finish(self, raw: list[Explained], items: list[ExplainItem]) -> list[Any]:
+        return explanation_answers(raw, items, self.labels, self.config.explain)
+
 
 class DetectorService(VisionService[DecodedImage]):
-    """Detection over images of any sizes in one batch (torchvision detectors take a list)."""
+    """Detection over images of any sizes in one batch (torchvision detectors take a list); the network's
+    weights in channels-last layout when it is mostly convolutions (oneDNN then runs every conv so)."""
 
     def __init__(self, config: DetectorConfig, model: Network, labels: list[str], device: torch.device) -> None:
+        adopt_channels_last(model, [torch.zeros(3, 64, 64, device=device)])
         super().__init__(model, labels, config.limits, device)
         self.config = config
 

@@ -20,6 +20,7 @@ from servekit.config import parse_handler_config
 from servekit.errors import ConfigError, NotReady, error_body, status_of
 from servekit.host import available_cores
 from servekit.loading import choose_device, intra_op_threads
+from servekit.quality import COUNTER, HISTOGRAM, ClassSlots, quality_metrics
 from servekit.service import BatchOutcome, VisionService, build_service
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class TorchServeAdapter:
         self.service: VisionService[Any] | None = None
         self.model_name = ""
         self.initialized = False
+        self.slots = ClassSlots()
 
     def initialize(self, context: Any) -> None:
         """Parse the archive's config once, pick device and threads, and load the model."""
@@ -59,13 +61,21 @@ class TorchServeAdapter:
 
     def handle(self, data: Sequence[Any], context: Any) -> list[bytes]:
         """Answer a batch: one JSON body per request, errors with their own status."""
+        requests = len(getattr(context, "request_processor", None) or data)
         if self.service is None:
             outcome = BatchOutcome([NotReady("model is not loaded yet")] * len(data))
         else:
-            outcome = self.service.handle(data)
-        emit_metrics(context, self.model_name, outcome)
-        requests = len(getattr(context, "request_processor", None) or data)
+            outcome = self.service.handle(data, explanation_rows(context, requests, len(data)))
+        emit_metrics(context, self.model_name, outcome, self.slots)
         return encode_answers(outcome.answers, context, requests, under_envelope(data, requests))
+
+
+def explanation_rows(context: Any, requests: int, rows: int) -> list[bool]:
+    """Which rows came to ``/explanations/<model>`` or KServe's ``/v1/models/<model>:explain``: the frontend
+    sets the ``explain`` header of each such request (TorchServe's stock handlers read request 0's only)."""
+    if requests != rows or getattr(context, "request_processor", None) is None:
+        return []
+    return [context.get_request_header(i, "explain") == "True" for i in range(rows)]
 
 
 def under_envelope(rows: Sequence[Any], requests: int) -> bool:
@@ -110,12 +120,14 @@ def encode_answers(
     return bodies
 
 
-def emit_metrics(context: Any, model_name: str, outcome: BatchOutcome) -> None:
-    """Counters for batches, requests, rejected requests and per-stage milliseconds (Prometheus)."""
+def emit_metrics(context: Any, model_name: str, outcome: BatchOutcome, slots: ClassSlots | None = None) -> None:
+    """Counters for batches, requests, rejected requests and per-stage milliseconds, and the model-quality
+    samples of :mod:`servekit.quality` (histograms and bounded counters), on TorchServe's Prometheus endpoint."""
     metrics = getattr(context, "metrics", None)
     if metrics is None:
         return
-    from ts.metrics.dimension import Dimension  # TorchServe's own type; only the glue imports ts
+    from ts.metrics.dimension import Dimension  # TorchServe's own types; only the glue imports ts
+    from ts.metrics.metric_type_enum import MetricTypes
 
     values = {
         "Batches": 1,
@@ -125,6 +137,10 @@ def emit_metrics(context: Any, model_name: str, outcome: BatchOutcome) -> None:
         "InferenceMs": outcome.times.inference_ms,
         "PostprocessMs": outcome.times.postprocess_ms,
     }
+    model = [Dimension("ModelName", model_name), Dimension("Level", "Model")]
     for name, value in values.items():
-        dims = [Dimension("ModelName", model_name), Dimension("Level", "Model")]
-        metrics.add_counter(f"{METRIC_PREFIX}{name}", value, None, dims)
+        metrics.add_counter(f"{METRIC_PREFIX}{name}", value, None, model)
+    kinds = {COUNTER: MetricTypes.COUNTER, HISTOGRAM: MetricTypes.HISTOGRAM}
+    for sample in quality_metrics(outcome.instances, outcome.images, slots or ClassSlots()):
+        dims = [*model, *(Dimension(k, v) for k, v in sample.labels)]
+        metrics.add_metric(sample.name, sample.value, sample.unit, None, dims, kinds[sample.kind])

@@ -151,6 +151,10 @@ bench-plain: model_store/resnet18.mar model_store/mobilenet_v3_small.mar model_s
 profile-workers: model_store/$(or $(MODEL),resnet18).mar $(STOCK_STORE)/$(or $(MODEL),resnet18)_stock.mar ## py-spy samples of the kit's and the stock handler's workers under the same load: [MODEL=resnet18|mobilenet_v3_small|fasterrcnn] (needs py-spy) -> build/profile/
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) scripts/profile_workers.py --model $(or $(MODEL),resnet18) --out build/profile/$(or $(MODEL),resnet18)
 
+.PHONY: bench-explain
+bench-explain: | $(STAMP) ## What an explanation costs next to a prediction, and its answer size against TorchServe's stock Integrated Gradients -> build/bench-explain/
+	$(PY) scripts/bench_explain.py --out build/bench-explain
+
 .PHONY: bench-zoo
 bench-zoo: model_store/resnet18.mar model_store/resnet18_onnx.mar model_store/resnet18_openvino.mar $(ZOO_VARIANTS) ## A timm and a Hugging Face classifier next to resnet18: eager, ONNX Runtime, OpenVINO, in process and served -> build/bench-zoo/
 	$(PY) scripts/bench.py --mode zoo --out build/bench-zoo

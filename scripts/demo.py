@@ -12,6 +12,7 @@ import logging
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import requests
@@ -83,6 +84,147 @@ def segment_shapes(rest: RestClient, workdir: Path) -> None:
     target = workdir / "segmentation.png"
     target.write_bytes(demo_models.encode(shapes_eval.mosaic(drawn), "PNG"))
     logger.info("  masks drawn over the %d scenes: %s", len(drawn), target.resolve())
+
+
+def draw_explanation(image: np.ndarray, explanation: dict[str, Any]) -> np.ndarray:
+    """The image with the explanation's grid as a red heat overlay over the box it covers."""
+    import torch
+    import torch.nn.functional as F
+
+    x0, y0, x1, y1 = explanation["box"]
+    grid = torch.tensor(explanation["grid"], dtype=torch.float32)[None, None]
+    heat = F.interpolate(grid, size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)[0, 0].numpy()
+    out = image.astype(np.float32).copy()
+    region = out[y0:y1, x0:x1]
+    alpha = 0.6 * heat[..., None]
+    red = np.array([255.0, 40.0, 0.0])
+    out[y0:y1, x0:x1] = region * (1 - alpha) + red * alpha
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def explain_shapes(rest: RestClient, grpc_client: GrpcClient, workdir: Path) -> None:
+    """Explanations of the trained segmenter (occlusion) and digits CNN (Grad-CAM): the grid, drawn to a PNG."""
+    logger.info("Explanations (a 14x14 grid per image: where the evidence for one class lies)")
+    scenes = shapes.held_out(SHAPE_SCENES)
+    drawn = []
+    for scene in scenes:
+        label = shapes.CLASSES[int(scene.classes[0])]
+        reply = rest.explain("shapes_seg", shapes.encode_jpeg(scene.image), target=label)
+        if reply.status != 200:
+            show("shapes_seg /explanations", reply)
+            continue
+        body = reply.body["explanation"]
+        size = len(json.dumps(reply.body))
+        logger.info(
+            "  %-28s %d %s for %s (score %.3f), %dx%d grid, %d bytes",
+            "shapes_seg /explanations",
+            reply.status,
+            body["method"],
+            label,
+            body["target"]["score"],
+            len(body["grid"]),
+            len(body["grid"][0]),
+            size,
+        )
+        drawn.append(draw_explanation(scene.image, body))
+    images, labels = demo_models.digit_images("test")
+    for image, label in list(zip(images, labels))[:2]:
+        reply = grpc_client.explain("digits", demo_models.encode(image, "PNG"))
+        body = reply.body.get("explanation", reply.body) if isinstance(reply.body, dict) else reply.body
+        logger.info(
+            "  %-28s %d %s, target %s (true %d)",
+            "digits gRPC explain",
+            reply.status,
+            body.get("method"),
+            body.get("target"),
+            label,
+        )
+    target = workdir / "explanations.png"
+    target.write_bytes(demo_models.encode(shapes_eval.mosaic(drawn), "PNG"))
+    logger.info("  explanations drawn over the %d scenes: %s", len(drawn), target.resolve())
+
+
+def quality_summary(metrics_url: str, workdir: Path) -> None:
+    """The model-quality series of each model (TorchServe's Prometheus endpoint), as the dashboard shows them,
+    logged and drawn to a PNG."""
+    text = requests.get(f"{metrics_url}/metrics", timeout=10).text
+    series: dict[str, dict[str, float]] = {}
+    for name, labels, value in re.findall(r"^(Servekit\w+)\{([^}]*)\} ([0-9.eE+-]+)$", text, re.M):
+        found = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        extra = next((f"{k}={found[k]}" for k in ("Class", "ErrorClass", "Aspect", "Scale") if k in found), "")
+        key = f"{name}[{extra}]" if extra else name
+        if "le" in found:
+            continue
+        model = series.setdefault(found.get("ModelName", "?"), {})
+        model[key] = model.get(key, 0.0) + float(value)
+    logger.info("Model-quality metrics of these requests (Prometheus endpoint; deploy/monitoring has the dashboard)")
+    for model, values in sorted(series.items()):
+
+        def mean(name: str, values: dict[str, float] = values) -> str:
+            count = values.get(f"{name}_count", 0.0)
+            return f"{values.get(f'{name}_sum', 0.0) / count:.3f}" if count else "-"
+
+        def top(prefix: str, values: dict[str, float] = values) -> str:
+            found = sorted(((v, k) for k, v in values.items() if k.startswith(prefix)), reverse=True)[:3]
+            return ", ".join(f"{k[len(prefix) + 1 : -1].split('=', 1)[1]} {v:.0f}" for v, k in found) or "-"
+
+        logger.info(
+            "  %-18s images %4.0f, mean top-1 %s, brightness %s, MP %s; classes: %s; errors: %s; decode 1/%s",
+            model,
+            values.get("ServekitImageBrightness_count", 0.0),
+            mean("ServekitTop1Confidence"),
+            mean("ServekitImageBrightness"),
+            mean("ServekitImageMegapixels"),
+            top("ServekitAnswers"),
+            top("ServekitBadInputs"),
+            top("ServekitDecodeScale"),
+        )
+    target = workdir / "quality.png"
+    draw_quality(series, target)
+    logger.info("  the dashboard's panels for these requests, drawn from the scrape: %s", target.resolve())
+
+
+def draw_quality(series: dict[str, dict[str, float]], path: Path) -> None:
+    """Six of the Grafana dashboard's panels (deploy/monitoring/grafana-dashboard.json) as bars, from one scrape:
+    Grafana draws them over time from Prometheus; here they are the totals of the demo's requests."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m, v in sorted(series.items()) if v.get("ServekitImageBrightness_count")]
+
+    def mean(model: str, name: str) -> float:
+        values = series[model]
+        return values.get(f"{name}_sum", 0.0) / max(values.get(f"{name}_count", 0.0), 1.0)
+
+    def labelled(model: str, prefix: str) -> dict[str, float]:
+        return {k[len(prefix) + 1 : -1].split("=", 1)[1]: v for k, v in series[model].items() if k.startswith(prefix)}
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
+    panels = [
+        ("Mean top-1 confidence", [mean(m, "ServekitTop1Confidence") for m in models]),
+        ("Mean image brightness", [mean(m, "ServekitImageBrightness") for m in models]),
+        ("Mean input megapixels", [mean(m, "ServekitImageMegapixels") for m in models]),
+        ("Images", [series[m].get("ServekitImageBrightness_count", 0.0) for m in models]),
+    ]
+    for ax, (title, values) in zip(axes.flat, panels):
+        ax.barh(models, values, color="#3b7dd8")
+        ax.set_title(title, fontsize=10)
+    for ax, (title, prefix) in zip(
+        list(axes.flat)[4:],
+        (("Bad inputs by error class", "ServekitBadInputs"), ("Answers per class (digits)", "ServekitAnswers")),
+    ):
+        counts: dict[str, float] = {}
+        for model in models if prefix == "ServekitBadInputs" else ["digits"]:
+            for key, value in labelled(model, prefix).items():
+                counts[key] = counts.get(key, 0.0) + value
+        ax.barh(list(counts), list(counts.values()), color="#d8733b")
+        ax.set_title(title, fontsize=10)
+    fig.suptitle("servekit model quality: the dashboard's panels for the make demo requests (one scrape)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def kserve_bodies(base: str, keys: KeyRing, images: list[bytes]) -> None:
@@ -178,6 +320,7 @@ def run(workdir: Path) -> None:
 
         detect_shapes(rest, workdir)
         segment_shapes(rest, workdir)
+        explain_shapes(rest, grpc_client, workdir)
 
         kserve_bodies(ep.url("inference"), keys, pngs[:3])
 
@@ -195,6 +338,7 @@ def run(workdir: Path) -> None:
                 values.get("Requests", 0) / max(values.get("Batches", 1), 1),
                 values.get("RejectedRequests", 0),
             )
+        quality_summary(ep.url("metrics"), workdir)
         grpc_client.close()
     finally:
         server.stop()

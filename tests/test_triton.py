@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -221,6 +222,24 @@ def test_bad_inputs_get_the_kits_errors(triton_client: TritonClient) -> None:
     assert bomb.status == 400 and "base64" in bomb.body["error"], bomb
 
 
+@pytest.mark.e2e
+def test_the_python_steps_export_the_quality_metrics(triton: Triton) -> None:
+    """After the requests above: the steps' custom metrics on Triton's metrics port, named as TorchServe's
+    (a histogram as its _sum and _count), so deploy/monitoring's rules read both servers."""
+    text = requests.get(f"http://127.0.0.1:{triton.endpoints.metrics}/metrics", timeout=10).text
+
+    def value(name: str, *labels: str) -> float:
+        pattern = rf"^{name}{{([^}}]*)}} ([0-9.eE+-]+)$"
+        return sum(float(v) for found, v in re.findall(pattern, text, re.M) if all(lab in found for lab in labels))
+
+    assert value("ServekitTop1Confidence_count", 'ModelName="resnet18"') > 0
+    confidence = value("ServekitTop1Confidence_sum", 'ModelName="resnet18"')
+    assert 0 < confidence <= value("ServekitTop1Confidence_count", 'ModelName="resnet18"')
+    assert value("ServekitImageBrightness_count", 'ModelName="resnet18"') > 0
+    assert value("ServekitBadInputs", 'ModelName="resnet18"', 'ErrorClass="BadInput"') >= 1
+    assert value("ServekitAnswers", 'ModelName="fasterrcnn"') > 0
+
+
 def answered(client: TritonClient, model: str, images: list[bytes]) -> list[Reply]:
     """Every image sent to ``model`` through Triton, 8 at a time; each must be answered 200."""
     with ThreadPoolExecutor(8) as pool:
@@ -296,7 +315,7 @@ def test_yolo_steps_answer_as_the_torchserve_service(shape_scenes: tuple[list[sh
     images = [*shape_scenes[1][:3], CORRUPT]
     steps = load_steps(folder)
     assert isinstance(steps, YoloSteps) and steps.batched
-    outcomes = steps.preprocess(images)
+    outcomes = steps.preprocess(images).answers
     assert isinstance(outcomes[3], Exception) and "corrupt" in str(outcomes[3])
     good = outcomes[:3]
     model = load_model(folder, read(folder).model, torch.device("cpu"))

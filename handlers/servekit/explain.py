@@ -37,6 +37,7 @@ from servekit.errors import BadInput, ConfigError
 
 Scores = Callable[[torch.Tensor], torch.Tensor]  # a normalized batch -> [N, C] scores (logits or probabilities)
 METHODS = ("auto", "gradcam", "occlusion", "integrated_gradients")
+MIN_CONVS = 2  # a ViT's one patch-embedding conv is no CNN: auto explains it by occlusion
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,10 @@ def choose_method(method: str, network: Any) -> str:
     """The method ``auto`` stands for on ``network``; a gradient method on a network without gradients
     is a config error."""
     eager = isinstance(network, torch.nn.Module) and not isinstance(network, torch.jit.ScriptModule)
+    cnn = eager and sum(isinstance(m, torch.nn.Conv2d) for m in network.modules()) >= MIN_CONVS
     if method == "auto":
-        return "gradcam" if eager and last_conv_name(network) else "occlusion"
-    if method == "gradcam" and not (eager and last_conv_name(network)):
+        return "gradcam" if cnn else "occlusion"
+    if method == "gradcam" and not cnn:
         raise ConfigError("handler.explain.method gradcam needs an eager torch network with convolutions")
     if method == "integrated_gradients" and not isinstance(network, torch.nn.Module):
         raise ConfigError("handler.explain.method integrated_gradients needs a torch network (not a graph)")
@@ -103,12 +105,14 @@ def explain_batch(
     steps: int = 16,
     layer: str = "",
     chunk: int = 16,
+    probabilities: bool = True,
 ) -> list[Explained]:
     """Explain each image of a normalized ``batch`` for its target (None: its top-1 under ``scores``).
 
     ``network`` is what gradients flow through (Grad-CAM hooks its layer); ``scores`` maps a batch to
     per-class scores (a classifier's logits, or a segmenter's logits averaged over the pixels it gives
-    that class). ``chunk`` bounds the forward batches of occlusion.
+    that class). ``chunk`` bounds the forward batches of occlusion; ``probabilities`` False makes occlusion
+    measure the drop of the score itself rather than of its softmax (a segmenter's).
     """
     with torch.no_grad():
         probs = scores(batch).float().softmax(-1)
@@ -118,7 +122,7 @@ def explain_batch(
     elif method == "integrated_gradients":
         maps = integrated_gradients(scores, batch, chosen, steps)
     else:
-        maps = occlusion(scores, batch, chosen, probs, budget=budget, chunk=chunk)
+        maps = occlusion(scores, batch, chosen, budget=budget, chunk=chunk, probabilities=probabilities)
     cells = [to_grid(m, grid) for m in maps]
     return [Explained(method, t, float(probs[i, t]), c) for i, (t, c) in enumerate(zip(chosen, cells))]
 
@@ -134,7 +138,6 @@ def gradcam(
     saved: dict[str, torch.Tensor] = {}
 
     def keep(_: Any, __: Any, output: Any) -> None:
-        output.retain_grad()
         saved["a"] = output
 
     handle = module.register_forward_hook(keep)
@@ -142,12 +145,12 @@ def gradcam(
         with torch.enable_grad():
             out = scores(batch.detach().requires_grad_(True))
             picked = out[torch.arange(len(targets)), torch.tensor(targets)]
-            picked.sum().backward()
+            # gradients of the targets with respect to the layer only (no parameter's .grad is touched)
+            (grad,) = torch.autograd.grad(picked.sum(), saved["a"])
     finally:
         handle.remove()
-    activation = saved["a"]
-    assert activation.grad is not None
-    weights = activation.grad.mean(dim=(2, 3), keepdim=True)
+    activation = saved["a"].detach()
+    weights = grad.mean(dim=(2, 3), keepdim=True)
     return list(F.relu((weights * activation).sum(1)).detach().float())
 
 
@@ -171,9 +174,22 @@ def occlusion_cells(height: int, width: int, budget: int) -> tuple[int, int]:
 
 
 def occlusion(
-    scores: Scores, batch: torch.Tensor, targets: Sequence[int], base: torch.Tensor, *, budget: int, chunk: int
+    scores: Scores,
+    batch: torch.Tensor,
+    targets: Sequence[int],
+    *,
+    budget: int,
+    chunk: int,
+    probabilities: bool = True,
 ) -> list[torch.Tensor]:
-    """The drop of each target's probability when one cell is replaced by the mean (zero), per cell."""
+    """The drop of each target's score when one cell is filled with the image's mean colour, per cell: its
+    probability (softmax of a classifier's logits), or the score itself (a segmenter's mean class logit,
+    which other classes' logits do not move)."""
+
+    def score(x: torch.Tensor) -> torch.Tensor:
+        out = scores(x).float()
+        return out.softmax(-1) if probabilities else out
+
     n, _, height, width = batch.shape
     rows, cols = occlusion_cells(height, width, budget)
     ys = [round(i * height / rows) for i in range(rows + 1)]
@@ -182,15 +198,17 @@ def occlusion(
     cells = [(r, c) for r in range(rows) for c in range(cols)]
     index = torch.tensor(targets)
     with torch.no_grad():
+        base = score(batch)
         for image in range(n):
+            fill = batch[image].mean(dim=(1, 2), keepdim=True)  # neutral for this image, not a gray patch
             for start in range(0, len(cells), chunk):
                 part = cells[start : start + chunk]
                 copies = batch[image : image + 1].repeat(len(part), 1, 1, 1)
                 for k, (r, c) in enumerate(part):
-                    copies[k, :, ys[r] : ys[r + 1], xs[c] : xs[c + 1]] = 0
-                probs = scores(copies).float().softmax(-1)[:, index[image]]
+                    copies[k, :, ys[r] : ys[r + 1], xs[c] : xs[c + 1]] = fill
+                after = score(copies)[:, index[image]]
                 for k, (r, c) in enumerate(part):
-                    maps[image][r, c] = base[image, index[image]] - probs[k]
+                    maps[image][r, c] = base[image, index[image]] - after[k]
     return [m.clamp(min=0) for m in maps]
 
 

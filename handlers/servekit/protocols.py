@@ -159,18 +159,22 @@ def field_flag(row: Any, name: str) -> bool:
     return value is True or (value is not None and field_text(value).strip().lower() in ("true", "1", "yes"))
 
 
-def answer_requests(requests: Sequence[Request], answers: Sequence[Any], model_name: str) -> list[Any]:
-    """One answer per request from the answers of all their instances, in order."""
+def answer_requests(
+    requests: Sequence[Request], answers: Sequence[Any], model_name: str, explained: Sequence[bool] = ()
+) -> list[Any]:
+    """One answer per request from the answers of all their instances, in order; ``explained`` marks the
+    requests that asked for explanations (a KServe v1 one is answered under ``explanations``)."""
     out: list[Any] = []
     start = 0
-    for request in requests:
+    for i, request in enumerate(requests):
         mine = answers[start : start + len(request.instances)]
         start += len(request.instances)
-        out.append(request.error if request.error is not None else answer(request, mine, model_name))
+        explain = i < len(explained) and explained[i]
+        out.append(request.error if request.error is not None else answer(request, mine, model_name, explain))
     return out
 
 
-def answer(request: Request, answers: Sequence[Any], model_name: str) -> Any:
+def answer(request: Request, answers: Sequence[Any], model_name: str, explain: bool = False) -> Any:
     """The answer of one request in its protocol, or the error of its first failed instance."""
     if request.protocol == PLAIN:
         return answers[0]
@@ -178,7 +182,7 @@ def answer(request: Request, answers: Sequence[Any], model_name: str) -> Any:
     if failed:
         return instance_error(*failed[0], failed=len(failed), total=len(answers))
     if request.protocol == V1:
-        return {"predictions": list(answers)}
+        return {"explanations" if explain else "predictions": list(answers)}
     documents = [json.dumps(a) for a in answers]
     if request.protocol == V2_INPUT:
         return documents

@@ -155,10 +155,16 @@ def image_samples(stats: ImageStats) -> list[Sample]:
     ]
 
 
-def quality_metrics(answers: Sequence[Any], images: Sequence[ImageStats | None], slots: ClassSlots) -> list[Sample]:
+def quality_metrics(
+    answers: Sequence[Any], images: Sequence[ImageStats | None], slots: ClassSlots, seconds: float = 0.0
+) -> list[Sample]:
     """The samples of one batch's instances (answers and the images they decoded, in order): histogram
-    observations one by one, counters summed per name and labels."""
+    observations one by one, counters summed per name and labels. ``seconds``, the batch's time in the
+    worker, is observed once per instance (``ServekitRequestSeconds``: the worker's share of each request's
+    latency, for a p99 next to TorchServe's queue latency)."""
     samples = [s for a in answers for s in answer_samples(a, slots)]
+    if seconds > 0:
+        samples += [Sample("ServekitRequestSeconds", round(seconds, 4), HISTOGRAM, "s") for _ in answers]
     samples += [s for stats in images if stats is not None for s in image_samples(stats)]
     counts: Counter[tuple[str, str, tuple[tuple[str, str], ...]]] = Counter()
     out: list[Sample] = []

@@ -260,6 +260,16 @@ def crop_box(height: int, width: int, config: ClassifierConfig) -> tuple[int, in
     )
 
 
+def explain_method(settings: ExplainSettings, model: Network) -> str:
+    """The explanation method a model's config resolves to, checked when the model loads (a gradient method
+    on a graph, or a Grad-CAM layer the network lacks, fails the load with one line)."""
+    network = explained_network(model)
+    method = choose_method(settings.method, network)
+    if method == "gradcam" and settings.layer and settings.layer not in dict(network.named_modules()):
+        raise ConfigError(f"handler.explain.layer {settings.layer!r} is not a module of this network")
+    return method
+
+
 def explained_network(model: Network) -> Network:
     """The network explanations run on: a torch.compile'd module's original (hooks and gradients)."""
     return getattr(model, "_orig_mod", model)
@@ -318,7 +328,7 @@ class VisionService(Generic[Prepared]):
                 outcome.times.add(done.times)
             outcome.answers.extend(answers)
             outcome.images.extend(images)
-        folded = answer_requests(requests, outcome.answers, self.model_name)
+        folded = answer_requests(requests, outcome.answers, self.model_name, marked)
         # a request whose body itself is bad has no instances: its error is counted as an instance's
         errors = [r.error for r in requests if r.error is not None]
         return BatchOutcome(folded, outcome.times, outcome.answers + errors, outcome.images)
@@ -358,6 +368,7 @@ class ClassifierService(VisionService[torch.Tensor]):
         self.channels_last = adopt_channels_last(model, probe)
         super().__init__(model, labels, config.limits, device)
         self.config = config
+        self.explain_method = explain_method(config.explain, model)
 
     def prepare(self, row: Any) -> torch.Tensor:
         return classifier_item(row, self.config)
@@ -389,7 +400,7 @@ class ClassifierService(VisionService[torch.Tensor]):
             lambda x: network(x).float(),
             batch,
             [item.target for item in items],
-            method=choose_method(settings.method, network),
+            method=self.explain_method,
             grid=grid_shape(*self.config.input_size, settings.grid),
             budget=settings.budget,
             steps=settings.steps,
@@ -447,6 +458,7 @@ class SegmenterService(VisionService[SegmenterItem]):
         self.channels_last = adopt_channels_last(model, probe)
         super().__init__(model, labels, config.limits, device)
         self.config = config
+        self.explain_method = explain_method(config.explain, model)
 
     def prepare(self, row: Any) -> SegmenterItem:
         return segmenter_item(row, self.config)
@@ -499,12 +511,13 @@ class SegmenterService(VisionService[SegmenterItem]):
                 scores,
                 batch,
                 targets,
-                method=choose_method(settings.method, network),
+                method=self.explain_method,
                 grid=grid_shape(int(batch.shape[2]), int(batch.shape[3]), settings.grid),
                 budget=settings.budget,
                 steps=settings.steps,
                 layer=settings.layer,
                 chunk=max(self.max_batch, 1),
+                probabilities=False,
             )
             for index, one in zip(group, found):
                 explained[index] = one

@@ -2,10 +2,10 @@
 the TorchServe handlers (this module imports neither Triton nor TorchServe).
 
 Every step class answers per image: ``preprocess`` gives, for each encoded image, its tensors by name
-(or the exception that image ended in), and ``postprocess`` gives one JSON document per image of a
-request. ``batched`` says whether the ensemble has a batch dimension (classifiers, segmenters resized to one
-[h, w], and raw-output detectors, letterboxed to one square) or takes one image per request (torchvision
-detectors).
+(or the exception that image ended in) with the stats of the images it decoded (a ``BatchOutcome``), and
+``postprocess`` gives one JSON document per image of a request. ``batched`` says whether the ensemble has
+a batch dimension (classifiers, segmenters resized to one [h, w], and raw-output detectors, letterboxed to
+one square) or takes one image per request (torchvision detectors).
 
 An ensemble takes the encoded image bytes (``IMAGE``, ``TYPE_STRING``) and answers the JSON bytes
 (``ANSWER``) that TorchServe would send. A request that fails gets, as its Triton error message, the
@@ -30,6 +30,7 @@ from servekit.loading import load_labels
 from servekit.onnx_backend import RAW_IO
 from servekit.postprocess import detections_to_json, topk_to_json
 from servekit.service import (
+    BatchOutcome,
     SegmenterItem,
     classifier_item,
     letterboxed_item,
@@ -41,8 +42,6 @@ from servekit.service import (
 )
 from servekit.transforms import classifier_batch, detector_inputs
 from servekit.yolo import Letterbox, resolve_layout
-
-Outcome = Any  # a step's result for one request, or the exception it failed with
 
 
 def error_message(exc: BaseException) -> str:
@@ -71,7 +70,7 @@ class ClassifierSteps:
     labels: list[str]
     batched = True
 
-    def preprocess(self, images: Sequence[bytes]) -> list[Outcome]:
+    def preprocess(self, images: Sequence[bytes]) -> BatchOutcome:
         """Decode and crop each image alone; normalize the good ones as one batch."""
 
         def prepare(data: bytes) -> torch.Tensor:
@@ -83,7 +82,7 @@ class ClassifierSteps:
         def split(batch: torch.Tensor, _crops: list[torch.Tensor]) -> list[Tensors]:
             return [{"input": row} for row in batch.numpy()]
 
-        return run_batch(images, prepare, normalize, split).answers
+        return run_batch(images, prepare, normalize, split)
 
     def postprocess(self, tensors: Tensors) -> list[bytes]:
         """Top-k answers of a batch of logits, one JSON document each."""
@@ -104,7 +103,7 @@ class YoloSteps:
     raw_name: str = RAW_IO[1]
     batched = True
 
-    def preprocess(self, images: Sequence[bytes]) -> list[Outcome]:
+    def preprocess(self, images: Sequence[bytes]) -> BatchOutcome:
         """Each image letterboxed alone (float32 in [0, 1]), with its geometry (float64, 6 values)."""
 
         def prepare(data: bytes) -> Tensors:
@@ -114,7 +113,7 @@ class YoloSteps:
                 "geometry": np.array(geometry.values(), dtype=np.float64),
             }
 
-        return run_batch(images, prepare, list, lambda tensors, _: tensors).answers
+        return run_batch(images, prepare, list, lambda tensors, _: tensors)
 
     def postprocess(self, tensors: Tensors) -> list[bytes]:
         """One JSON answer per image of a batch of raw outputs, as the TorchServe handler answers."""
@@ -136,7 +135,7 @@ class DetectorSteps:
     labels: list[str]
     batched = False
 
-    def preprocess(self, images: Sequence[bytes]) -> list[Outcome]:
+    def preprocess(self, images: Sequence[bytes]) -> BatchOutcome:
         """Each image as float32 3 x H x W in [0, 1], and its (width, height)."""
 
         def prepare(data: bytes) -> Tensors:
@@ -144,7 +143,7 @@ class DetectorSteps:
             pixels = detector_inputs([decoded.pixels])[0].contiguous().numpy()
             return {"image": pixels, "size": np.array([decoded.width, decoded.height], dtype=np.int32)}
 
-        return run_batch(images, prepare, list, lambda tensors, _: tensors).answers
+        return run_batch(images, prepare, list, lambda tensors, _: tensors)
 
     def postprocess(self, tensors: Tensors) -> list[bytes]:
         output = {name: torch.from_numpy(tensors[name]) for name in ("boxes", "labels", "scores")}
@@ -164,7 +163,7 @@ class SegmenterSteps:
     labels: list[str]
     batched = True
 
-    def preprocess(self, images: Sequence[bytes]) -> list[Outcome]:
+    def preprocess(self, images: Sequence[bytes]) -> BatchOutcome:
         """Decode and resize each image alone; normalize the good ones as one batch."""
 
         def prepare(data: bytes) -> SegmenterItem:
@@ -177,7 +176,7 @@ class SegmenterSteps:
             sizes = [np.array(item[1], dtype=np.int32) for item in items]
             return [{"input": row, "size": size} for row, size in zip(batch.numpy(), sizes)]
 
-        return run_batch(images, prepare, normalize, split).answers
+        return run_batch(images, prepare, normalize, split)
 
     def postprocess(self, tensors: Tensors) -> list[bytes]:
         """One JSON answer per image of a batch of logits, in the pixels of the image as sent."""

@@ -141,6 +141,8 @@ def emit_metrics(context: Any, model_name: str, outcome: BatchOutcome, slots: Cl
     for name, value in values.items():
         metrics.add_counter(f"{METRIC_PREFIX}{name}", value, None, model)
     kinds = {COUNTER: MetricTypes.COUNTER, HISTOGRAM: MetricTypes.HISTOGRAM}
-    for sample in quality_metrics(outcome.instances, outcome.images, slots or ClassSlots()):
+    times = outcome.times
+    seconds = (times.preprocess_ms + times.inference_ms + times.postprocess_ms) / 1000
+    for sample in quality_metrics(outcome.instances, outcome.images, slots or ClassSlots(), seconds):
         dims = [*model, *(Dimension(k, v) for k, v in sample.labels)]
         metrics.add_metric(sample.name, sample.value, sample.unit, None, dims, kinds[sample.kind])

@@ -56,6 +56,15 @@ ZOO_VARIANTS := $(foreach m,$(ZOO_DEMOS),$(STORE)/$(m).mar $(STORE)/$(m)_onnx.ma
 .PHONY: models
 models: $(foreach m,$(DEMOS),models/$(m)/model.pt) $(ZOO_WEIGHTS) models/lraspp/model.pt models/hf_rtdetr/model.safetensors ## Build the demo models (trained digits CNN, shapes detector and segmenter, seeded torchvision, timm and Hugging Face nets, a seeded RT-DETR)
 
+.PHONY: sample-images
+sample-images: | $(STAMP) ## Images to send the demo models: photos scikit-image ships, a held-out digit and shapes scene -> build/samples/
+	$(PY) scripts/make_models.py --samples build/samples
+
+.PHONY: docs
+docs: | $(STAMP) ## The documentation site: the configuration page from the typed config, then mkdocs build --strict -> build/site/
+	$(PY) scripts/config_reference.py --out docs/reference/configuration.md
+	$(VENV)/bin/mkdocs build --strict --site-dir build/site
+
 models/%/model.pt: | $(STAMP)
 	$(PY) scripts/make_models.py $*
 
@@ -275,8 +284,8 @@ image-run: ## Run the TorchServe image (WHICH=triton for Triton) on 127.0.0.1 po
 	$(PY) scripts/images.py run --which $(or $(WHICH),torchserve) --models $(DEMOS)
 
 .PHONY: serve
-serve: archive ## Start TorchServe on loopback with every archive, wait until healthy, print endpoints
-	$(PY) scripts/tsctl.py start
+serve: archive ## Start TorchServe on loopback with every archive (or NAMES="a b"), wait until healthy, print endpoints
+	$(PY) scripts/tsctl.py start $(if $(NAMES),--models $(NAMES))
 
 .PHONY: stop
 stop: ## Stop the TorchServe started by `make serve`, workers included

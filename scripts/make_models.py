@@ -78,12 +78,30 @@ def build(name: str, root: Path) -> None:
     logger.info("%s: wrote %s", name, model_dir)
 
 
+def write_samples(out: Path) -> list[Path]:
+    """Images to send the demo models (``make sample-images``): three photos scikit-image ships, a held-out
+    digit and a held-out shapes scene."""
+    out.mkdir(parents=True, exist_ok=True)
+    photos = demo_models.sample_photos(("chelsea", "astronaut", "coffee"))
+    files = {f"{name}.jpg": demo_models.encode(image, "JPEG", quality=90) for name, image in photos.items()}
+    digits, _ = demo_models.digit_images("test")
+    files["digit.png"] = demo_models.encode(digits[0], "PNG")
+    files["scene.jpg"] = shapes.encode_jpeg(shapes.make_scene(shapes.HELD_OUT_SEED).image)
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    return [out / name for name in files]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("names", nargs="*", default=list(DEMOS), help=f"models to build (default: {' '.join(DEMOS)})")
     parser.add_argument("--root", type=Path, default=Path("models"))
+    parser.add_argument("--samples", type=Path, default=None, help="write sample images here instead")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    if args.samples:
+        logger.info("sample images: %s", " ".join(str(p) for p in write_samples(args.samples)))
+        return 0
     torch.set_num_threads(max(1, torch.get_num_threads()))
     for name in args.names:
         if name not in DEMOS:

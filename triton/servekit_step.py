@@ -22,6 +22,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))  # the staged servekit package sits beside this file
 
+from servekit.quality import HISTOGRAM, ClassSlots, ImageStats, quality_metrics  # noqa: E402
 from servekit.triton_steps import error_message, image_bytes, load_steps  # noqa: E402
 
 
@@ -31,6 +32,36 @@ def _input(request: Any, name: str) -> np.ndarray:
 
 def _fail(exc: BaseException) -> Any:
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(error_message(exc)))
+
+
+class StepMetrics:
+    """The kit's model-quality samples as the python backend's custom metrics, labelled with the ensemble's
+    name: counters, and a histogram as its ``_sum`` and ``_count`` counters, so the PrometheusRule's means
+    (deploy/monitoring) read the same series from Triton's metrics port as from TorchServe's."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.families: dict[str, Any] = {}
+        self.metrics: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
+        self.slots = ClassSlots()
+
+    def emit(self, answers: list[Any], images: list[ImageStats | None]) -> None:
+        for sample in quality_metrics(answers, images, self.slots):
+            if sample.kind == HISTOGRAM:
+                self._add(f"{sample.name}_sum", sample.value, sample.labels)
+                self._add(f"{sample.name}_count", 1, sample.labels)
+            else:
+                self._add(sample.name, sample.value, sample.labels)
+
+    def _add(self, name: str, value: float, labels: tuple[tuple[str, str], ...]) -> None:
+        key = (name, labels)
+        if key not in self.metrics:
+            if name not in self.families:
+                self.families[name] = pb_utils.MetricFamily(
+                    name=name, description=f"servekit model quality: {name}", kind=pb_utils.MetricFamily.COUNTER
+                )
+            self.metrics[key] = self.families[name].Metric(labels={"ModelName": self.model_name, **dict(labels)})
+        self.metrics[key].increment(value)
 
 
 class TritonPythonModel:
@@ -43,6 +74,8 @@ class TritonPythonModel:
         self.inputs = [tensor["name"] for tensor in config["input"]]
         self.outputs = [tensor["name"] for tensor in config["output"]]
         self.steps = load_steps(HERE, parameters.get("image_name", "images"), parameters.get("raw_name", "output0"))
+        ensemble = args["model_name"].removesuffix(f"_{self.step}")
+        self.metrics = StepMetrics(ensemble) if self.step in ("preprocess", "postprocess") else None
         if self.step == "model":
             import torch
 
@@ -58,7 +91,10 @@ class TritonPythonModel:
     def _preprocess(self, requests: list[Any]) -> list[Any]:
         """Every image of every request prepared alone; a request with a bad image fails alone."""
         images = [[image_bytes(v) for v in _input(r, "IMAGE").reshape(-1)] for r in requests]
-        outcomes = self.steps.preprocess([item for request in images for item in request])
+        batch = self.steps.preprocess([item for request in images for item in request])
+        outcomes = batch.answers
+        if self.metrics is not None:  # what was sent, and the bad inputs by error class
+            self.metrics.emit([o for o in outcomes if isinstance(o, BaseException)], batch.images)
         responses, start = [], 0
         for request in images:
             mine, start = outcomes[start : start + len(request)], start + len(request)
@@ -97,6 +133,8 @@ class TritonPythonModel:
             except Exception as exc:
                 responses.append(_fail(exc))
                 continue
+            if self.metrics is not None:  # what the model answered
+                self.metrics.emit([json.loads(a) for a in answers], [])
             shape = (-1, 1) if self.steps.batched else (-1,)
             out = np.array(answers, dtype=np.object_).reshape(shape)
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("ANSWER", out)]))

@@ -29,9 +29,13 @@ Size = int | tuple[int, ...]  # a short side (int), or [height, width]
 class ImageLimits:
     """Bounds on what a request may carry, checked before a full decode."""
 
+    # encoded image bytes a request may carry
     max_bytes: int = 20 * 1024 * 1024
+    # width x height, read from the header before decoding
     max_pixels: int = 40_000_000
+    # longer side / shorter side
     max_aspect_ratio: float = 50.0
+    # image formats accepted (sniffed from the bytes, not the content type)
     formats: tuple[str, ...] = IMAGE_FORMATS
     # A JPEG far larger than the model's input is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain
     # (never below what the model needs), then resized: less time and memory, pixels a little different.
@@ -57,15 +61,21 @@ class ModelSource:
     ``openvino`` reads an ONNX graph (or an OpenVINO IR) and compiles it with OpenVINO for the CPU.
     """
 
+    # the weights or graph, relative to the model folder
     file: str = "model.pt"
+    # how ``file`` is stored (scaffold reads it from the bytes)
     format: Literal[
         "state_dict", "safetensors", "transformers", "torchscript", "exported", "aoti", "onnx", "openvino"
     ] = "state_dict"
+    # state_dict/safetensors: a torchvision name, or timm:<name>
     architecture: str | None = None
+    # state_dict/safetensors: a Python file defining the network (runs only with a trust flag at scaffold)
     model_file: str | None = None
+    # the class in ``model_file``
     model_class: str | None = None
+    # passed to the network's constructor (num_classes, ...)
     kwargs: dict[str, Any] = field(default_factory=dict)
-    max_batch: int = 0
+    max_batch: int = 0  # exported/aoti/onnx: the largest batch the graph takes (0: any); larger run in chunks
     # bf16: torch autocast (torch formats) or OpenVINO's bf16 hint, on CPUs with AVX512-BF16 or AMX
     precision: Literal["fp32", "bf16"] = "fp32"
 
@@ -102,7 +112,9 @@ class ModelSource:
 class CompileSettings:
     """``handler.compile``: torch.compile the module at load, warmed up at every batch size it will see."""
 
+    # torch.compile's mode
     mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    # compile for dynamic shapes (batch sizes) rather than one graph per batch size
     dynamic: bool = False
 
 
@@ -116,11 +128,17 @@ class ExplainSettings:
     ``png`` adds a small heatmap PNG to every explanation.
     """
 
+    # auto: Grad-CAM on eager CNNs, occlusion otherwise
     method: Literal["auto", "gradcam", "occlusion", "integrated_gradients"] = "auto"
+    # cells on the longer side of the model's input
     grid: int = 14
+    # occlusion: forward passes (cells) per image
     budget: int = 64
+    # integrated_gradients: steps from the mean image
     steps: int = 16
+    # Grad-CAM's module name ('': the last convolution)
     layer: str = ""
+    # add a small base64 heatmap PNG to every explanation
     png: bool = False
 
     def __post_init__(self) -> None:
@@ -133,23 +151,35 @@ class ExplainSettings:
 class ClassifierConfig:
     """Settings of an image classifier."""
 
+    # the task this section configures
     task: Literal["classification"]
+    # where the network comes from
     model: ModelSource = field(default_factory=ModelSource)
+    # class names: a JSON list, or TorchServe's {"0": "name"} mapping
     labels: str = "labels.json"
     # The model's own recipe (scaffold reads it from torchvision, timm or Hugging Face): resize the short
     # side to ``resize`` (or to exactly [height, width]), center-crop ``crop`` (int or [h, w]; 0: none),
     # resampling with ``interpolation`` (antialiased), then normalize with ``mean`` and ``std``.
     resize: Size = 256
+    # center crop, int or [h, w]; 0: none (needs resize as [h, w])
     crop: Size = 224
+    # resampling filter of the resize (antialiased)
     interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
     # where an odd margin's extra pixel goes: round (torchvision, timm) or floor (Hugging Face processors)
     crop_rounding: Literal["round", "floor"] = "round"
+    # per-channel mean subtracted after scaling to [0, 1]
     mean: tuple[float, ...] = IMAGENET_MEAN
+    # per-channel std divided by
     std: tuple[float, ...] = IMAGENET_STD
+    # classes in each answer, best first
     topk: int = 5
+    # intra-op threads per worker; 0: cores / maxWorkers
     threads: int = 0
+    # torch.compile the network at load, warmed up at every batch size
     compile: CompileSettings | None = None
+    # how /explanations answers
     explain: ExplainSettings = field(default_factory=ExplainSettings)
+    # bounds on what a request may carry
     limits: ImageLimits = field(default_factory=ImageLimits)
 
     def __post_init__(self) -> None:
@@ -197,10 +227,15 @@ def _pair(size: Size, key: str) -> tuple[int, int]:
 class DetectorConfig:
     """Settings of an object detector."""
 
+    # the task this section configures
     task: Literal["detection"]
+    # where the network comes from
     model: ModelSource = field(default_factory=ModelSource)
+    # class names (index 0 is background for torchvision detectors)
     labels: str = "labels.json"
+    # detections under this score are left out
     score_threshold: float = 0.5
+    # at most this many detections per image, best first
     max_detections: int = 100
     mask_threshold: float = 0.5  # Mask R-CNN: a mask pixel is in at this probability
     # output: torchvision (a list of images in, {boxes, labels, scores} out), yolo (a letterboxed
@@ -214,19 +249,30 @@ class DetectorConfig:
     # detr: the recipe (the image processor's): the short side to resize, the long side at most max_size
     # (0: no cap), or exactly [h, w] (RT-DETR: 640 x 640); normalized with mean and std
     resize: Size = 800
+    # detr: the long side's cap with a short-side resize (0: none)
     max_size: int = 1333
+    # detr: resampling filter of the resize (antialiased)
     interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
+    # detr: per-channel mean
     mean: tuple[float, ...] = IMAGENET_MEAN
+    # detr: per-channel std
     std: tuple[float, ...] = IMAGENET_STD
+    # yolo: the raw output's layout (auto: probed with one forward pass)
     layout: Literal["auto", "yolov5", "yolov8", "end2end"] = "auto"
+    # yolo: the letterbox square
     input_size: int = 640
     # yolo output: "kit" fits the image antialiased; "ultralytics" as their predictor does (OpenCV
     # INTER_LINEAR on uint8, their pad rounding and box scaling), so boxes equal `yolo predict`
     letterbox: Literal["kit", "ultralytics"] = "kit"
+    # yolo: NMS IoU threshold
     iou_threshold: float = 0.45
+    # yolo: NMS across classes
     agnostic_nms: bool = False
+    # intra-op threads per worker; 0: cores / maxWorkers
     threads: int = 0
+    # not for detectors (must stay unset)
     compile: CompileSettings | None = None
+    # bounds on what a request may carry
     limits: ImageLimits = field(default_factory=ImageLimits)
 
     def __post_init__(self) -> None:
@@ -248,8 +294,11 @@ class DetectorConfig:
 class SegmenterConfig:
     """Settings of a semantic segmenter: a class for every pixel of the image as sent."""
 
+    # the task this section configures
     task: Literal["segmentation"]
+    # where the network comes from
     model: ModelSource = field(default_factory=ModelSource)
+    # class names, one per output channel
     labels: str = "labels.json"
     # The model's recipe: resize the short side to ``resize`` (torchvision's segmentation weights: 520), or
     # to exactly [height, width] (Hugging Face processors: SegFormer 512 x 512), antialiased, no crop; then
@@ -257,16 +306,22 @@ class SegmenterConfig:
     resize: Size = 520
     max_size: int = 0  # with a short-side resize: the long side's cap (Hugging Face's longest_edge; 0: none)
     size_divisor: int = 0  # then each side rounded up to a multiple of it (Mask2Former's size_divisor; 0: none)
+    # resampling filter of the resize (antialiased)
     interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
+    # per-channel mean
     mean: tuple[float, ...] = IMAGENET_MEAN
+    # per-channel std
     std: tuple[float, ...] = IMAGENET_STD
     # The answer: "rle", each class present with its area and a COCO RLE mask; "png", the same classes
     # without masks and the label map (a class index per pixel) as one base64 PNG.
     format: Literal["rle", "png"] = "rle"
     min_area: float = 0.0  # classes covering less than this share of the image are left out
     ignore: tuple[str, ...] = ()  # labels never reported (e.g. [background])
+    # intra-op threads per worker; 0: cores / maxWorkers
     threads: int = 0
+    # how /explanations answers (a class's mean logit)
     explain: ExplainSettings = field(default_factory=ExplainSettings)
+    # bounds on what a request may carry
     limits: ImageLimits = field(default_factory=ImageLimits)
 
     def __post_init__(self) -> None:

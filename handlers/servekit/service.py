@@ -364,7 +364,8 @@ class ClassifierService(VisionService[torch.Tensor]):
     """Top-k classification: uint8 crops per item, one normalized float batch through the model."""
 
     def __init__(self, config: ClassifierConfig, model: Network, labels: list[str], device: torch.device) -> None:
-        probe = torch.zeros(1, 3, *config.input_size, device=device).to(memory_format=torch.channels_last)
+        probe = torch.rand(2, 3, *config.input_size, device=device).to(memory_format=torch.channels_last)
+        model = fused_for_inference(model, probe)
         self.channels_last = adopt_channels_last(model, probe)
         super().__init__(model, labels, config.limits, device)
         self.config = config
@@ -425,6 +426,29 @@ def prefers_channels_last(model: Network) -> bool:
         return False
     convs = sum(isinstance(m, torch.nn.Conv2d) or getattr(m, "original_name", "") == "Conv2d" for m in model.modules())
     return convs >= MIN_CONVS_FOR_CHANNELS_LAST
+
+
+def fused_for_inference(model: Network, sample: Any) -> Network:
+    """An eager network with each BatchNorm folded into the convolution before it (torch.fx), when it traces
+    and answers ``sample`` as the original does; else the network as it was. oneDNN then runs one op where
+    it ran two (resnet18 at batch 8, channels-last, 2 cores: 90 -> 69 ms)."""
+    if not isinstance(model, torch.nn.Module) or isinstance(model, (torch.jit.ScriptModule, torch.fx.GraphModule)):
+        return model
+    if hasattr(model, "_orig_mod") or not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
+        return model
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        fused = fuse(model)
+        with torch.inference_mode():
+            same = torch.allclose(fused(sample), model(sample), rtol=1e-3, atol=1e-4)
+    except Exception as exc:  # a network that does not trace symbolically (control flow on shapes, say)
+        logger.info("convolutions and batch norms stay apart (%s)", plain_line(str(exc))[:120])
+        return model
+    if not same:
+        logger.warning("folding batch norms into convolutions changed the outputs: the network stays as it was")
+        return model
+    return fused
 
 
 def adopt_channels_last(model: Network, sample: Any) -> bool:

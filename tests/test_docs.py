@@ -1,0 +1,68 @@
+"""The documentation is checked like code: the site builds with `mkdocs build --strict`, the configuration page
+is what the typed config generates now, every `make` command the docs show exists, and the commands of
+"Getting started" run as written against a real TorchServe."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import config_reference
+from conftest import REPO
+
+DOCS = REPO / "docs"
+PAGES = [REPO / "README.md", *sorted(DOCS.rglob("*.md"))]
+MAKE = re.compile(r"(?<![\w/.-])make ((?:[a-z][\w-]*(?:=\S+)?\s*)+)")
+TESTED = re.compile(r"<!-- run by tests/test_docs.py -->\s*```bash\n(.*?)```", re.S)
+
+
+def targets() -> set[str]:
+    return set(re.findall(r"^([a-z][\w-]*):", (REPO / "Makefile").read_text(), re.M))
+
+
+def test_the_site_builds_strictly(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert (tmp_path / "site" / "index.html").is_file()
+
+
+def test_the_configuration_page_is_generated_from_the_typed_config() -> None:
+    page = DOCS / "reference" / "configuration.md"
+    assert page.read_text(encoding="utf-8") == config_reference.reference(), "run `make docs` and commit the page"
+    assert "| `explain` |" in page.read_text() and "|  |" not in page.read_text(), "every key has its comment"
+
+
+def test_every_make_command_shown_exists() -> None:
+    known = targets()
+    shown: dict[str, str] = {}
+    for page in PAGES:
+        for words in MAKE.findall(page.read_text(encoding="utf-8")):
+            for word in words.split():
+                if "=" not in word and word.islower():
+                    shown.setdefault(word, page.name)
+                    break
+    missing = {word: page for word, page in shown.items() if word not in known}
+    assert not missing, missing
+    assert len(shown) >= 15
+
+
+@pytest.mark.e2e
+def test_getting_started_runs_as_written() -> None:
+    """The marked block of docs/getting-started.md, line by line in one shell, from the repository root."""
+    (block,) = TESTED.findall((DOCS / "getting-started.md").read_text(encoding="utf-8"))
+    script = "set -euo pipefail\ntrap 'make stop >/dev/null 2>&1 || true' EXIT\n" + block
+    run = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert '"label"' in run.stdout and '"explanation"' in run.stdout, run.stdout[-2000:]
+    assert shlex.split(block)  # the block is plain shell

@@ -62,8 +62,8 @@ sample-images: | $(STAMP) ## Images to send the demo models: photos scikit-image
 
 .PHONY: docs
 docs: | $(STAMP) ## The documentation site: the configuration page from the typed config, then mkdocs build --strict -> build/site/
-	$(PY) scripts/config_reference.py --out docs/reference/configuration.md
-	$(VENV)/bin/mkdocs build --strict --site-dir build/site
+	$(PY) scripts/docs_site.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir build/site
 
 models/%/model.pt: | $(STAMP)
 	$(PY) scripts/make_models.py $*

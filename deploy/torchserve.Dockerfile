@@ -1,4 +1,4 @@
-# The kit's archives on TorchServe 0.12 (README "Container images"). Build with `make image`.
+# The kit's archives on TorchServe 0.12 (docs/deployment.md "Container images"). Build with `make image`.
 #
 # BASE_IMAGE: python:3.11-slim-bookworm by default (Java is then installed from Debian); `make image` here
 # passes servekit-base:bookworm, built from Debian packages by deploy/base-image.sh (python3, Java 17).

@@ -1,4 +1,4 @@
-# The kit's generated Triton repository with the packages its python steps import (README "Container images").
+# The kit's generated Triton repository with the packages its python steps import (docs/deployment.md "Container images").
 #
 # Built here (`make image`): BASE_IMAGE=servekit-base:bookworm (Debian packages, deploy/base-image.sh), the
 # CPU repository (model_repository/cpu: python-backend ONNX Runtime) staged as `repository/` in the build

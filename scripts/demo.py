@@ -86,8 +86,9 @@ def segment_shapes(rest: RestClient, workdir: Path) -> None:
     logger.info("  masks drawn over the %d scenes: %s", len(drawn), target.resolve())
 
 
-def draw_explanation(image: np.ndarray, explanation: dict[str, Any]) -> np.ndarray:
-    """The image with the explanation's grid as a red heat overlay over the box it covers."""
+def draw_explanation(image: np.ndarray, explanation: dict[str, Any]) -> Any:
+    """The image (a [3, H, W] uint8 tensor, as the mosaic takes) with the explanation's grid as a red heat
+    overlay over the box it covers."""
     import torch
     import torch.nn.functional as F
 
@@ -99,7 +100,7 @@ def draw_explanation(image: np.ndarray, explanation: dict[str, Any]) -> np.ndarr
     alpha = 0.6 * heat[..., None]
     red = np.array([255.0, 40.0, 0.0])
     out[y0:y1, x0:x1] = region * (1 - alpha) + red * alpha
-    return out.clip(0, 255).astype(np.uint8)
+    return torch.from_numpy(out.clip(0, 255).astype(np.uint8)).permute(2, 0, 1)
 
 
 def explain_shapes(rest: RestClient, grpc_client: GrpcClient, workdir: Path) -> None:

@@ -16,7 +16,7 @@ TorchServe's token authorization off (``--disable-token-auth``) and protects the
   filesystem, no privilege escalation and every capability dropped.
 
 Without a gateway that authenticates, anyone who can reach the Service can call the models: that is the
-trade this model makes, stated here and in the README.
+trade this model makes, stated here and in docs/deployment.md.
 """
 
 from __future__ import annotations
@@ -304,7 +304,7 @@ def hpa(spec: ModelSpec, min_replicas: int = 2, max_replicas: int = 10, cpu_perc
 
 def hpa_queue_latency(spec: ModelSpec, target_ms: int = 100, max_replicas: int = 10) -> dict[str, Any]:
     """The variant: scale on TorchServe's queue latency per request, served by Prometheus Adapter as the
-    pods metric ``ts_queue_latency_ms_per_request`` (README "Kubernetes" has the adapter rule)."""
+    pods metric ``ts_queue_latency_ms_per_request`` (docs/deployment.md "Kubernetes" has the adapter rule)."""
     document = hpa(spec, max_replicas=max_replicas)
     document["metadata"]["name"] = f"{resource_name(spec)}-queue-latency"
     document["spec"]["metrics"] = [
@@ -411,7 +411,7 @@ def servekit_properties(specs: Sequence[ModelSpec]) -> str:
     lines = [
         "# The kit's KServe ServingRuntime (servekit-torchserve): TorchServe answers KServe v1 and v2 bodies itself.",
         "# Listeners on 0.0.0.0 inside the pod (KServe routes to 8080); management on loopback only.",
-        "# Token auth is off in the pod (--disable-token-auth in the runtime's args): see the README's deployment",
+        "# Token auth is off in the pod (--disable-token-auth in the runtime's args): see docs/deployment.md",
         "# model; environment variables may override keys (TS_*), as KServe's own TorchServe runtime needs.",
         f"inference_address=http://0.0.0.0:{HTTP}",
         f"management_address=http://127.0.0.1:{MANAGEMENT}",
@@ -568,7 +568,7 @@ def _link(source: Path, target: Path) -> None:
 
 
 def capacity_table(results: Path, names: Sequence[str], target_rps: float) -> list[str]:
-    """The README's capacity plan: replicas and HPA bounds per model for ``target_rps``."""
+    """The capacity plan (docs/deployment.md): replicas and HPA bounds per model for ``target_rps``."""
     lines = [
         f"Capacity for {target_rps:.0f} req/s per model, from {results} (one replica = the bench machine's cores):",
         "",

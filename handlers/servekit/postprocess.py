@@ -1,4 +1,4 @@
-"""Model outputs to the JSON answers clients see (the schemas are written in the README)."""
+"""Model outputs to the JSON answers clients see (the schemas are in docs/calling.md)."""
 
 from __future__ import annotations
 

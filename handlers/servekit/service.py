@@ -7,6 +7,7 @@ and the Triton python backend both call it, so both servers share one tested imp
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -511,7 +512,8 @@ class SegmenterService(VisionService[SegmenterItem]):
 
     def explain_infer(self, items: list[ExplainItem]) -> list[Explained]:
         """Each class's score is its logit averaged over the image; the default target is the class with the
-        largest area that is neither background nor one of ``ignore``."""
+        largest area that is neither background nor one of ``ignore``; the answer's score is the class's
+        probability averaged over the pixels (its expected share of the image)."""
         network = explained_network(self.model)
         settings = self.config.explain
         ignored = [i for i, label in enumerate(self.labels) if label in self.config.ignore or is_background(label)]
@@ -523,7 +525,8 @@ class SegmenterService(VisionService[SegmenterItem]):
         for group in group_by_key([tuple(item.pixels.shape) for item in items]):
             batch = classifier_batch([items[i].pixels for i in group], self.config).to(self.device)
             with torch.inference_mode():
-                areas = segmentation_logits(network(in_layout(batch, self.channels_last))).argmax(1)
+                probs = segmentation_logits(network(in_layout(batch, self.channels_last))).float().softmax(1)
+            areas = probs.argmax(1)
             targets = [items[i].target for i in group]
             for k, target in enumerate(targets):
                 if target is None:
@@ -543,8 +546,8 @@ class SegmenterService(VisionService[SegmenterItem]):
                 chunk=max(self.max_batch, 1),
                 probabilities=False,
             )
-            for index, one in zip(group, found):
-                explained[index] = one
+            for k, (index, one) in enumerate(zip(group, found)):  # score: the class's mean pixel probability
+                explained[index] = dataclasses.replace(one, score=float(probs[k, one.target].mean()))
         return explained
 
     def explain_finish(self, raw: list[Explained], items: list[ExplainItem]) -> list[Any]:

@@ -209,9 +209,14 @@ def draw_quality(series: dict[str, dict[str, float]], path: Path) -> None:
         ("Mean input megapixels", [mean(m, "ServekitImageMegapixels") for m in models]),
         ("Images", [series[m].get("ServekitImageBrightness_count", 0.0) for m in models]),
     ]
-    for ax, (title, values) in zip(axes.flat, panels):
-        ax.barh(models, values, color="#3b7dd8")
+
+    def bars(ax: Any, names: list[str], values: list[float], color: str, title: str) -> None:
+        ax.barh(range(len(names)), values, color=color)
+        ax.set_yticks(range(len(names)), names)  # positions: labels such as "4" stay names, not numbers
         ax.set_title(title, fontsize=10)
+
+    for ax, (title, values) in zip(axes.flat, panels):
+        bars(ax, models, values, "#3b7dd8", title)
     for ax, (title, prefix) in zip(
         list(axes.flat)[4:],
         (("Bad inputs by error class", "ServekitBadInputs"), ("Answers per class (digits)", "ServekitAnswers")),
@@ -220,8 +225,7 @@ def draw_quality(series: dict[str, dict[str, float]], path: Path) -> None:
         for model in models if prefix == "ServekitBadInputs" else ["digits"]:
             for key, value in labelled(model, prefix).items():
                 counts[key] = counts.get(key, 0.0) + value
-        ax.barh(list(counts), list(counts.values()), color="#d8733b")
-        ax.set_title(title, fontsize=10)
+        bars(ax, list(counts), list(counts.values()), "#d8733b", title)
     fig.suptitle("servekit model quality: the dashboard's panels for the make demo requests (one scrape)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -304,6 +304,10 @@ lint: | $(STAMP) ## ruff: lint (with a complexity limit) and format check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+.PHONY: test-fast
+test-fast: lint archive ## The fast tier: the tests not marked e2e (unit and in-process handler tests)
+	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
+
 .PHONY: test
 test: lint archive $(GRPC_STUBS) $(BENCH_INPUTS) image ## Set up and run all tests (lint, unit, in-process handler, backends, real TorchServe end to end)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -247,6 +247,7 @@ class MixedClient:
         return body["id"] == f"r{number}" and [top1(json.loads(d)) for d in output["data"]] == want
 
 
+@pytest.mark.e2e  # a real TorchServe
 def test_kserve_runtime_batches_v1_v2_and_plain_bodies(
     tmp_path: Path, digits_test: tuple[list[bytes], list[int]]
 ) -> None:

@@ -11,9 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import docs_site
 import pytest
 
+import docs_site
 from conftest import REPO
 
 DOCS = REPO / "docs"

@@ -93,7 +93,7 @@ SHAPES_SERVED = tuple(
 )
 
 
-# Photos as users send them (scripts/demo_models.py USER_IMAGES): the stock handler and the kit's archives.
+# Photos as users send them (scripts/packaging/demo_models.py USER_IMAGES): the stock handler and the kit's archives.
 PHOTO_SETS = ("phone", "1080p", "640x480", "screenshot")
 
 

@@ -6,7 +6,7 @@ One run, the same weights, images and client for every row:
 2. TorchServe with its stock handler (``image_classifier``, ``object_detector``) on the same weights;
 3. TorchServe with the kit's handlers, per backend.
 
-Served rows use a closed-loop client (``scripts/loadgen.py``) at each concurrency for a fixed time after
+Served rows use a closed-loop client (``scripts/serve/loadgen.py``) at each concurrency for a fixed time after
 a warm-up, count errors, and read the kit's per-stage milliseconds from its Prometheus counters. Writes
 ``results.md``, ``results.json`` and PNG plots to the output folder.
 

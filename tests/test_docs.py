@@ -67,6 +67,18 @@ def test_every_make_command_shown_exists() -> None:
     assert len(shown) >= 15
 
 
+def test_every_repository_file_named_exists() -> None:
+    """A file of the repository named in the README or the docs (a script, a test, a manifest) is there."""
+    named = re.compile(r"(?<![\w/.-])((?:scripts|handlers|tests|deploy|triton)/[\w/.-]+\.(?:py|sh|json|yaml|md))\b")
+    missing = {
+        path: page.name
+        for page in PAGES
+        for path in named.findall(page.read_text(encoding="utf-8"))
+        if not (REPO / path).exists() and "ts_grpc" not in path
+    }
+    assert not missing, missing
+
+
 @pytest.mark.e2e
 def test_getting_started_runs_as_written() -> None:
     """The marked block of docs/getting-started.md, line by line in one shell, from the repository root."""

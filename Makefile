@@ -5,11 +5,14 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
-PY := PYTHONPATH=handlers:scripts $(VENV)/bin/python
+# scripts/ by what each part is for: packaging (model folders, archives, exports), serve (servers, clients,
+# demo, soak), bench (benchmarks, tuning, profiles), deploy (images, Kubernetes, KServe, Triton)
+SCRIPTS_PATH := scripts/packaging:scripts/serve:scripts/bench:scripts/deploy
+PY := PYTHONPATH=handlers:$(SCRIPTS_PATH) $(VENV)/bin/python
 ARCHIVER := $(VENV)/bin/torch-model-archiver
 DEMOS := digits resnet18 mobilenet_v3_small fasterrcnn shapes shapes_seg
 HANDLER_SRC := $(wildcard handlers/*.py handlers/servekit/*.py)
-GRPC_STUBS := scripts/ts_grpc/inference_pb2_grpc.py
+GRPC_STUBS := scripts/serve/ts_grpc/inference_pb2_grpc.py
 MODELS ?= models
 STORE ?= model_store
 ALL_MARS := $(patsubst $(MODELS)/%/model-config.yaml,$(STORE)/%.mar,$(wildcard $(MODELS)/*/model-config.yaml))
@@ -19,7 +22,7 @@ ALL_MARS := $(patsubst $(MODELS)/%/model-config.yaml,$(STORE)/%.mar,$(wildcard $
 # private (0700) TMPDIR under build/: never a shared /tmp/<name> that another user could own or fill.
 define archive
 	@mkdir -p build/args $(STORE)
-	$(PY) scripts/archive_args.py $(2) --export $(STORE) > build/args/$(1).args
+	$(PY) scripts/packaging/archive_args.py $(2) --export $(STORE) > build/args/$(1).args
 	@rm -rf build/archiver-tmp/$(1) && mkdir -p build/archiver-tmp && mkdir -m 0700 build/archiver-tmp/$(1)
 	TMPDIR=$(CURDIR)/build/archiver-tmp/$(1) $(ARCHIVER) $$(cat build/args/$(1).args)
 	@rm -rf build/archiver-tmp/$(1)
@@ -34,15 +37,15 @@ help: ## List the targets
 .PHONY: install
 install: $(STAMP) $(GRPC_STUBS) ## Create .venv with the exact pins and check for Java >= 11
 
-$(STAMP): requirements.txt scripts/check_java.sh
-	@bash scripts/check_java.sh
+$(STAMP): requirements.txt scripts/packaging/check_java.sh
+	@bash scripts/packaging/check_java.sh
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet -r requirements.txt
 	touch $@
 
-$(GRPC_STUBS): $(STAMP) scripts/gen_grpc.py
-	$(PY) scripts/gen_grpc.py
+$(GRPC_STUBS): $(STAMP) scripts/packaging/gen_grpc.py
+	$(PY) scripts/packaging/gen_grpc.py
 
 .PHONY: grpc-stubs
 grpc-stubs: $(GRPC_STUBS) ## Generate gRPC stubs from the protos inside TorchServe's frontend jar
@@ -58,21 +61,21 @@ models: $(foreach m,$(DEMOS),models/$(m)/model.pt) $(ZOO_WEIGHTS) models/lraspp/
 
 .PHONY: sample-images
 sample-images: | $(STAMP) ## Images to send the demo models: photos scikit-image ships, a held-out digit and shapes scene -> build/samples/
-	$(PY) scripts/make_models.py --samples build/samples
+	$(PY) scripts/packaging/make_models.py --samples build/samples
 
 .PHONY: docs
 docs: | $(STAMP) ## The documentation site: the configuration page from the typed config, then mkdocs build --strict -> build/site/
-	$(PY) scripts/docs_site.py
+	$(PY) scripts/packaging/docs_site.py
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir build/site
 
 models/%/model.pt: | $(STAMP)
-	$(PY) scripts/make_models.py $*
+	$(PY) scripts/packaging/make_models.py $*
 
-models/digits/model.pt: models/digits/model.py scripts/demo_models.py
+models/digits/model.pt: models/digits/model.py scripts/packaging/demo_models.py
 models/hf_vit/model.safetensors models/hf_rtdetr/model.safetensors: | $(STAMP)
-	$(PY) scripts/make_models.py $(notdir $(@D))
-models/shapes/model.pt: models/shapes/model.py scripts/shapes.py
-models/shapes_seg/model.pt: models/shapes_seg/model.py scripts/shapes.py scripts/shapes_seg.py
+	$(PY) scripts/packaging/make_models.py $(notdir $(@D))
+models/shapes/model.pt: models/shapes/model.py scripts/packaging/shapes.py
+models/shapes_seg/model.pt: models/shapes_seg/model.py scripts/packaging/shapes.py scripts/packaging/shapes_seg.py
 
 .PHONY: archive
 archive: $(if $(MODEL),$(STORE)/$(MODEL).mar,$(ALL_MARS)) ## Build .mar archives (all, or MODEL=<name>)
@@ -85,7 +88,7 @@ $(STORE)/hf_vit.mar: models/hf_vit/model.safetensors
 $(STORE)/hf_rtdetr.mar: models/hf_rtdetr/model.safetensors
 
 .SECONDEXPANSION:
-$(STORE)/%.mar: $(MODELS)/%/model-config.yaml $$(filter-out %/__pycache__,$$(wildcard $(MODELS)/$$*/*)) $(HANDLER_SRC) scripts/archive_args.py | $(STAMP)
+$(STORE)/%.mar: $(MODELS)/%/model-config.yaml $$(filter-out %/__pycache__,$$(wildcard $(MODELS)/$$*/*)) $(HANDLER_SRC) scripts/packaging/archive_args.py | $(STAMP)
 	$(call archive,$*,$* --models $(MODELS))
 
 # ONNX exports, int8 quantization, and archives that serve them with ONNX Runtime.
@@ -99,20 +102,20 @@ onnx: $(foreach m,$(DEMOS),$(ONNX_DIR)/$(m)/model.onnx) ## Export every model to
 .PHONY: int8
 int8: $(foreach m,$(CLASSIFIERS),$(ONNX_DIR)/$(m)/model.int8.onnx) ## Static int8 quantization of the classifiers' ONNX graphs, with fidelity
 
-$(ONNX_DIR)/%/model.onnx: $$(filter-out %/__pycache__,$$(wildcard models/$$*/*)) scripts/export_onnx.py handlers/servekit/onnx_backend.py | $(STAMP)
-	$(PY) scripts/export_onnx.py $*
+$(ONNX_DIR)/%/model.onnx: $$(filter-out %/__pycache__,$$(wildcard models/$$*/*)) scripts/packaging/export_onnx.py handlers/servekit/onnx_backend.py | $(STAMP)
+	$(PY) scripts/packaging/export_onnx.py $*
 
-$(ONNX_DIR)/%/model.int8.onnx: $(ONNX_DIR)/%/model.onnx scripts/quantize_onnx.py scripts/fidelity.py
-	$(PY) scripts/quantize_onnx.py $*
+$(ONNX_DIR)/%/model.int8.onnx: $(ONNX_DIR)/%/model.onnx scripts/packaging/quantize_onnx.py scripts/bench/fidelity.py
+	$(PY) scripts/packaging/quantize_onnx.py $*
 
-$(STORE)/%_onnx.mar: $(ONNX_DIR)/%/model.onnx $(HANDLER_SRC) scripts/archive_args.py
+$(STORE)/%_onnx.mar: $(ONNX_DIR)/%/model.onnx $(HANDLER_SRC) scripts/packaging/archive_args.py
 	$(call archive,$*_onnx,$* --variant $<)
 
-$(STORE)/%_int8.mar: $(ONNX_DIR)/%/model.int8.onnx $(HANDLER_SRC) scripts/archive_args.py
+$(STORE)/%_int8.mar: $(ONNX_DIR)/%/model.int8.onnx $(HANDLER_SRC) scripts/packaging/archive_args.py
 	$(call archive,$*_int8,$* --variant $<)
 
 # OpenVINO on the CPU, from the same ONNX export (format openvino).
-$(STORE)/%_openvino.mar: $(ONNX_DIR)/%/model.onnx $(HANDLER_SRC) scripts/archive_args.py
+$(STORE)/%_openvino.mar: $(ONNX_DIR)/%/model.onnx $(HANDLER_SRC) scripts/packaging/archive_args.py
 	$(call archive,$*_openvino,$* --variant $< --backend openvino)
 
 # The side-by-side benchmark: stock-handler archives of the same weights, and every kit variant.
@@ -123,98 +126,98 @@ BENCH_INPUTS := $(foreach m,resnet18 mobilenet_v3_small fasterrcnn,model_store/$
 	model_store/resnet18_compile.mar model_store/mobilenet_v3_small_int8.mar model_store/mobilenet_v3_small_openvino.mar $(ONNX_DIR)/digits/model.int8.onnx \
 	$(TRITON_STAMP) $(ZOO_VARIANTS) $(SEG_BENCH_INPUTS) model_store/hf_rtdetr.mar
 
-$(STOCK_STORE)/%_stock.mar: $$(filter-out %/__pycache__,$$(wildcard models/$$*/*)) scripts/stock_archives.py | $(STAMP)
-	$(PY) scripts/stock_archives.py $* --export $(STOCK_STORE)
+$(STOCK_STORE)/%_stock.mar: $$(filter-out %/__pycache__,$$(wildcard models/$$*/*)) scripts/packaging/stock_archives.py | $(STAMP)
+	$(PY) scripts/packaging/stock_archives.py $* --export $(STOCK_STORE)
 
 .PHONY: bench
 bench: $(BENCH_INPUTS) ## Full benchmark (about 60 min): raw model, stock handlers, kit per backend, segmentation, DETR -> scripts/bench_results/
-	$(PY) scripts/bench.py --mode full --out scripts/bench_results
+	$(PY) scripts/bench/bench.py --mode full --out scripts/bench_results
 
 .PHONY: bench-backends
 bench-backends: $(BENCH_INPUTS) ## resnet18 on every backend (eager, ONNX, int8, exported, AOTInductor, compile), in process and served -> build/bench-backends/
-	$(PY) scripts/bench.py --mode backends --out build/bench-backends
+	$(PY) scripts/bench/bench.py --mode backends --out build/bench-backends
 
 .PHONY: tune
 tune: $(if $(MODEL),$(STORE)/$(MODEL).mar) | $(STAMP) ## Sweep archive variants x batchSize x maxBatchDelay x workers x threads on a real TorchServe: MODEL=<name> [P99_MS=<bound>] -> build/tune/<name>/
 	@test -n "$(MODEL)" || { echo "usage: make tune MODEL=<name> [P99_MS=<p99 bound in ms>]"; exit 2; }
-	$(PY) scripts/tune.py $(MODEL) --store $(STORE) $(if $(P99_MS),--p99-ms $(P99_MS))
+	$(PY) scripts/bench/tune.py $(MODEL) --store $(STORE) $(if $(P99_MS),--p99-ms $(P99_MS))
 
 .PHONY: keys-vs-stock
 keys-vs-stock: $(if $(MODEL),$(STORE)/$(MODEL).mar $(STOCK_STORE)/$(MODEL)_stock.mar) | $(STAMP) ## The kit's archive against the stock handler's at four batchSize/maxBatchDelay settings, same keys: MODEL=<name> -> build/tune/<name>/against_stock.md
 	@test -n "$(MODEL)" || { echo "usage: make keys-vs-stock MODEL=<resnet18|mobilenet_v3_small|fasterrcnn>"; exit 2; }
-	$(PY) scripts/tune.py $(MODEL) --store $(STORE) --against-stock $(STOCK_STORE) --seconds 10
+	$(PY) scripts/bench/tune.py $(MODEL) --store $(STORE) --against-stock $(STOCK_STORE) --seconds 10
 
 .PHONY: decode-fidelity
 decode-fidelity: models ## Reduced-scale JPEG decode vs full decode on 4K upscales of the digits and shapes held-out sets
-	$(PY) scripts/fidelity.py
+	$(PY) scripts/bench/fidelity.py
 
 .PHONY: bench-photos
 bench-photos: model_store/resnet18.mar model_store/resnet18_int8.mar model_store/resnet18_openvino.mar model_store/mobilenet_v3_small.mar model_store/mobilenet_v3_small_int8.mar model_store/mobilenet_v3_small_openvino.mar $(STOCK_STORE)/resnet18_stock.mar $(STOCK_STORE)/mobilenet_v3_small_stock.mar ## Photos at the sizes users send (12 MP, 1080p, 640x480, PNG screenshot), stock vs kit, c=16, worker memory -> build/bench-photos/
-	$(PY) scripts/bench.py --mode photos --out build/bench-photos
+	$(PY) scripts/bench/bench.py --mode photos --out build/bench-photos
 
 .PHONY: bench-plain
 bench-plain: model_store/resnet18.mar model_store/mobilenet_v3_small.mar model_store/fasterrcnn.mar $(foreach m,resnet18 mobilenet_v3_small fasterrcnn,$(STOCK_STORE)/$(m)_stock.mar) ## The archive make archive builds vs TorchServe's stock handler, every demo model with a stock handler, at each image size -> build/bench-plain/
-	$(PY) scripts/bench.py --mode plain --out build/bench-plain
+	$(PY) scripts/bench/bench.py --mode plain --out build/bench-plain
 
 .PHONY: profile-workers
 profile-workers: model_store/$(or $(MODEL),resnet18).mar $(STOCK_STORE)/$(or $(MODEL),resnet18)_stock.mar ## py-spy samples of the kit's and the stock handler's workers under the same load: [MODEL=resnet18|mobilenet_v3_small|fasterrcnn] (needs py-spy) -> build/profile/
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) scripts/profile_workers.py --model $(or $(MODEL),resnet18) --out build/profile/$(or $(MODEL),resnet18)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) scripts/bench/profile_workers.py --model $(or $(MODEL),resnet18) --out build/profile/$(or $(MODEL),resnet18)
 
 .PHONY: bench-explain
 bench-explain: | $(STAMP) ## What an explanation costs next to a prediction, and its answer size against TorchServe's stock Integrated Gradients -> build/bench-explain/
-	$(PY) scripts/bench_explain.py --out build/bench-explain
+	$(PY) scripts/bench/bench_explain.py --out build/bench-explain
 
 .PHONY: bench-zoo
 bench-zoo: model_store/resnet18.mar model_store/resnet18_onnx.mar model_store/resnet18_openvino.mar $(ZOO_VARIANTS) ## A timm and a Hugging Face classifier next to resnet18: eager, ONNX Runtime, OpenVINO, in process and served -> build/bench-zoo/
-	$(PY) scripts/bench.py --mode zoo --out build/bench-zoo
+	$(PY) scripts/bench/bench.py --mode zoo --out build/bench-zoo
 
 .PHONY: bench-seg
 bench-seg: $(SEG_BENCH_INPUTS) ## Segmentation: torchvision lraspp under the kit and the stock image_segmenter (req/s, answer bytes); the shapes segmenter on TorchServe and Triton -> build/bench-seg/
-	$(PY) scripts/bench.py --mode segmentation --out build/bench-seg
+	$(PY) scripts/bench/bench.py --mode segmentation --out build/bench-seg
 
 .PHONY: bench-detr
 bench-detr: model_store/hf_rtdetr.mar ## A DETR-family detector (seeded RT-DETR): served by the kit vs its network raw in process -> build/bench-detr/
-	$(PY) scripts/bench.py --mode detr --out build/bench-detr
+	$(PY) scripts/bench/bench.py --mode detr --out build/bench-detr
 
 .PHONY: bench-shapes
 bench-shapes: model_store/shapes.mar model_store/shapes_onnx.mar model_store/shapes_openvino.mar $(TRITON_STAMP) ## The shapes detector (yolo path): raw in process, TorchScript and ONNX served, Triton; one size and mixed -> build/bench-shapes/
-	$(PY) scripts/bench.py --mode shapes --out build/bench-shapes
+	$(PY) scripts/bench/bench.py --mode shapes --out build/bench-shapes
 
 .PHONY: gpu-bench
 gpu-bench: | $(STAMP) ## On a CUDA machine: eager fp32/fp16/compile/AOTInductor, nvJPEG vs Pillow, served stage times -> build/gpu/
-	$(PY) scripts/gpu_bench.py --out build/gpu
+	$(PY) scripts/bench/gpu_bench.py --out build/gpu
 
 .PHONY: bench-quick
 bench-quick: $(BENCH_INPUTS) ## Short benchmark (a few minutes) -> build/bench-quick/
-	$(PY) scripts/bench.py --mode quick --out build/bench-quick
+	$(PY) scripts/bench/bench.py --mode quick --out build/bench-quick
 
 # The Triton path: repositories generated from the same model folders and ONNX exports.
 .PHONY: triton-repo
 triton-repo: $(TRITON_STAMP) ## Generate model_repository/{cpu,gpu} (ensembles: kit preprocess -> ONNX model -> kit postprocess)
 
 TRITON_MODELS := $(DEMOS) $(ZOO_DEMOS)
-$(TRITON_STAMP): $(foreach m,$(TRITON_MODELS),$(ONNX_DIR)/$(m)/model.onnx) $(HANDLER_SRC) triton/servekit_step.py scripts/triton_repo.py
-	$(PY) scripts/triton_repo.py $(TRITON_MODELS)
+$(TRITON_STAMP): $(foreach m,$(TRITON_MODELS),$(ONNX_DIR)/$(m)/model.onnx) $(HANDLER_SRC) triton/servekit_step.py scripts/deploy/triton_repo.py
+	$(PY) scripts/deploy/triton_repo.py $(TRITON_MODELS)
 	touch $@
 
 .PHONY: triton-serve
 triton-serve: $(TRITON_STAMP) ## Start the bundled tritonserver on loopback over model_repository/cpu (HTTP 8000, gRPC 8001)
-	$(PY) scripts/tritonctl.py start
+	$(PY) scripts/deploy/tritonctl.py start
 
 .PHONY: triton-stop
 triton-stop: ## Stop the tritonserver started by `make triton-serve`
-	$(PY) scripts/tritonctl.py stop
+	$(PY) scripts/deploy/tritonctl.py stop
 
 .PHONY: scaffold
 scaffold: | $(STAMP) ## New model folder from your file (format found from its content): NAME=<name> TASK=classification|detection|segmentation PT=<file> [ARCH=<torchvision name>|MODEL_FILE=<py> CLASS=<name>] [LABELS=<file>]
-	@$(PY) scripts/scaffold_model.py --name "$(NAME)" --task "$(TASK)" --pt "$(PT)" --root "$(MODELS)" \
+	@$(PY) scripts/packaging/scaffold_model.py --name "$(NAME)" --task "$(TASK)" --pt "$(PT)" --root "$(MODELS)" \
 		$(if $(ARCH),--architecture "$(ARCH)") $(if $(MODEL_FILE),--model-file "$(MODEL_FILE)" --model-class "$(CLASS)") \
 		$(if $(TORCHSCRIPT),--torchscript) $(if $(LABELS),--labels "$(LABELS)") $(if $(NUM_CLASSES),--num-classes $(NUM_CLASSES)) \
 		$(if $(MAX_BATCH),--max-batch $(MAX_BATCH)) $(if $(SIZE),--input-size $(SIZE)) $(if $(FORCE),--force)
 
 .PHONY: convert
 convert: | $(STAMP) ## A whole pickled model -> state_dict (+ architecture) or torch.export program: PT=<file> OUT=<file> TRUST=1 [CODE=<dir of its classes>]
-	@$(PY) scripts/convert_model.py --pt "$(PT)" --out "$(OUT)" $(if $(TRUST),--trust) $(if $(SIZE),--size $(SIZE)) $(if $(CODE),--code "$(CODE)")
+	@$(PY) scripts/packaging/convert_model.py --pt "$(PT)" --out "$(OUT)" $(if $(TRUST),--trust) $(if $(SIZE),--size $(SIZE)) $(if $(CODE),--code "$(CODE)")
 
 # AOTInductor: the folder's network exported (dynamic batch 1..batchSize) and compiled to native code.
 AOTI_DIR := build/aoti
@@ -222,10 +225,10 @@ AOTI_DIR := build/aoti
 .PHONY: aoti
 aoti: $(if $(MODEL),$(STORE)/$(MODEL)_aoti.mar) ## AOTInductor package of MODEL=<name> -> build/aoti/<name>/model.pt2 and model_store/<name>_aoti.mar
 
-$(AOTI_DIR)/%/model.pt2: $$(filter-out %/__pycache__,$$(wildcard $(MODELS)/$$*/*)) scripts/compile_aoti.py $(HANDLER_SRC) | $(STAMP)
-	$(PY) scripts/compile_aoti.py $* --models $(MODELS) --out $(AOTI_DIR)
+$(AOTI_DIR)/%/model.pt2: $$(filter-out %/__pycache__,$$(wildcard $(MODELS)/$$*/*)) scripts/packaging/compile_aoti.py $(HANDLER_SRC) | $(STAMP)
+	$(PY) scripts/packaging/compile_aoti.py $* --models $(MODELS) --out $(AOTI_DIR)
 
-$(STORE)/%_aoti.mar: $(AOTI_DIR)/%/model.pt2 $(HANDLER_SRC) scripts/archive_args.py
+$(STORE)/%_aoti.mar: $(AOTI_DIR)/%/model.pt2 $(HANDLER_SRC) scripts/packaging/archive_args.py
 	$(call archive,$*_aoti,$* --models $(MODELS) --variant $<)
 
 # The program that make aoti exported, served as it is (format exported), and the folder's model
@@ -235,10 +238,10 @@ $(AOTI_DIR)/%/program.pt2: $(AOTI_DIR)/%/model.pt2 ;
 # Built graphs are kept (the bench and the tests read them), not deleted as intermediate files.
 .PRECIOUS: $(AOTI_DIR)/%/model.pt2 $(AOTI_DIR)/%/program.pt2 $(ONNX_DIR)/%/model.onnx $(ONNX_DIR)/%/model.int8.onnx
 
-$(STORE)/%_exported.mar: $(AOTI_DIR)/%/program.pt2 $(HANDLER_SRC) scripts/archive_args.py
+$(STORE)/%_exported.mar: $(AOTI_DIR)/%/program.pt2 $(HANDLER_SRC) scripts/packaging/archive_args.py
 	$(call archive,$*_exported,$* --models $(MODELS) --variant $<)
 
-$(STORE)/%_compile.mar: $(MODELS)/%/model-config.yaml $$(filter-out %/__pycache__,$$(wildcard $(MODELS)/$$*/*)) $(HANDLER_SRC) scripts/archive_args.py | $(STAMP)
+$(STORE)/%_compile.mar: $(MODELS)/%/model-config.yaml $$(filter-out %/__pycache__,$$(wildcard $(MODELS)/$$*/*)) $(HANDLER_SRC) scripts/packaging/archive_args.py | $(STAMP)
 	$(call archive,$*_compile,$* --models $(MODELS) --compile default)
 
 # Beyond one machine (deploy/, README "Kubernetes and KServe"): manifests from the model folders, sized from
@@ -247,16 +250,16 @@ DEPLOY_MODELS ?= $(DEMOS)
 .PHONY: k8s
 k8s: | $(STAMP) ## Kubernetes manifests per model (Deployment, Service, HPA, PDB, NetworkPolicy) -> build/k8s/<model>/
 	rm -rf build/k8s
-	$(PY) scripts/deploy.py k8s --names $(DEPLOY_MODELS) --out build/k8s $(if $(IMAGE),--image $(IMAGE))
+	$(PY) scripts/deploy/deploy.py k8s --names $(DEPLOY_MODELS) --out build/k8s $(if $(IMAGE),--image $(IMAGE))
 
 .PHONY: capacity
 capacity: | $(STAMP) ## Replicas and HPA bounds for TARGET_RPS (default 200) per model, from make bench's results
-	@$(PY) scripts/deploy.py capacity --names $(DEPLOY_MODELS) --target-rps $(or $(TARGET_RPS),200)
+	@$(PY) scripts/deploy/deploy.py capacity --names $(DEPLOY_MODELS) --target-rps $(or $(TARGET_RPS),200)
 
 .PHONY: kserve
 kserve: $(foreach m,$(DEPLOY_MODELS),$(STORE)/$(m).mar) $(TRITON_STAMP) ## KServe storage trees + InferenceServices + ServingRuntimes -> build/kserve/
 	rm -rf build/kserve
-	$(PY) scripts/deploy.py kserve --names $(DEPLOY_MODELS) --out build/kserve $(if $(IMAGE),--image $(IMAGE))
+	$(PY) scripts/deploy/deploy.py kserve --names $(DEPLOY_MODELS) --out build/kserve $(if $(IMAGE),--image $(IMAGE))
 
 # Container images (deploy/, README "Container images"): Python packages from a wheelhouse pip fills on
 # the host, a base image from Debian packages (mmdebstrap), the legacy builder with the host's network.
@@ -277,27 +280,27 @@ base-image: ## Debian bookworm base image from Debian packages (mmdebstrap | doc
 
 .PHONY: image
 image: $(WHEELHOUSE)/.complete $(foreach m,$(DEMOS),$(STORE)/$(m).mar) $(TRITON_STAMP) base-image ## Build the TorchServe and Triton images (BASE_IMAGE=...) -> build/docker/images.json
-	$(PY) scripts/images.py build --base $(BASE_IMAGE) --models $(DEMOS)
+	$(PY) scripts/deploy/images.py build --base $(BASE_IMAGE) --models $(DEMOS)
 
 .PHONY: image-run
 image-run: ## Run the TorchServe image (WHICH=triton for Triton) on 127.0.0.1 ports of this host; prints endpoints
-	$(PY) scripts/images.py run --which $(or $(WHICH),torchserve) --models $(DEMOS)
+	$(PY) scripts/deploy/images.py run --which $(or $(WHICH),torchserve) --models $(DEMOS)
 
 .PHONY: serve
 serve: archive ## Start TorchServe on loopback with every archive (or NAMES="a b"), wait until healthy, print endpoints
-	$(PY) scripts/tsctl.py start $(if $(NAMES),--models $(NAMES))
+	$(PY) scripts/serve/tsctl.py start $(if $(NAMES),--models $(NAMES))
 
 .PHONY: stop
 stop: ## Stop the TorchServe started by `make serve`, workers included
-	$(PY) scripts/tsctl.py stop
+	$(PY) scripts/serve/tsctl.py stop
 
 .PHONY: demo
 demo: archive $(GRPC_STUBS) ## Build everything, serve, send real requests over REST and gRPC, print answers, stop
-	$(PY) scripts/demo.py
+	$(PY) scripts/serve/demo.py
 
 .PHONY: soak
 soak: archive ## Soak: MINUTES (default 10) of concurrent good and bad requests on every model; statuses and worker memory
-	$(PY) scripts/soak.py --minutes $(or $(MINUTES),10)
+	$(PY) scripts/serve/soak.py --minutes $(or $(MINUTES),10)
 
 .PHONY: lint
 lint: | $(STAMP) ## ruff: lint (with a complexity limit) and format check
@@ -314,4 +317,4 @@ test: lint archive $(GRPC_STUBS) $(BENCH_INPUTS) image ## Set up and run all tes
 
 .PHONY: clean
 clean: ## Remove archives, build files and logs (keeps .venv and the models)
-	rm -rf build logs tmp model_store/*.mar key_file.json scripts/ts_grpc model_repository
+	rm -rf build logs tmp model_store/*.mar key_file.json scripts/serve/ts_grpc model_repository

@@ -5,7 +5,7 @@
 # context, and the tritonserver that nvidia-pytriton bundles (2.51, python backend), from the wheelhouse.
 # For NVIDIA GPUs, what differs: BASE_IMAGE=nvcr.io/nvidia/tritonserver:24.10-py3 (Triton 2.51, its own
 # onnxruntime and python backends, Ubuntu 22.04 with Python 3.10), the GPU repository (KIND_GPU, TensorRT
-# FP16: `scripts/images.py build --which triton --repository model_repository/gpu --base <that image>`), a
+# FP16: `scripts/deploy/images.py build --which triton --repository model_repository/gpu --base <that image>`), a
 # wheelhouse for that Python (`make wheelhouse WHEEL_PYTHON=3.10`), and `docker run --gpus all`. The
 # entrypoint then runs NVIDIA's /opt/tritonserver/bin/tritonserver itself.
 ARG BASE_IMAGE=nvcr.io/nvidia/tritonserver:24.10-py3

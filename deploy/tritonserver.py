@@ -2,7 +2,7 @@
 
 On the image built here (``make image``, Debian base) the server is the one ``nvidia-pytriton`` bundles:
 it is copied once (``--prepare``, at build time) with the python backend stub for this interpreter, and
-started with the environment its stubs need (``scripts/tritonctl.py``, shared with ``make triton-serve``).
+started with the environment its stubs need (``scripts/deploy/tritonctl.py``, shared with ``make triton-serve``).
 On NVIDIA's image (``BASE_IMAGE=nvcr.io/nvidia/tritonserver:<version>-py3``) its own
 ``/opt/tritonserver/bin/tritonserver`` is used as it is. A leading ``tritonserver`` argument (as KServe's
 ServingRuntime passes) is dropped. Triton stops gracefully on SIGTERM by itself (``--exit-timeout-secs``).

@@ -18,6 +18,10 @@ import shapes
 from tsctl import Endpoints, Keys, TorchServe, derive_config, random_endpoints
 
 REPO = Path(__file__).resolve().parents[1]
+# the core and the tools, as the Makefile's PYTHONPATH has them (scripts/ grouped by what each part is for)
+SOURCE_PATH = ":".join(
+    str(REPO / d) for d in ("handlers", "scripts/packaging", "scripts/serve", "scripts/bench", "scripts/deploy")
+)
 MODEL_STORE = REPO / "model_store"
 # the detectors' ONNX Runtime archives, to compare with Triton's ONNX models
 SERVED_VARIANTS = ["fasterrcnn_onnx", "shapes_onnx"]

@@ -1,6 +1,7 @@
 """The bad-input corpus: every case generated here from code, with the status and error text expected.
 
-``PYTHONPATH=handlers:scripts python tests/corpus.py`` prints it as a Markdown table. Valid-but-odd
+``PYTHONPATH=handlers:scripts/packaging:scripts/serve:scripts/bench:scripts/deploy python tests/corpus.py`` prints it as
+a Markdown table. Valid-but-odd
 images (grayscale, palette, CMYK, 16-bit, EXIF-rotated, animated, ...) expect 200; the rest the right
 4xx and a message that says what is wrong.
 """

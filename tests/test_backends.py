@@ -18,7 +18,7 @@ import demo_models
 import fidelity
 import reference
 import shapes
-from conftest import MODELS, REPO, archive
+from conftest import MODELS, REPO, SOURCE_PATH, archive
 from test_handlers import CORRUPT
 
 ONNX_DIR = REPO / "build" / "onnx"
@@ -153,11 +153,11 @@ def test_onnx_detector_archive_answers_like_eager(load_handler: Any, photos: dic
 def test_bench_quick_writes_its_table(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     subprocess.run(
-        [sys.executable, "scripts/bench.py", "--mode", "quick", "--out", str(out)],
+        [sys.executable, "scripts/bench/bench.py", "--mode", "quick", "--out", str(out)],
         cwd=REPO,
         check=True,
         timeout=900,
-        env={"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "PYTHONPATH": "handlers:scripts"},
+        env={"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "PYTHONPATH": SOURCE_PATH},
     )
     table = (out / "results.md").read_text()
     sys.stderr.write("\n" + table)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from bench import FULL_SERVED, PLAIN_SERVED, PLANS, Row, plain_lines, unique
+from bench_plan import FULL_SERVED, PLAIN_SERVED, PLANS, Row, unique
+from bench_report import plain_lines
 
 
 def test_full_bench_runs_every_plain_row_once() -> None:

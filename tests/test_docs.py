@@ -11,9 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import docs_site
 import pytest
 
+import docs_site
 from conftest import REPO
 
 DOCS = REPO / "docs"
@@ -65,6 +65,18 @@ def test_every_make_command_shown_exists() -> None:
     missing = {word: page for word, page in shown.items() if word not in known}
     assert not missing, missing
     assert len(shown) >= 15
+
+
+def test_every_repository_file_named_exists() -> None:
+    """A file of the repository named in the README or the docs (a script, a test, a manifest) is there."""
+    named = re.compile(r"(?<![\w/.-])((?:scripts|handlers|tests|deploy|triton)/[\w/.-]+\.(?:py|sh|json|yaml|md))\b")
+    missing = {
+        path: page.name
+        for page in PAGES
+        for path in named.findall(page.read_text(encoding="utf-8"))
+        if not (REPO / path).exists() and "ts_grpc" not in path
+    }
+    assert not missing, missing
 
 
 @pytest.mark.e2e

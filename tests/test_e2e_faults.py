@@ -23,7 +23,7 @@ import demo_models
 import reference
 import tsctl
 from client import KeyRing, RestClient
-from conftest import MODEL_STORE, MODELS, REPO, Server
+from conftest import MODEL_STORE, MODELS, REPO, SOURCE_PATH, Server
 from corpus import Case, build_cases
 from soak import default_payloads, run_soak
 from tsctl import Keys, TorchServe, derive_config, random_endpoints
@@ -192,9 +192,9 @@ def test_a_pt_with_pickled_code_is_refused_at_load(tmp_path: Path) -> None:
     for name in ("model-config.yaml", "model.py", "labels.json"):
         (folder / name).write_bytes((REPO / "models" / "digits" / name).read_bytes())
     (folder / "model.pt").write_bytes(_pickled_code(marker))
-    env = {**os.environ, "PYTHONPATH": f"{REPO / 'handlers'}:{REPO / 'scripts'}"}
+    env = {**os.environ, "PYTHONPATH": SOURCE_PATH}
     args = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "archive_args.py"), "evil", "--models", str(tmp_path / "models"),
+        [sys.executable, str(REPO / "scripts/packaging/archive_args.py"), "evil", "--models", str(tmp_path / "models"),
          "--stage", str(tmp_path / "stage"), "--export", str(tmp_path), "--handlers", str(REPO / "handlers")],
         capture_output=True, text=True, env=env, check=True,
     ).stdout.split()  # fmt: skip

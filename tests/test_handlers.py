@@ -16,7 +16,7 @@ import pytest
 
 import demo_models
 import reference
-from conftest import MODELS, REPO, archive
+from conftest import MODELS, REPO, SOURCE_PATH, archive
 
 CORRUPT = demo_models.encode(np.zeros((64, 64, 3), np.uint8), "JPEG")[:300]
 
@@ -90,7 +90,7 @@ def test_archive_builder_rejects_bad_folders(tmp_path: Path) -> None:
     (folder / "model-config.yaml").write_text(text)
     command = [
         sys.executable,
-        str(REPO / "scripts" / "archive_args.py"),
+        str(REPO / "scripts/packaging/archive_args.py"),
         "broken",
         "--models",
         str(tmp_path / "models"),
@@ -101,7 +101,7 @@ def test_archive_builder_rejects_bad_folders(tmp_path: Path) -> None:
         "--export",
         str(tmp_path),
     ]
-    env = {"PYTHONPATH": f"{REPO / 'handlers'}:{REPO / 'scripts'}"}
+    env = {"PYTHONPATH": SOURCE_PATH}
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     assert result.returncode == 2 and "unknown key 'handler.top_k'" in result.stderr
     (folder / "model-config.yaml").write_text(text.replace("top_k: 5", "topk: 5"))

@@ -3,7 +3,7 @@
 TorchServe's frontend keys (``batchSize``, ``maxBatchDelay``, ...) sit at the top of the file; the
 kit's own keys sit under ``handler:``. :func:`parse_handler_config` turns that section into a frozen
 dataclass, rejecting unknown keys and bad values with a message that names the key. It runs when an
-archive is built (``scripts/archive_args.py``) and when a worker loads the model, never per request.
+archive is built (``scripts/packaging/archive_args.py``) and when a worker loads the model, never per request.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What this machine is, from the standard library alone: CPU model, CPU flags, cores a process may use.
 
 Standard library only: the container entrypoint (``deploy/serve.py``) reads it before anything else is
-known to work, to choose a tuned profile (``scripts/profiles.py``).
+known to work, to choose a tuned profile (``scripts/bench/profiles.py``).
 """
 
 from __future__ import annotations

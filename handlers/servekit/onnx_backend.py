@@ -2,7 +2,7 @@
 
 A classifier graph takes ``input`` (N x 3 x H x W float) and gives ``logits``; a detector graph takes one
 ``image`` (3 x H x W float in [0, 1]) and gives ``boxes``, ``labels`` and ``scores``, the names that
-``scripts/export_onnx.py`` writes. The module imports ``onnxruntime`` only when an ONNX model is loaded,
+``scripts/packaging/export_onnx.py`` writes. The module imports ``onnxruntime`` only when an ONNX model is loaded,
 so archives of torch models need nothing beyond torch and torchvision.
 """
 
@@ -47,7 +47,7 @@ def open_session(path: Path, device: torch.device, threads: int) -> Any:
 class OnnxModel:
     """The part of ``torch.nn.Module`` the services use (``eval``, ``__call__``), over an ORT session.
 
-    A detector graph has the outputs ``boxes``, ``labels`` and ``scores`` (``scripts/export_onnx.py``);
+    A detector graph has the outputs ``boxes``, ``labels`` and ``scores`` (``scripts/packaging/export_onnx.py``);
     any other graph takes an image batch as its first input and answers ``logits`` (or else its first
     output), plus ``pred_boxes`` for a DETR-family detector. A graph with a static batch size runs in chunks.
     """

@@ -24,7 +24,7 @@ from servekit.host import cpu_flags
 
 logger = logging.getLogger(__name__)
 # CPU instruction sets an AOTInductor package may be compiled for, from the lowest.
-# Package metadata written by `make aoti` (scripts/compile_aoti.py): batch range "1-8", size "224x224".
+# Package metadata written by `make aoti` (scripts/packaging/compile_aoti.py): batch range "1-8", size "224x224".
 SERVEKIT_BATCH, SERVEKIT_SIZE = "servekit_batch", "servekit_size"
 # `make aoti` compiles for batches of at most this many; a larger batchSize runs in chunks. (torch 2.14.1:
 # a package exported with a dynamic batch up to 16 or more refused batches over 15 at run time.)

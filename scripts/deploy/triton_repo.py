@@ -37,7 +37,7 @@ from servekit.loading import load_labels
 logger = logging.getLogger("triton_repo")
 MAX_BATCH = 16
 PYTHON_STEPS = ("preprocess", "postprocess")
-STEP_FILE = Path(__file__).resolve().parent.parent / "triton" / "servekit_step.py"
+STEP_FILE = Path(__file__).resolve().parents[2] / "triton" / "servekit_step.py"
 
 
 @dataclass(frozen=True)

@@ -274,7 +274,7 @@ def safest(pairs: Sequence[Pair]) -> tuple[int, int] | None:
 
 def against_stock(name: str, store: Path, stock_store: Path, out: Path, args: argparse.Namespace) -> list[Pair]:
     """Measure the kit's and the stock archive of ``name`` at every STOCK_POINTS setting, interleaved."""
-    from bench import payload_sets
+    from bench_run import payload_sets
 
     cores = os.cpu_count() or 1
     kit_mar, stock_mar = store / f"{name}.mar", stock_store / f"{name}_stock.mar"
@@ -296,7 +296,7 @@ def against_stock(name: str, store: Path, stock_store: Path, out: Path, args: ar
 
 
 def stock_markdown(name: str, pairs: Sequence[Pair], shipped: tuple[int, int], concurrency: int) -> str:
-    from bench import machine
+    from bench_report import machine
 
     lines = [
         f"# make keys-vs-stock MODEL={name}",
@@ -320,7 +320,7 @@ def stock_markdown(name: str, pairs: Sequence[Pair], shipped: tuple[int, int], c
 
 
 def markdown(report: dict[str, Any], results: Sequence[Result], chosen: Result | None, shipped: Result) -> str:
-    from bench import machine
+    from bench_report import machine
 
     bound = f"{report['p99_bound_ms']:.0f} ms" if report["p99_bound_ms"] else "none"
     lines = [

@@ -22,7 +22,7 @@ import torch
 
 import demo_models
 import shapes
-from bench import machine
+from bench_report import machine
 from servekit.config import read_model_config
 from servekit.service import build_service
 

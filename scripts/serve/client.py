@@ -5,9 +5,9 @@ rotated keys are picked up) and prints one JSON line per image: ``{"image", "sta
 Over gRPC TorchServe 0.12 drops a request's own HTTP status, so the client takes it from the kit's
 error body (``{"error": ..., "code": N}``); both transports therefore report the same statuses.
 
-    python scripts/client.py --model resnet18 cat.jpg dog.png
-    python scripts/client.py --backend grpc --model fasterrcnn --concurrency 8 photos/*.jpg
-    python scripts/client.py --backend triton --protocol grpc --model resnet18 cat.jpg   # the same JSON from Triton
+    python scripts/serve/client.py --model resnet18 cat.jpg dog.png
+    python scripts/serve/client.py --backend grpc --model fasterrcnn --concurrency 8 photos/*.jpg
+    python scripts/serve/client.py --backend triton --protocol grpc --model resnet18 cat.jpg   # the same JSON, Triton
 """
 
 from __future__ import annotations

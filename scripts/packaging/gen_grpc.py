@@ -1,6 +1,6 @@
 """Generate Python gRPC stubs from the .proto files TorchServe ships inside its frontend jar.
 
-Writes ``scripts/ts_grpc/{inference,management}_pb2{,_grpc}.py`` (``make grpc-stubs``), so the stubs
+Writes ``scripts/serve/ts_grpc/{inference,management}_pb2{,_grpc}.py`` (``make grpc-stubs``), so the stubs
 always match the installed TorchServe. ``google/rpc/status.proto`` comes from googleapis-common-protos.
 """
 
@@ -55,7 +55,7 @@ def generate(out_dir: Path, work_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("scripts"))
+    parser.add_argument("--out", type=Path, default=Path("scripts/serve"))
     parser.add_argument("--work", type=Path, default=Path("build/proto"))
     args = parser.parse_args(argv)
     generate(args.out, args.work)

@@ -2,7 +2,7 @@
 
 For each backend: the largest absolute difference of class probabilities, the share of images whose
 top-1 class agrees with eager fp32, and for the digits model the accuracy on its held-out split. Used by
-``scripts/quantize_onnx.py``, ``make bench`` and the tests.
+``scripts/packaging/quantize_onnx.py``, ``make bench`` and the tests.
 """
 
 from __future__ import annotations

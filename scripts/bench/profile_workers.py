@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 
 import demo_models
-from bench import link_store
+from bench_run import link_store
 from client import KeyRing, RestClient
 from loadgen import closed_loop
 from tsctl import Keys, TorchServe, derive_config, random_endpoints, worker_pids

@@ -84,7 +84,7 @@ def stage(kind: str, context: Path, sources: Sources) -> Path:
             os.link(store / f"{name}.mar", context / "model-store" / f"{name}.mar")
         # the entrypoint's profile step (stdlib and PyYAML) and make tune's profiles of this host's machines
         (context / "entry" / "servekit").mkdir(parents=True)
-        shutil.copy2(Path("scripts") / "profiles.py", context / "entry" / "profiles.py")
+        shutil.copy2(Path("scripts/bench") / "profiles.py", context / "entry" / "profiles.py")
         shutil.copy2(Path("handlers") / "servekit" / "host.py", context / "entry" / "servekit" / "host.py")
         (context / "profiles").mkdir()
         for profile in sorted(sources.profiles.glob("*.json")):
@@ -92,8 +92,8 @@ def stage(kind: str, context: Path, sources: Sources) -> Path:
     else:
         _link_tree(repository, context / "repository")
         (context / "scripts").mkdir()
-        for name in ("tritonctl.py", "tsctl.py"):
-            shutil.copy2(Path("scripts") / name, context / "scripts" / name)
+        for source in ("scripts/deploy/tritonctl.py", "scripts/serve/tsctl.py"):  # flat in the image
+            shutil.copy2(source, context / "scripts" / Path(source).name)
     return context
 
 

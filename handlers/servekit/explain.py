@@ -5,15 +5,15 @@ shape of the input (3 x 224 x 224 floats, about 3.4 MB per image) and take every
 first request of the batch. Here each image names its own target (``target``: a class index or label
 name; else its top-1), and the answer is a coarse grid of saliency in [0, 1], two decimals, with the box
 of the image as sent that the grid covers (a classifier sees only its center crop), the target, its score
-and the method: about 1-3 KB per image.
+and the method: 2-4 KB per image.
 
 Methods (``handler.explain.method``):
 
 - ``gradcam``: Grad-CAM on the last convolution (or ``layer``) of an eager torch network: one forward and
   one backward pass for the whole batch.
 - ``occlusion``: model-agnostic (ONNX, OpenVINO, AOTInductor, TorchScript, ViTs): each cell of a coarse
-  grid, at most ``budget`` cells, is replaced by the normalized mean (zero), and the drop of the target's
-  probability is the cell's saliency; the occluded copies run in batches.
+  grid, at most ``budget`` cells, is filled with the image's mean colour, and the drop of the target's
+  probability (a segmenter's: its score) is the cell's saliency; the occluded copies run in batches.
 - ``integrated_gradients``: Captum's, ``steps`` steps from the mean image, absolute attributions summed
   over channels (what TorchServe's stock handlers compute, pooled to the grid).
 - ``auto``: Grad-CAM when the network is an eager torch module with convolutions, occlusion otherwise.
@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from servekit.errors import BadInput, ConfigError
 
 Scores = Callable[[torch.Tensor], torch.Tensor]  # a normalized batch -> [N, C] scores (logits or probabilities)
-METHODS = ("auto", "gradcam", "occlusion", "integrated_gradients")
 MIN_CONVS = 2  # a ViT's one patch-embedding conv is no CNN: auto explains it by occlusion
 
 
@@ -106,23 +105,29 @@ def explain_batch(
     layer: str = "",
     chunk: int = 16,
     probabilities: bool = True,
+    base: torch.Tensor | None = None,
 ) -> list[Explained]:
     """Explain each image of a normalized ``batch`` for its target (None: its top-1 under ``scores``).
 
     ``network`` is what gradients flow through (Grad-CAM hooks its layer); ``scores`` maps a batch to
-    per-class scores (a classifier's logits, or a segmenter's logits averaged over the pixels it gives
-    that class). ``chunk`` bounds the forward batches of occlusion; ``probabilities`` False makes occlusion
-    measure the drop of the score itself rather than of its softmax (a segmenter's).
+    per-class scores (a classifier's logits, or a segmenter's logits averaged over the image). ``chunk``
+    bounds the forward batches of occlusion; ``probabilities`` False makes occlusion measure the drop of the
+    score itself rather than of its softmax (a segmenter's). ``base`` is ``scores(batch)`` when the caller
+    has it already (one forward pass fewer).
     """
-    with torch.no_grad():
-        probs = scores(batch).float().softmax(-1)
+    if base is None:
+        with torch.no_grad():
+            base = scores(batch)
+    raw = base.float()
+    probs = raw.softmax(-1)
     chosen = [int(probs[i].argmax()) if t is None else int(t) for i, t in enumerate(targets)]
     if method == "gradcam":
         maps = gradcam(network, scores, batch, chosen, layer or last_conv_name(network))
     elif method == "integrated_gradients":
         maps = integrated_gradients(scores, batch, chosen, steps)
     else:
-        maps = occlusion(scores, batch, chosen, budget=budget, chunk=chunk, probabilities=probabilities)
+        unoccluded = probs if probabilities else raw
+        maps = occlusion(scores, batch, chosen, unoccluded, budget=budget, chunk=chunk, probabilities=probabilities)
     cells = [to_grid(m, grid) for m in maps]
     return [Explained(method, t, float(probs[i, t]), c) for i, (t, c) in enumerate(zip(chosen, cells))]
 
@@ -177,6 +182,7 @@ def occlusion(
     scores: Scores,
     batch: torch.Tensor,
     targets: Sequence[int],
+    base: torch.Tensor,
     *,
     budget: int,
     chunk: int,
@@ -184,7 +190,7 @@ def occlusion(
 ) -> list[torch.Tensor]:
     """The drop of each target's score when one cell is filled with the image's mean colour, per cell: its
     probability (softmax of a classifier's logits), or the score itself (a segmenter's mean class logit,
-    which other classes' logits do not move)."""
+    which other classes' logits do not move). ``base`` is the unoccluded batch's, measured the same way."""
 
     def score(x: torch.Tensor) -> torch.Tensor:
         out = scores(x).float()
@@ -198,7 +204,6 @@ def occlusion(
     cells = [(r, c) for r in range(rows) for c in range(cols)]
     index = torch.tensor(targets)
     with torch.no_grad():
-        base = score(batch)
         for image in range(n):
             fill = batch[image].mean(dim=(1, 2), keepdim=True)  # neutral for this image, not a gray patch
             for start in range(0, len(cells), chunk):

@@ -361,7 +361,53 @@ class VisionService(Generic[Prepared]):
         raise NotImplementedError
 
 
-class ClassifierService(VisionService[torch.Tensor]):
+class ExplainingService(VisionService[Prepared]):
+    """A service that also answers explanations (classifiers, segmenters): a subclass prepares each row as an
+    :class:`ExplainItem` and explains a batch through :meth:`explained`; the method (resolved when the model
+    loads), its settings and the answers are shared."""
+
+    config: ClassifierConfig | SegmenterConfig
+    explain_method: str
+
+    def explain_steps(self) -> tuple[Callable[[Any], Any], Callable[[list[Any]], Any], Callable[..., list[Any]]]:
+        return self.explain_prepare, self.explain_infer, self.explain_finish
+
+    def explain_prepare(self, row: Any) -> ExplainItem:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def explain_infer(self, items: list[ExplainItem]) -> list[Explained]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def explained(
+        self,
+        network: Network,
+        scores: Callable[[torch.Tensor], torch.Tensor],
+        batch: torch.Tensor,
+        targets: Sequence[int | None],
+        **options: Any,
+    ) -> list[Explained]:
+        """:func:`explain_batch` with this model's method and ``handler.explain`` settings; ``options`` are
+        the batch's own (``probabilities``, ``base``)."""
+        settings = self.config.explain
+        return explain_batch(
+            network,
+            scores,
+            batch,
+            targets,
+            method=self.explain_method,
+            grid=grid_shape(int(batch.shape[2]), int(batch.shape[3]), settings.grid),
+            budget=settings.budget,
+            steps=settings.steps,
+            layer=settings.layer,
+            chunk=max(self.max_batch, 1),
+            **options,
+        )
+
+    def explain_finish(self, raw: list[Explained], items: list[ExplainItem]) -> list[Any]:
+        return explanation_answers(raw, items, self.labels, self.config.explain)
+
+
+class ClassifierService(ExplainingService[torch.Tensor]):
     """Top-k classification: uint8 crops per item, one normalized float batch through the model."""
 
     def __init__(self, config: ClassifierConfig, model: Network, labels: list[str], device: torch.device) -> None:
@@ -383,9 +429,6 @@ class ClassifierService(VisionService[torch.Tensor]):
     def finish(self, raw: torch.Tensor, items: list[torch.Tensor]) -> list[Any]:
         return topk_to_json(raw, self.labels, self.config.topk)
 
-    def explain_steps(self) -> tuple[Callable[[Any], Any], Callable[[list[Any]], Any], Callable[..., list[Any]]]:
-        return self.explain_prepare, self.explain_infer, self.explain_finish
-
     def explain_prepare(self, row: Any) -> ExplainItem:
         decoded = decode_request(row, self.config.limits, self.config.decode_side)
         box = crop_box(decoded.height, decoded.width, self.config)
@@ -396,22 +439,7 @@ class ClassifierService(VisionService[torch.Tensor]):
             classifier_batch([item.pixels for item in items], self.config).to(self.device), self.channels_last
         )
         network = explained_network(self.model)
-        settings = self.config.explain
-        return explain_batch(
-            network,
-            lambda x: network(x).float(),
-            batch,
-            [item.target for item in items],
-            method=self.explain_method,
-            grid=grid_shape(*self.config.input_size, settings.grid),
-            budget=settings.budget,
-            steps=settings.steps,
-            layer=settings.layer,
-            chunk=max(self.max_batch, 1),
-        )
-
-    def explain_finish(self, raw: list[Explained], items: list[ExplainItem]) -> list[Any]:
-        return explanation_answers(raw, items, self.labels, self.config.explain)
+        return self.explained(network, lambda x: network(x).float(), batch, [item.target for item in items])
 
 
 MIN_CONVS_FOR_CHANNELS_LAST = 3
@@ -473,7 +501,7 @@ def in_layout(value: Any, channels_last: bool) -> Any:
     return value.to(memory_format=torch.channels_last) if channels_last else value
 
 
-class SegmenterService(VisionService[SegmenterItem]):
+class SegmenterService(ExplainingService[SegmenterItem]):
     """Semantic segmentation: images of one resized shape run as one forward pass (a fixed [h, w] recipe
     makes every batch one pass); each answer is for the image as sent."""
 
@@ -501,9 +529,6 @@ class SegmenterService(VisionService[SegmenterItem]):
     def finish(self, raw: list[torch.Tensor], items: list[SegmenterItem]) -> list[Any]:
         return segmenter_answers(raw, items, self.config, self.labels)
 
-    def explain_steps(self) -> tuple[Callable[[Any], Any], Callable[[list[Any]], Any], Callable[..., list[Any]]]:
-        return self.explain_prepare, self.explain_infer, self.explain_finish
-
     def explain_prepare(self, row: Any) -> ExplainItem:
         decoded = decode_request(row, self.config.limits, self.config.decode_side)
         size = (decoded.height, decoded.width)
@@ -515,7 +540,6 @@ class SegmenterService(VisionService[SegmenterItem]):
         largest area that is neither background nor one of ``ignore``; the answer's score is the class's
         probability averaged over the pixels (its expected share of the image)."""
         network = explained_network(self.model)
-        settings = self.config.explain
         ignored = [i for i, label in enumerate(self.labels) if label in self.config.ignore or is_background(label)]
 
         def scores(x: torch.Tensor) -> torch.Tensor:
@@ -525,7 +549,8 @@ class SegmenterService(VisionService[SegmenterItem]):
         for group in group_by_key([tuple(item.pixels.shape) for item in items]):
             batch = classifier_batch([items[i].pixels for i in group], self.config).to(self.device)
             with torch.inference_mode():
-                probs = segmentation_logits(network(in_layout(batch, self.channels_last))).float().softmax(1)
+                logits = segmentation_logits(network(in_layout(batch, self.channels_last))).float()
+            probs = logits.softmax(1)
             areas = probs.argmax(1)
             targets = [items[i].target for i in group]
             for k, target in enumerate(targets):
@@ -533,25 +558,10 @@ class SegmenterService(VisionService[SegmenterItem]):
                     counts = torch.bincount(areas[k].flatten(), minlength=max(len(self.labels), 1)).float()
                     counts[ignored] = -1
                     targets[k] = int(counts.argmax())
-            found = explain_batch(
-                network,
-                scores,
-                batch,
-                targets,
-                method=self.explain_method,
-                grid=grid_shape(int(batch.shape[2]), int(batch.shape[3]), settings.grid),
-                budget=settings.budget,
-                steps=settings.steps,
-                layer=settings.layer,
-                chunk=max(self.max_batch, 1),
-                probabilities=False,
-            )
+            found = self.explained(network, scores, batch, targets, probabilities=False, base=logits.mean(dim=(2, 3)))
             for k, (index, one) in enumerate(zip(group, found)):  # score: the class's mean pixel probability
                 explained[index] = dataclasses.replace(one, score=float(probs[k, one.target].mean()))
         return explained
-
-    def explain_finish(self, raw: list[Explained], items: list[ExplainItem]) -> list[Any]:
-        return explanation_answers(raw, items, self.labels, self.config.explain)
 
 
 class DetectorService(VisionService[DecodedImage]):

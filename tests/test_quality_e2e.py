@@ -27,12 +27,12 @@ import demo_models
 from client import GrpcClient, KeyRing, RestClient, predict_many
 from conftest import REPO, Server
 from corpus import build_cases
+from loadgen import MetricSample, metric_samples, metric_total
 
 pytestmark = pytest.mark.e2e
 MONITORING = REPO / "deploy" / "monitoring"
 RULES = MONITORING / "prometheusrule.yaml"
 DASHBOARD = MONITORING / "grafana-dashboard.json"
-SAMPLE = re.compile(r"^(\w+)\{([^}]*)\} ([0-9.eE+-]+|NaN)$", re.M)
 EXPLANATION_BOUND = 20 * 1024
 
 
@@ -47,20 +47,12 @@ def digit_pngs() -> list[bytes]:
     return [demo_models.encode(img, "PNG") for img in images[:48]]
 
 
-def scrape(server: Server) -> list[tuple[str, dict[str, str], float]]:
-    text = requests.get(f"{server.endpoints.url('metrics')}/metrics", timeout=10).text
-    found = []
-    for name, labels, value in SAMPLE.findall(text):
-        found.append((name, dict(re.findall(r'(\w+)="([^"]*)"', labels)), float(value)))
-    return found
+def scrape(server: Server) -> list[MetricSample]:
+    return metric_samples(requests.get(f"{server.endpoints.url('metrics')}/metrics", timeout=10).text)
 
 
-def total(samples: list[tuple[str, dict[str, str], float]], name: str, model: str, **match: str) -> float:
-    return sum(
-        v
-        for n, labels, v in samples
-        if n == name and labels.get("ModelName") == model and match.items() <= labels.items()
-    )
+def total(samples: list[MetricSample], name: str, model: str, **match: str) -> float:
+    return metric_total(samples, name, ModelName=model, **match)
 
 
 def test_explanations_over_rest_kserve_and_grpc(server: Server, rest: RestClient, jpegs: dict[str, bytes]) -> None:

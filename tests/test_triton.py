@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +22,7 @@ import shapes_eval
 import shapes_seg
 from client import KeyRing, Reply, RestClient, TritonClient
 from conftest import MODELS, REPO, ZOO_DEMOS, Server
+from loadgen import metric_samples, metric_total
 from servekit.config import read_model_config
 from test_handlers import CORRUPT
 from triton_repo import RawGraph, model_configs, parse_config
@@ -226,18 +226,17 @@ def test_bad_inputs_get_the_kits_errors(triton_client: TritonClient) -> None:
 def test_the_python_steps_export_the_quality_metrics(triton: Triton) -> None:
     """After the requests above: the steps' custom metrics on Triton's metrics port, named as TorchServe's
     (a histogram as its _sum and _count), so deploy/monitoring's rules read both servers."""
-    text = requests.get(f"http://127.0.0.1:{triton.endpoints.metrics}/metrics", timeout=10).text
+    samples = metric_samples(requests.get(f"http://127.0.0.1:{triton.endpoints.metrics}/metrics", timeout=10).text)
 
-    def value(name: str, *labels: str) -> float:
-        pattern = rf"^{name}{{([^}}]*)}} ([0-9.eE+-]+)$"
-        return sum(float(v) for found, v in re.findall(pattern, text, re.M) if all(lab in found for lab in labels))
+    def value(name: str, **labels: str) -> float:
+        return metric_total(samples, name, **labels)
 
-    assert value("ServekitTop1Confidence_count", 'ModelName="resnet18"') > 0
-    confidence = value("ServekitTop1Confidence_sum", 'ModelName="resnet18"')
-    assert 0 < confidence <= value("ServekitTop1Confidence_count", 'ModelName="resnet18"')
-    assert value("ServekitImageBrightness_count", 'ModelName="resnet18"') > 0
-    assert value("ServekitBadInputs", 'ModelName="resnet18"', 'ErrorClass="BadInput"') >= 1
-    assert value("ServekitAnswers", 'ModelName="fasterrcnn"') > 0
+    assert value("ServekitTop1Confidence_count", ModelName="resnet18") > 0
+    confidence = value("ServekitTop1Confidence_sum", ModelName="resnet18")
+    assert 0 < confidence <= value("ServekitTop1Confidence_count", ModelName="resnet18")
+    assert value("ServekitImageBrightness_count", ModelName="resnet18") > 0
+    assert value("ServekitBadInputs", ModelName="resnet18", ErrorClass="BadInput") >= 1
+    assert value("ServekitAnswers", ModelName="fasterrcnn") > 0
 
 
 def answered(client: TritonClient, model: str, images: list[bytes]) -> list[Reply]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import shapes
 import shapes_eval
 import shapes_seg
 from client import GrpcClient, KeyRing, Reply, RestClient, predict_many
+from loadgen import metric_samples
 from servekit.config import read_model_config
 from tsctl import TorchServe, derive_config, random_endpoints
 
@@ -42,10 +42,10 @@ def show(title: str, reply: Reply, top: int = 3) -> None:
 
 def batch_counters(metrics_url: str) -> dict[str, dict[str, float]]:
     """Servekit* counters per model from the Prometheus endpoint."""
-    text = requests.get(f"{metrics_url}/metrics", timeout=10).text
     found: dict[str, dict[str, float]] = {}
-    for name, model, value in re.findall(r'^Servekit(\w+)\{ModelName="([^"]+)"[^}]*\} ([0-9.eE+-]+)$', text, re.M):
-        found.setdefault(model, {})[name] = float(value)
+    for name, labels, value in metric_samples(requests.get(f"{metrics_url}/metrics", timeout=10).text):
+        if name.startswith("Servekit") and "ModelName" in labels:
+            found.setdefault(labels["ModelName"], {})[name.removeprefix("Servekit")] = value
     return found
 
 
@@ -148,16 +148,16 @@ def explain_shapes(rest: RestClient, grpc_client: GrpcClient, workdir: Path) -> 
 def quality_summary(metrics_url: str, workdir: Path) -> None:
     """The model-quality series of each model (TorchServe's Prometheus endpoint), as the dashboard shows them,
     logged and drawn to a PNG."""
-    text = requests.get(f"{metrics_url}/metrics", timeout=10).text
     series: dict[str, dict[str, float]] = {}
-    for name, labels, value in re.findall(r"^(Servekit\w+)\{([^}]*)\} ([0-9.eE+-]+)$", text, re.M):
-        found = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+    for name, found, value in metric_samples(requests.get(f"{metrics_url}/metrics", timeout=10).text):
+        if not name.startswith("Servekit"):
+            continue
         extra = next((f"{k}={found[k]}" for k in ("Class", "ErrorClass", "Aspect", "Scale") if k in found), "")
         key = f"{name}[{extra}]" if extra else name
         if "le" in found:
             continue
         model = series.setdefault(found.get("ModelName", "?"), {})
-        model[key] = model.get(key, 0.0) + float(value)
+        model[key] = model.get(key, 0.0) + value
     logger.info("Model-quality metrics of these requests (Prometheus endpoint; deploy/monitoring has the dashboard)")
     for model, values in sorted(series.items()):
 

@@ -89,10 +89,25 @@ def closed_loop(
     return result
 
 
+SAMPLE = re.compile(r"^(\w+)\{([^}]*)\} ([0-9.eE+-]+|NaN)$", re.M)
+LABEL = re.compile(r'(\w+)="([^"]*)"')
+MetricSample = tuple[str, dict[str, str], float]  # name, labels, value
+
+
+def metric_samples(metrics_text: str) -> list[MetricSample]:
+    """Every labelled sample of a Prometheus text exposition (TorchServe's or Triton's metrics endpoint)."""
+    return [(name, dict(LABEL.findall(labels)), float(value)) for name, labels, value in SAMPLE.findall(metrics_text)]
+
+
+def metric_total(samples: list[MetricSample], name: str, **labels: str) -> float:
+    """The sum of the samples called ``name`` whose labels include ``labels``."""
+    return sum(value for found, have, value in samples if found == name and labels.items() <= have.items())
+
+
 def servekit_counters(metrics_text: str, model: str) -> dict[str, float]:
     """The kit handler's ``Servekit*`` Prometheus counters of one model, by short name."""
-    found: dict[str, float] = {}
-    for name, labels, value in re.findall(r"^Servekit(\w+)\{([^}]*)\} ([0-9.eE+-]+)$", metrics_text, re.M):
-        if f'ModelName="{model}"' in labels:
-            found[name] = float(value)
-    return found
+    return {
+        name.removeprefix("Servekit"): value
+        for name, labels, value in metric_samples(metrics_text)
+        if name.startswith("Servekit") and labels.get("ModelName") == model
+    }

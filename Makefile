@@ -290,6 +290,15 @@ image-run: ## Run the TorchServe image (WHICH=triton for Triton) on 127.0.0.1 po
 serve: archive ## Start TorchServe on loopback with every archive (or NAMES="a b"), wait until healthy, print endpoints
 	$(PY) scripts/serve/tsctl.py start $(if $(NAMES),--models $(NAMES))
 
+.PHONY: predict
+predict: | $(STAMP) ## Send images to a served model and print its answers: MODEL=<name> IMAGES="a.jpg b.png" [BACKEND=rest|grpc|triton] [PROTOCOL=http|grpc, with triton] [CONCURRENCY=8]
+	$(if $(and $(MODEL),$(IMAGES)),,$(error give MODEL=<name> IMAGES="<image files>"))
+	$(PY) scripts/serve/client.py --model $(MODEL) --backend $(or $(BACKEND),rest) --protocol $(or $(PROTOCOL),http) --concurrency $(or $(CONCURRENCY),1) $(IMAGES)
+
+.PHONY: corpus
+corpus: | $(STAMP) ## Print the bad-input corpus the tests send every model: each case, the status and the message expected
+	$(PY) tests/support/corpus.py
+
 .PHONY: stop
 stop: ## Stop the TorchServe started by `make serve`, workers included
 	$(PY) scripts/serve/tsctl.py stop

@@ -1,8 +1,9 @@
-"""Shared fixtures: repo paths, real images, archives built by `make`, TorchServe's own loader, a real server."""
+"""Shared fixtures: real images, archives built by `make` extracted and loaded by TorchServe's own loader, a real
+server. Plain helpers (paths, artifacts, `make`, a TorchServe context) are in ``support/kit.py``: a conftest is
+not imported by name."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import zipfile
 from collections.abc import Iterator
@@ -15,18 +16,7 @@ import pytest
 
 import demo_models
 import shapes
-from tsctl import Endpoints, Keys, TorchServe, derive_config, random_endpoints
-
-REPO = Path(__file__).resolve().parents[1]
-# the core and the tools, as the Makefile's PYTHONPATH has them (scripts/ grouped by what each part is for)
-SOURCE_PATH = ":".join(
-    str(REPO / d) for d in ("handlers", "scripts/packaging", "scripts/serve", "scripts/bench", "scripts/deploy")
-)
-MODEL_STORE = REPO / "model_store"
-# the detectors' ONNX Runtime archives, to compare with Triton's ONNX models
-SERVED_VARIANTS = ["fasterrcnn_onnx", "shapes_onnx"]
-MODELS = ("digits", "resnet18", "mobilenet_v3_small", "fasterrcnn", "shapes", "shapes_seg")
-ZOO_DEMOS = ("timm_convnext", "hf_vit")  # a timm and a Hugging Face classifier, served and in the Triton repository
+from kit import MODEL_STORE, MODELS, SERVED_VARIANTS, ZOO_DEMOS, Server, archive, serving
 
 
 @pytest.fixture(scope="session")
@@ -52,13 +42,6 @@ def shape_scenes() -> tuple[list[shapes.Scene], list[bytes]]:
     """The held-out shapes scenes (never in training) and their JPEG bytes."""
     scenes = shapes.held_out(shapes.HELD_OUT_COUNT)
     return scenes, [shapes.encode_jpeg(s.image) for s in scenes]
-
-
-def archive(name: str) -> Path:
-    path = MODEL_STORE / f"{name}.mar"
-    if not path.is_file():
-        pytest.fail(f"{path} is missing: run the tests with `make test` (it builds the archives)")
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -121,37 +104,6 @@ def load_handler(extracted: Any) -> Any:
         return cache[name]
 
     return get
-
-
-@dataclass
-class Server:
-    """A running TorchServe started from the shipped config.properties (only the ports changed)."""
-
-    process: TorchServe
-    keys: Keys
-
-    @property
-    def endpoints(self) -> Endpoints:
-        return self.process.endpoints
-
-    @property
-    def key_file(self) -> Path:
-        return self.process.workdir / "key_file.json"
-
-
-@contextlib.contextmanager
-def serving(workdir: Path, store: Path, served: list[str], timeout: float = 300) -> Iterator[Server]:
-    """A real `torchserve` from the shipped config.properties (free loopback ports, token auth on)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    config = derive_config(REPO / "config.properties", workdir / "config.properties", random_endpoints().properties())
-    process = TorchServe(workdir, config, store, [f"{n}={n}.mar" for n in served])
-    process.start()
-    try:
-        keys = process.wait_ready(served, timeout=timeout)
-        yield Server(process, keys)
-    finally:
-        process.stop()
-    assert process.processes() == [], "torchserve left processes behind"
 
 
 @pytest.fixture(scope="session")

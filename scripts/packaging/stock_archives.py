@@ -25,7 +25,7 @@ STOCK_HANDLERS = {
     "detection": "object_detector",
     "segmentation": "image_segmenter",
 }
-MODEL_FILE = '''"""Built by scripts/stock_archives.py: {architecture} with the kit's demo arguments."""
+MODEL_FILE = '''"""Built by scripts/packaging/stock_archives.py: {architecture} with the kit's demo arguments."""
 import torchvision
 
 

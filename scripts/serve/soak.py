@@ -2,7 +2,8 @@
 
 Prints requests served, answers by status (and any status that was not the one expected), and each
 worker's resident memory after warm-up and at the end. Exits non-zero on an unexpected status or on
-memory growth of 10 % or more after warm-up. ``tests/test_soak.py`` runs a one-minute version.
+memory growth of 10 % or more after warm-up. ``tests/serve/test_e2e_faults.py`` runs a one-minute version
+(``test_soak_one_minute``).
 """
 
 from __future__ import annotations

@@ -22,8 +22,9 @@ import reference
 import shapes
 import shapes_eval
 import shapes_seg
+from checks import assert_same_answer
 from client import GrpcClient, KeyRing, RestClient, predict_many
-from conftest import REPO, Server
+from kit import REPO, Server
 from loadgen import servekit_counters
 
 pytestmark = pytest.mark.e2e
@@ -45,22 +46,6 @@ def grpc_client(server: Server) -> GrpcClient:
 def counters(server: Server, model: str) -> dict[str, float]:
     """The handler's Servekit* counters of one model, read from the Prometheus endpoint."""
     return servekit_counters(requests.get(f"{server.endpoints.url('metrics')}/metrics", timeout=10).text, model)
-
-
-def assert_same_answer(a: Any, b: Any, tol: float = 1e-5) -> None:
-    """Two JSON answers equal but for float noise."""
-    if isinstance(a, float) or isinstance(b, float):
-        assert abs(a - b) <= tol, (a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert_same_answer(a[key], b[key], tol)
-    elif isinstance(a, list):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_same_answer(x, y, tol)
-    else:
-        assert a == b
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import yaml
 from servekit.config import ClassifierConfig, DetectorConfig, ImageLimits, parse_handler_config
 from servekit.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_shipped_model_config_parses() -> None:

@@ -1,9 +1,7 @@
 """The bad-input corpus: every case generated here from code, with the status and error text expected.
 
-``PYTHONPATH=handlers:scripts/packaging:scripts/serve:scripts/bench:scripts/deploy python tests/corpus.py`` prints it as
-a Markdown table. Valid-but-odd
-images (grayscale, palette, CMYK, 16-bit, EXIF-rotated, animated, ...) expect 200; the rest the right
-4xx and a message that says what is wrong.
+``make corpus`` prints it as a Markdown table. Valid-but-odd images (grayscale, palette, CMYK, 16-bit,
+EXIF-rotated, animated, ...) expect 200; the rest the right 4xx and a message that says what is wrong.
 """
 
 from __future__ import annotations
@@ -18,10 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from demo_models import png_declaring
+from demo_models import encode, png_declaring
 
 MAX_BYTES = 20 * 1024 * 1024  # the default handler.limits.max_bytes of every demo model
 OCTET, JSON_TYPE, TEXT = "application/octet-stream", "application/json", "text/plain"
+# a JPEG cut short: the bad image the handler tests put among good ones in a batch
+CORRUPT = encode(np.zeros((64, 64, 3), np.uint8), "JPEG")[:300]
 
 
 @dataclass(frozen=True)

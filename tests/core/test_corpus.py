@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import MODELS
 from corpus import JSON_TYPE, TEXT, Case, build_cases
+from kit import MODELS
 from servekit.config import ImageLimits
 from servekit.decode import decode_image, request_image_bytes
 from servekit.errors import KitError

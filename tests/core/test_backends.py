@@ -18,18 +18,10 @@ import demo_models
 import fidelity
 import reference
 import shapes
-from conftest import MODELS, REPO, SOURCE_PATH, archive
-from test_handlers import CORRUPT
+from corpus import CORRUPT
+from kit import MODELS, ONNX_DIR, REPO, SOURCE_PATH, archive, onnx_file
 
-ONNX_DIR = REPO / "build" / "onnx"
 CLASSIFIERS = ["digits", "resnet18", "mobilenet_v3_small"]
-
-
-def onnx_file(name: str, variant: str = "model.onnx") -> Path:
-    path = ONNX_DIR / name / variant
-    if not path.is_file():
-        pytest.fail(f"{path} is missing: run the tests with `make test` (it runs `make onnx int8`)")
-    return path
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -16,13 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from test_e2e import assert_same_answer
-from test_triton import SERVED, assert_same_detections, triton  # noqa: F401 - the local Triton fixture
 
 import demo_models
+from checks import assert_same_answer, assert_same_detections
 from client import GrpcClient, KeyRing, RestClient, TritonClient
-from conftest import Server
 from images import TORCHSERVE_IMAGE, TRITON_IMAGE, docker, run_torchserve, run_triton
+from kit import TRITON_SERVED, Server
 from profiles import Machine, record_choice, this_machine
 from tritonctl import Triton
 from tsctl import Endpoints, Keys, free_ports
@@ -158,10 +157,10 @@ def test_docker_stop_answers_the_requests_in_flight(jpegs: dict[str, bytes], tmp
         print(f"\ndocker stop with 16 in flight: all answered, exit 0, stop took {stop_s:.1f} s")
 
 
-def test_triton_image_answers_as_local_triton(triton: Triton, jpegs: dict[str, bytes]) -> None:  # noqa: F811
+def test_triton_image_answers_as_local_triton(triton: Triton, jpegs: dict[str, bytes]) -> None:
     ports = free_ports(3)
     with container("servekit-test-triton") as name:
-        run_triton(TRITON_IMAGE, name, ports, SERVED)
+        run_triton(TRITON_IMAGE, name, ports, TRITON_SERVED)
         url = f"127.0.0.1:{ports[0]}"
         deadline = time.monotonic() + 300
         while True:
@@ -181,7 +180,7 @@ def test_triton_image_answers_as_local_triton(triton: Triton, jpegs: dict[str, b
             ("grpc", triton.endpoints.grpc_url, f"127.0.0.1:{ports[1]}"),
         ):
             theirs, ours = TritonClient(their_url, protocol), TritonClient(local_url, protocol)
-            for model in SERVED:
+            for model in TRITON_SERVED:
                 for photo in ("astronaut", "coffee"):
                     got, want = theirs.predict(model, jpegs[photo]), ours.predict(model, jpegs[photo])
                     assert got.status == want.status == 200, (model, got, want)

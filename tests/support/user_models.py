@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torchvision
+import yaml
 
 TINY_SOURCE = '''import torch
 
@@ -272,3 +273,19 @@ def end2end_exported(folder: Path) -> Form:
 
 
 YOLO_FORMS: list[Callable[[Path], Form]] = [yolov8_torchscript, yolov5_onnx, end2end_exported]
+
+
+def apply_edits(folder: Path, form: Form) -> None:
+    """Set the model-config keys a user would set by hand after scaffolding."""
+    path = folder / "model-config.yaml"
+    document = yaml.safe_load(path.read_text())
+    document.update(form.frontend)
+    for key, value in form.edits.items():
+        if isinstance(value, dict) and isinstance(document["handler"].get(key), dict):
+            merged = {**document["handler"][key]}
+            for inner, item in value.items():
+                merged[inner] = {**merged.get(inner, {}), **item} if isinstance(item, dict) else item
+            document["handler"][key] = merged
+        else:
+            document["handler"][key] = value
+    path.write_text(yaml.safe_dump(document, sort_keys=False))

@@ -23,8 +23,8 @@ import demo_models
 import reference
 import tsctl
 from client import KeyRing, RestClient
-from conftest import MODEL_STORE, MODELS, REPO, SOURCE_PATH, Server
 from corpus import Case, build_cases
+from kit import MODEL_STORE, MODELS, REPO, SOURCE_PATH, Server
 from soak import default_payloads, run_soak
 from tsctl import Keys, TorchServe, derive_config, random_endpoints
 

@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 import requests
 import yaml
-from test_deploy import strict
 
 import demo_models
+from checks import strict
 from client import GrpcClient, KeyRing, RestClient, predict_many
-from conftest import REPO, Server
 from corpus import build_cases
+from kit import REPO, Server
 from loadgen import MetricSample, metric_samples, metric_total
 
 pytestmark = pytest.mark.e2e

@@ -13,7 +13,7 @@ import torch
 
 import demo_models
 import shapes
-from conftest import REPO
+from kit import REPO
 from servekit.config import SegmenterConfig, read_model_config
 from servekit.errors import BadInput
 from servekit.explain import explain_batch, grid_shape, occlusion_cells, resolve_target, to_grid

@@ -1,7 +1,7 @@
 """The timm and Hugging Face demo folders on every backend the other classifiers get: their ONNX exports
 (checked against torch), ONNX Runtime, OpenVINO, AOTInductor and int8 archives built by `make test`,
 loaded in-process by TorchServe's own model loader, answering as the eager archive (a corrupt image fails
-alone). Their Triton ensembles are compared with TorchServe in tests/test_triton.py."""
+alone). Their Triton ensembles are compared with TorchServe in tests/deploy/test_triton.py."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ import pytest
 
 import demo_models
 import fidelity
-from conftest import REPO, ZOO_DEMOS
-from test_backends import onnx_file
-from test_handlers import CORRUPT
+from corpus import CORRUPT
+from kit import REPO, ZOO_DEMOS, onnx_file
 
 VARIANT_TOLERANCE = {"onnx": 1e-4, "openvino": 1e-4, "aoti": 1e-4}
 

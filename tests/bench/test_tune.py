@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 import tune
-from conftest import MODEL_STORE, archive
+from kit import MODEL_STORE, archive
 
 
 def test_a_point_rewrites_the_frontend_keys_and_the_handlers_threads() -> None:

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 import docs_site
-from conftest import REPO
+from kit import REPO
 
 DOCS = REPO / "docs"
 PAGES = [REPO / "README.md", *sorted(DOCS.rglob("*.md"))]
 MAKE = re.compile(r"(?<![\w/.-])make ((?:[a-z][\w./-]*(?:=\S+)?\s*)+)")
-TESTED = re.compile(r"<!-- run by tests/test_docs.py -->\s*```bash\n(.*?)```", re.S)
+TESTED = re.compile(r"<!-- run by tests/docs/test_docs.py -->\s*```bash\n(.*?)```", re.S)
 
 
 def targets() -> set[str]:
@@ -67,13 +67,24 @@ def test_every_make_command_shown_exists() -> None:
     assert len(shown) >= 15
 
 
+def tracked_text_files() -> list[Path]:
+    """The repository's own text: pages, code, comments, configs (not stored data, images or build contexts)."""
+    listed = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    skipped = (".png", ".jpg", ".jpeg", ".mar", ".pt", ".Dockerfile")  # a Dockerfile names its staged context
+    return [
+        REPO / name
+        for name in listed
+        if not name.startswith("tests/data/") and not name.endswith(skipped) and (REPO / name).is_file()
+    ]
+
+
 def test_every_repository_file_named_exists() -> None:
-    """A file of the repository named in the README or the docs (a script, a test, a manifest) is there."""
+    """A file of the repository named anywhere in it (a page, a docstring, a comment, `.ci/run`) is there."""
     named = re.compile(r"(?<![\w/.-])((?:scripts|handlers|tests|deploy|triton)/[\w/.-]+\.(?:py|sh|json|yaml|md))\b")
     missing = {
-        path: page.name
-        for page in PAGES
-        for path in named.findall(page.read_text(encoding="utf-8"))
+        path: str(source.relative_to(REPO))
+        for source in tracked_text_files()
+        for path in named.findall(source.read_text(encoding="utf-8", errors="replace"))
         if not (REPO / path).exists() and "ts_grpc" not in path
     }
     assert not missing, missing

@@ -4,41 +4,30 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
 import requests
 from google.protobuf import text_format
-from test_e2e import assert_same_answer
 
 import demo_models
 import reference
 import shapes
 import shapes_eval
 import shapes_seg
+from checks import assert_same_answer, assert_same_detections
 from client import KeyRing, Reply, RestClient, TritonClient
-from conftest import MODELS, REPO, ZOO_DEMOS, Server
+from corpus import CORRUPT
+from kit import MODELS, REPO, TRITON_SERVED, ZOO_DEMOS, Server, triton_repository
 from loadgen import metric_samples, metric_total
 from servekit.config import read_model_config
-from test_handlers import CORRUPT
 from triton_repo import RawGraph, model_configs, parse_config
-from tritonctl import ADMIN_HEADER, Triton, TritonEndpoints, ensembles
+from tritonctl import ADMIN_HEADER, Triton, ensembles
 
-REPOSITORY = REPO / "model_repository"
-SERVED = ["resnet18", "fasterrcnn", "shapes", "shapes_seg", *ZOO_DEMOS]
 DETECTORS = ("fasterrcnn", "shapes")
 SHAPES_RAW = RawGraph("images", "output0", (7, 1600))
-
-
-def repository(kind: str) -> Path:
-    path = REPOSITORY / kind
-    if not (REPOSITORY / ".generated").is_file():
-        pytest.fail(f"{path} is missing: run the tests with `make test` (it runs `make triton-repo`)")
-    return path
 
 
 @pytest.mark.parametrize("kind", ["cpu", "gpu"])
@@ -85,7 +74,7 @@ def test_a_bad_config_is_reported_with_line_and_column() -> None:
 
 @pytest.mark.parametrize("kind", ["cpu", "gpu"])
 def test_repository_layout(kind: str) -> None:
-    root = repository(kind)
+    root = triton_repository(kind)
     assert set(ensembles(root)) == {*MODELS, *ZOO_DEMOS}
     for name in [*MODELS, *ZOO_DEMOS]:
         for step in ("preprocess", "postprocess"):
@@ -100,18 +89,6 @@ def test_repository_layout(kind: str) -> None:
 # ---------------------------------------------------------------- a real tritonserver
 
 
-@pytest.fixture(scope="module")
-def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Triton]:
-    server = Triton(tmp_path_factory.mktemp("triton"), repository("cpu"), SERVED, TritonEndpoints.random())
-    server.start()
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
-    assert server.process is not None and server.process.poll() is not None
-
-
 @pytest.fixture(scope="module", params=["http", "grpc"])
 def triton_client(request: pytest.FixtureRequest, triton: Triton) -> TritonClient:
     url = triton.endpoints.http_url if request.param == "http" else triton.endpoints.grpc_url
@@ -124,7 +101,7 @@ def test_ready_and_metadata(triton: Triton) -> None:
 
     client = http.InferenceServerClient(triton.endpoints.http_url)
     assert client.is_server_ready()
-    for name in SERVED:
+    for name in TRITON_SERVED:
         assert client.is_model_ready(name)
         meta = client.get_model_metadata(name)
         assert [(i["name"], i["datatype"]) for i in meta["inputs"]] == [("IMAGE", "BYTES")]
@@ -151,7 +128,7 @@ def test_answers_equal_torchserve(
     # Both servers run the same network; the detectors are compared on the same backend (their ONNX graphs,
     # which TorchServe serves as <name>_onnx): scores of eager and ONNX Runtime differ by ~1.5e-4.
     torchserve = RestClient(server.endpoints, KeyRing(server.key_file))
-    for name in SERVED:
+    for name in TRITON_SERVED:
         detector = name in DETECTORS
         served_as = f"{name}_onnx" if detector else name
         for photo in ("astronaut", "coffee", "chelsea"):
@@ -161,14 +138,6 @@ def test_answers_equal_torchserve(
                 assert_same_detections(ours.body, theirs.body)
             else:
                 assert_same_answer(ours.body, theirs.body, tol=1e-4)
-
-
-def assert_same_detections(ours: list[dict], theirs: list[dict]) -> None:
-    """The same labels in the same order, scores within 1e-4 and boxes within 0.5 px."""
-    assert [d["label"] for d in ours] == [d["label"] for d in theirs]
-    for a, b in zip(ours, theirs):
-        assert abs(a["score"] - b["score"]) <= 1e-4
-        assert max(abs(x - y) for x, y in zip(a["box"], b["box"])) <= 0.5
 
 
 @pytest.mark.e2e

@@ -13,7 +13,7 @@ import torchvision
 import yaml
 from torchvision.transforms import v2
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # The detector's ONNX graph (legacy exporter) follows eager torch closely on some photos (astronaut,

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torchvision
 
+from kit import run_make
 from servekit.checkpoint import infer_num_classes, strip_prefixes
 from servekit.config import ClassifierConfig, parse_handler_config
 from servekit.errors import ConfigError
@@ -19,7 +20,6 @@ from servekit.recipes import hf_recipe, timm_recipe, torchvision_recipe
 from servekit.transforms import classifier_crop
 from servekit.ultralytics_source import parse_metadata
 from servekit.yolo import ultralytics_letterbox
-from test_byom_e2e import run_make
 from zoo_models import TrainConfig
 
 

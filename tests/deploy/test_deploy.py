@@ -18,7 +18,8 @@ import requests
 import yaml
 
 import deploy
-from conftest import MODEL_STORE, MODELS, REPO, archive
+from checks import strict
+from kit import MODEL_STORE, MODELS, REPO, archive
 from loadgen import closed_loop, servekit_counters
 from profiles import Machine, record_choice, this_machine
 from tsctl import TorchServe, random_endpoints
@@ -101,18 +102,6 @@ def test_memory_is_sized_from_measured_worker_memory(tmp_path: Path) -> None:
     spec = deploy.model_spec("resnet18", REPO / "models", measured)
     assert spec.measured and spec.memory_mib == 1984  # (512 + 1052) x 1.25, rounded up to 64 MiB
     assert not deploy.model_spec("digits", REPO / "models", measured).measured
-
-
-def strict(schema: Any) -> Any:
-    """The CRD schema as the API server's strict field validation applies it: unknown fields are errors."""
-    if isinstance(schema, dict):
-        out = {k: strict(v) for k, v in schema.items()}
-        if "properties" in out and not out.get("x-kubernetes-preserve-unknown-fields"):
-            out.setdefault("additionalProperties", False)
-        return out
-    if isinstance(schema, list):
-        return [strict(v) for v in schema]
-    return schema
 
 
 def crd_validator(kind: str) -> jsonschema.Draft7Validator:

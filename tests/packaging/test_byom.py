@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
+from kit import REPO
 from servekit.checkpoint import check_labels, infer_num_classes, misfit, strip_prefixes, unwrap_checkpoint
 from servekit.config import ModelSource, parse_handler_config
 from servekit.errors import ConfigError, plain_line

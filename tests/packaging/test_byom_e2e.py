@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,33 +21,11 @@ from PIL import Image
 import demo_models
 import reference
 from client import KeyRing, RestClient
-from conftest import REPO, Server, serving
-from user_models import FORMS, MASK_FORMS, YOLO_FORMS, Form
+from kit import Server, run_make, serving
+from user_models import FORMS, MASK_FORMS, YOLO_FORMS, Form, apply_edits
 
 pytestmark = pytest.mark.e2e
 PHOTOS = ("chelsea", "astronaut")
-
-
-def run_make(*args: str, **variables: Any) -> subprocess.CompletedProcess[str]:
-    """``make --no-print-directory <args> VAR=value ...`` in the repo, output captured."""
-    command = ["make", "--no-print-directory", *args, *(f"{k}={v}" for k, v in variables.items())]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1200, check=False)
-
-
-def apply_edits(folder: Path, form: Form) -> None:
-    """Set the model-config keys a user would set by hand after scaffolding."""
-    path = folder / "model-config.yaml"
-    document = yaml.safe_load(path.read_text())
-    document.update(form.frontend)
-    for key, value in form.edits.items():
-        if isinstance(value, dict) and isinstance(document["handler"].get(key), dict):
-            merged = {**document["handler"][key]}
-            for inner, item in value.items():
-                merged[inner] = {**merged.get(inner, {}), **item} if isinstance(item, dict) else item
-            document["handler"][key] = merged
-        else:
-            document["handler"][key] = value
-    path.write_text(yaml.safe_dump(document, sort_keys=False))
 
 
 @dataclass

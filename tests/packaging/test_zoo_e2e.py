@@ -29,9 +29,8 @@ import demo_models
 import reference
 import zoo_models
 from client import KeyRing, RestClient
-from conftest import Server, serving
-from test_byom_e2e import apply_edits, run_make
-from user_models import GridDetector
+from kit import Server, run_make, serving
+from user_models import GridDetector, apply_edits
 
 pytestmark = pytest.mark.e2e
 BOUND = 0.01  # largest |served - owner's pipeline| probability allowed for a classifier

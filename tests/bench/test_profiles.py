@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import MODEL_STORE, archive, serving
+from kit import MODEL_STORE, archive, serving
 from profiles import Machine, matching_profile, profile_path, profiled_store, record_choice, this_machine
 from tsctl import apply_profile
 

@@ -16,9 +16,8 @@ import pytest
 
 import demo_models
 import reference
-from conftest import MODELS, REPO, SOURCE_PATH, archive
-
-CORRUPT = demo_models.encode(np.zeros((64, 64, 3), np.uint8), "JPEG")[:300]
+from corpus import CORRUPT
+from kit import MODELS, REPO, SOURCE_PATH, archive
 
 
 @pytest.mark.parametrize("name", MODELS)

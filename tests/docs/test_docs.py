@@ -88,6 +88,14 @@ def test_every_repository_file_named_exists() -> None:
         if not (REPO / path).exists() and "ts_grpc" not in path
     }
     assert not missing, missing
+    tests = {path.name for path in (REPO / "tests").rglob("test_*.py")}
+    unknown = {
+        name: str(source.relative_to(REPO))
+        for source in tracked_text_files()
+        for name in re.findall(r"(?<![\w/.-])(test_\w+\.py)\b", source.read_text(encoding="utf-8", errors="replace"))
+        if name not in tests
+    }
+    assert not unknown, f"test files named that are not under tests/: {unknown}"
 
 
 @pytest.mark.e2e

@@ -118,10 +118,11 @@ class TritonPythonModel:
                 responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(n, out[n].numpy()) for n in self.outputs]))
             return responses
         inputs = [_input(r, self.inputs[0]) for r in requests]
-        raw = self.model(torch.from_numpy(np.concatenate(inputs))).numpy()
+        raw = self.model(torch.from_numpy(np.concatenate(inputs)))
+        arrays = [t.numpy() for t in (raw if isinstance(raw, tuple) else (raw,))]  # a DETR graph: logits, boxes
         bounds = np.cumsum([0] + [len(x) for x in inputs])
         return [
-            pb_utils.InferenceResponse([pb_utils.Tensor(self.outputs[0], raw[a:b])])
+            pb_utils.InferenceResponse([pb_utils.Tensor(n, out[a:b]) for n, out in zip(self.outputs, arrays)])
             for a, b in itertools.pairwise(bounds)
         ]
 

@@ -4,8 +4,8 @@ the TorchServe handlers (this module imports neither Triton nor TorchServe).
 Every step class answers per image: ``preprocess`` gives, for each encoded image, its tensors by name
 (or the exception that image ended in) with the stats of the images it decoded (a ``BatchOutcome``), and
 ``postprocess`` gives one JSON document per image of a request. ``batched`` says whether the ensemble has
-a batch dimension (classifiers, segmenters resized to one [h, w], and raw-output detectors, letterboxed to
-one square) or takes one image per request (torchvision detectors).
+a batch dimension (classifiers, segmenters and DETR-family detectors resized to one [h, w], and raw-output
+detectors, letterboxed to one square) or takes one image per request (torchvision detectors).
 
 An ensemble takes the encoded image bytes (``IMAGE``, ``TYPE_STRING``) and answers the JSON bytes
 (``ANSWER``) that TorchServe would send. A request that fails gets, as its Triton error message, the
@@ -27,12 +27,16 @@ from servekit.config import ClassifierConfig, DetectorConfig, HandlerConfig, Seg
 from servekit.decode import decode_request
 from servekit.errors import error_body
 from servekit.loading import load_labels
-from servekit.onnx_backend import RAW_IO
+from servekit.onnx_backend import DETR_IO, RAW_IO
 from servekit.postprocess import detections_to_json, topk_to_json
 from servekit.service import (
     BatchOutcome,
+    DetrItem,
     SegmenterItem,
     classifier_item,
+    detr_answers,
+    detr_item,
+    detr_scoring,
     letterboxed_item,
     run_batch,
     segmenter_answers,
@@ -60,6 +64,7 @@ def image_bytes(value: Any) -> bytes:
 
 
 Tensors = dict[str, np.ndarray]  # one image's tensors by Triton name
+DETR_IMAGE = "pixel_values"  # a DETR-family graph's input, as `make onnx` and Hugging Face's exports name it
 
 
 @dataclass(frozen=True)
@@ -186,7 +191,43 @@ class SegmenterSteps:
         return [answer_bytes(a) for a in segmenter_answers(logits, items, self.config, self.labels)]
 
 
-Steps = ClassifierSteps | YoloSteps | DetectorSteps | SegmenterSteps
+@dataclass(frozen=True)
+class DetrSteps:
+    """Preprocess (bytes -> ``pixel_values`` at the recipe's [h, w], and the size as sent) and postprocess
+    (the queries' ``logits`` and ``pred_boxes`` -> JSON): the TorchServe handler's functions, so both servers
+    score, scale and threshold alike. A fixed [h, w] recipe (RT-DETR's 640 x 640) lets images of any sizes
+    batch."""
+
+    config: DetectorConfig
+    labels: list[str]
+    scoring: str
+    batched = True
+
+    def preprocess(self, images: Sequence[bytes]) -> BatchOutcome:
+        """Decode and resize each image alone; normalize the good ones as one batch."""
+
+        def prepare(data: bytes) -> DetrItem:
+            return detr_item({"body": data}, self.config)
+
+        def normalize(items: list[DetrItem]) -> torch.Tensor:
+            return classifier_batch([item[0] for item in items], self.config)
+
+        def split(batch: torch.Tensor, items: list[DetrItem]) -> list[Tensors]:
+            sizes = [np.array(item[1], dtype=np.int32) for item in items]
+            return [{DETR_IMAGE: row, "size": size} for row, size in zip(batch.numpy(), sizes)]
+
+        return run_batch(images, prepare, normalize, split)
+
+    def postprocess(self, tensors: Tensors) -> list[bytes]:
+        """One JSON answer per image of a batch of queries, in the pixels of the image as sent."""
+        logits, boxes = (torch.from_numpy(tensors[name]) for name in DETR_IO)
+        sizes = np.asarray(tensors["size"]).reshape(-1, 2)
+        items = [(torch.empty(0), (int(width), int(height))) for width, height in sizes]
+        answers = detr_answers(list(zip(logits, boxes)), items, self.config, self.scoring, self.labels)
+        return [answer_bytes(a) for a in answers]
+
+
+Steps = ClassifierSteps | YoloSteps | DetectorSteps | SegmenterSteps | DetrSteps
 
 
 def load_steps(folder: Path, image_name: str = RAW_IO[0], raw_name: str = RAW_IO[1]) -> Steps:
@@ -199,4 +240,6 @@ def load_steps(folder: Path, image_name: str = RAW_IO[0], raw_name: str = RAW_IO
         return SegmenterSteps(config, labels)
     if config.output == "yolo":
         return YoloSteps(config, labels, image_name, raw_name)
+    if config.output == "detr":  # scoring: auto reads the Hugging Face config.json staged beside it
+        return DetrSteps(config, labels, detr_scoring(config, folder))
     return DetectorSteps(config, labels)

@@ -17,7 +17,9 @@ steps run the kit's own decode, transforms and answers (``servekit.triton_steps`
 [h, w] and passes each image's size (``TYPE_INT32``, 2 values) to the postprocess. A raw-output (``output: yolo``)
 detector batches like a classifier: the preprocess letterboxes every image to one square and passes its
 geometry (``TYPE_FP64``, 6 values) around the model to the postprocess, which runs the kit's NMS; the
-model's tensors keep the ONNX graph's own names (``images``/``output0`` for ultralytics' exports).
+model's tensors keep the ONNX graph's own names (``images``/``output0`` for ultralytics' exports). A
+DETR-family (``output: detr``) detector batches at its recipe's [h, w] (RT-DETR's 640 x 640): ``pixel_values``
+in, ``logits`` and ``pred_boxes`` out, each image's size around the model to the postprocess.
 Every ``config.pbtxt`` is parsed with tritonclient's ``ModelConfig`` protobuf before it is written.
 """
 
@@ -33,6 +35,7 @@ from pathlib import Path
 from archive_args import stage_servekit
 from servekit.config import ClassifierConfig, DetectorConfig, HandlerConfig, SegmenterConfig, read_model_config
 from servekit.loading import load_labels
+from servekit.triton_steps import DETR_IMAGE
 
 logger = logging.getLogger("triton_repo")
 MAX_BATCH = 16
@@ -101,6 +104,18 @@ class Signature:
                 [Tensor("input", "TYPE_FP32", (3, *config.input_size))],
                 [Tensor("logits", "TYPE_FP32", (classes,))],
                 [],
+            )
+        if isinstance(config, DetectorConfig) and config.output == "detr":
+            if not isinstance(config.resize, tuple):
+                raise SystemExit(
+                    "a DETR-family detector's Triton ensemble needs resize as [height, width] (RT-DETR's 640 x 640); "
+                    "a short-side recipe (DETR's 800) is served by TorchServe only"
+                )
+            return cls(
+                MAX_BATCH,
+                [Tensor(DETR_IMAGE, "TYPE_FP32", (3, *config.resize))],
+                [Tensor("logits", "TYPE_FP32", (-1, -1)), Tensor("pred_boxes", "TYPE_FP32", (-1, 4))],
+                [Tensor("size", "TYPE_INT32", (2,))],
             )
         if isinstance(config, SegmenterConfig):  # one [h, w] for every image (the ONNX export needs it too)
             if not isinstance(config.resize, tuple):
@@ -239,6 +254,8 @@ def _stage_python(folder: Path, model_dir: Path, config: HandlerConfig, handlers
     stage_servekit(handlers, version)
     shutil.copy(model_dir / "model-config.yaml", version / "model-config.yaml")
     shutil.copy(model_dir / config.labels, version / config.labels)
+    if (model_dir / "config.json").is_file():  # a Hugging Face folder's: what `scoring: auto` reads
+        shutil.copy(model_dir / "config.json", version / "config.json")
 
 
 def write_model(name: str, models: Path, onnx_dir: Path, out: Path, *, kind: str, handlers: Path) -> list[str]:

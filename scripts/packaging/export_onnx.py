@@ -6,6 +6,9 @@ one that takes them. Detectors (torchvision R-CNN): input ``image`` (3 x H x W, 
 in [0, 1]), outputs ``boxes``, ``labels``, ``scores``, legacy exporter at opset 17 (the dynamo exporter
 fails on torchvision's detection code). Raw-output (``output: yolo``) detectors: input ``images``
 (N x 3 x S x S, dynamic N), output ``output0`` (the raw prediction), as ultralytics names them.
+DETR-family (``output: detr``) detectors: input ``pixel_values`` (N x 3 x H x W at the recipe's resize,
+dynamic N; dynamic H and W when the recipe resizes by the short side), outputs ``logits`` and
+``pred_boxes``, as Hugging Face and optimum name them; legacy exporter at opset 17.
 Writes ``build/onnx/<name>/model.onnx`` and a JSON report with the largest difference from torch.
 """
 
@@ -23,11 +26,12 @@ from typing import Any
 import torch
 
 from servekit.config import ClassifierConfig, DetectorConfig, SegmenterConfig, read_model_config
+from servekit.detr import detr_outputs
 from servekit.errors import ConfigError, plain_line
 from servekit.loading import load_model
-from servekit.onnx_backend import CLASSIFIER_IO, DETECTOR_IO, RAW_IO, load_onnx
+from servekit.onnx_backend import CLASSIFIER_IO, DETECTOR_IO, DETR_IO, RAW_IO, load_onnx
 from servekit.segmentation import segmentation_logits
-from servekit.service import raw_tensor
+from servekit.service import detr_scoring, raw_tensor
 from servekit.yolo import candidates, resolve_layout
 
 logger = logging.getLogger("export_onnx")
@@ -136,6 +140,67 @@ def export_detector(model: Any, path: Path) -> str:
     return "legacy"
 
 
+class DetrGraph(torch.nn.Module):
+    """A DETR-family network as a graph of one input and two outputs: ``(logits, pred_boxes)``."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return detr_outputs(self.model(pixel_values))
+
+
+def detr_example_shape(config: DetectorConfig) -> tuple[int, int]:
+    """The (height, width) the export traces: the recipe's fixed size, else a 4:3 image at its short side."""
+    if isinstance(config.resize, tuple):
+        return config.resize
+    return config.resize, min(config.max_size or config.resize * 4 // 3, config.resize * 4 // 3)
+
+
+def export_detr(model: Any, config: DetectorConfig, path: Path) -> str:
+    """Export a batch at the recipe's size; a short-side recipe keeps height and width dynamic too."""
+    name = "pixel_values"
+    dynamic = {0: "batch"} if isinstance(config.resize, tuple) else {0: "batch", 2: "height", 3: "width"}
+    axes = {name: dynamic, **{output: {0: "batch"} for output in DETR_IO}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            DetrGraph(model).eval(),
+            (torch.rand(1, 3, *detr_example_shape(config)),),
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=[name],
+            output_names=list(DETR_IO),
+            dynamic_axes=axes,
+        )
+    return "legacy"
+
+
+def check_detr(name: str, model: Any, onnx_model: Any, config: DetectorConfig, scoring: str) -> ExportCheck:
+    """Compare the queries' scores (as the model's scoring reads them) and boxes (pixels of the resized
+    input) on a seeded batch of 2 images."""
+    height, width = detr_example_shape(config)
+    inputs = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        logits, boxes = detr_outputs(model(inputs))
+    got_logits, got_boxes = onnx_model(inputs)
+
+    def scores(values: torch.Tensor) -> torch.Tensor:
+        return values.float().softmax(-1) if scoring == "softmax" else values.float().sigmoid()
+
+    pixels = torch.tensor([width, height, width, height], dtype=torch.float32)
+    return ExportCheck(
+        name,
+        "legacy",
+        max_abs_logit=float((logits.float() - got_logits).abs().max()),
+        max_abs_probability=float((scores(logits) - scores(got_logits)).abs().max()),
+        max_abs_box=float(((boxes.float() - got_boxes) * pixels).abs().max()),
+        same_top1=bool((scores(logits).argmax(-1) == scores(got_logits).argmax(-1)).all()),
+    )
+
+
 def check_classifier(
     name: str, exporter: str, model: Any, onnx_model: Any, size: tuple[int, int], *, segmenter: bool = False
 ) -> ExportCheck:
@@ -204,6 +269,10 @@ def export(name: str, models: Path, out: Path) -> ExportCheck:
         exporter = export_classifier(segmenter_graph(model, scripted, config.resize), config.resize, target, scripted)
         onnx_model = load_onnx(target, torch.device("cpu"), 2)
         check = check_classifier(name, exporter, model, onnx_model, config.resize, segmenter=True)
+    elif isinstance(config, DetectorConfig) and config.output == "detr":
+        exporter = export_detr(model, config, target)
+        onnx_model = load_onnx(target, torch.device("cpu"), 2)
+        check = check_detr(name, model, onnx_model, config, detr_scoring(config, model_dir))
     elif isinstance(config, DetectorConfig) and config.output == "yolo":
         size = (config.input_size, config.input_size)
         exporter = export_classifier(model, size, target, scripted, RAW_IO)

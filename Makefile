@@ -195,7 +195,7 @@ bench-quick: $(BENCH_INPUTS) ## Short benchmark (a few minutes) -> build/bench-q
 .PHONY: triton-repo
 triton-repo: $(TRITON_STAMP) ## Generate model_repository/{cpu,gpu} (ensembles: kit preprocess -> ONNX model -> kit postprocess)
 
-TRITON_MODELS := $(DEMOS) $(ZOO_DEMOS)
+TRITON_MODELS := $(DEMOS) $(ZOO_DEMOS) hf_rtdetr
 $(TRITON_STAMP): $(foreach m,$(TRITON_MODELS),$(ONNX_DIR)/$(m)/model.onnx) $(HANDLER_SRC) triton/servekit_step.py scripts/deploy/triton_repo.py
 	$(PY) scripts/deploy/triton_repo.py $(TRITON_MODELS)
 	touch $@

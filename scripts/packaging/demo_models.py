@@ -213,7 +213,14 @@ def make_hf_detector(model_dir: Path) -> None:
         decoder_layers=3, num_labels=len(names), id2label=dict(enumerate(names)),
     )  # fmt: skip
     torch.manual_seed(SEED)
-    transformers.RTDetrForObjectDetection(config).eval().save_pretrained(str(model_dir))
+    model = transformers.RTDetrForObjectDetection(config)
+    # as initialised, the batch norms shrink the encoder's output to ~1e-6, so every anchor's score ties and the
+    # query selection is left to the top-k's tie-break (ONNX Runtime's and torch's differ): recalibrated on the
+    # photos, the scores spread and the network and its ONNX export select the same queries
+    photos = [torch.from_numpy(p).permute(2, 0, 1)[None].float() / 255 for p in sample_photos().values()]
+    batch = torch.cat([torch.nn.functional.interpolate(p, size=(640, 640), mode="bilinear") for p in photos])
+    recalibrate_batchnorm(model, lambda: model(pixel_values=batch))
+    model.save_pretrained(str(model_dir))
     transformers.RTDetrImageProcessor().save_pretrained(str(model_dir))
     _write_labels(model_dir, names)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import psutil
@@ -20,7 +21,7 @@ import shapes_seg
 from checks import assert_same_answer, assert_same_detections
 from client import KeyRing, Reply, RestClient, TritonClient
 from corpus import CORRUPT
-from kit import MODELS, REPO, TRITON_SERVED, ZOO_DEMOS, Server, triton_repository
+from kit import REPO, TRITON_MODELS, TRITON_SERVED, Server, triton_repository
 from loadgen import metric_samples, metric_total
 from servekit.config import read_model_config
 from triton_repo import RawGraph, model_configs, parse_config
@@ -31,7 +32,7 @@ SHAPES_RAW = RawGraph("images", "output0", (7, 1600))
 
 
 @pytest.mark.parametrize("kind", ["cpu", "gpu"])
-@pytest.mark.parametrize("name", [*MODELS, *ZOO_DEMOS])
+@pytest.mark.parametrize("name", TRITON_MODELS)
 def test_generated_configs_parse(kind: str, name: str) -> None:
     config = read_model_config(REPO / "models" / name)
     raw = SHAPES_RAW if name == "shapes" else None
@@ -64,6 +65,11 @@ def test_generated_configs_parse(kind: str, name: str) -> None:
         assert [(t.name, list(t.dims)) for t in pre.output] == [("images", [3, 320, 320]), ("geometry", [6])]
         assert [(t.name, list(t.dims)) for t in model.output] == [("output0", [7, 1600])]
         assert [t.name for t in configs["shapes_postprocess"].input] == ["output0", "geometry"]
+    if name == "hf_rtdetr":  # the recipe's 640 x 640 batches; each image's size goes around the model
+        pre = configs["hf_rtdetr_preprocess"]
+        assert [(t.name, list(t.dims)) for t in pre.output] == [("pixel_values", [3, 640, 640]), ("size", [2])]
+        assert [(t.name, list(t.dims)) for t in model.output] == [("logits", [-1, -1]), ("pred_boxes", [-1, 4])]
+        assert [t.name for t in configs["hf_rtdetr_postprocess"].input] == ["logits", "pred_boxes", "size"]
 
 
 def test_a_bad_config_is_reported_with_line_and_column() -> None:
@@ -75,8 +81,8 @@ def test_a_bad_config_is_reported_with_line_and_column() -> None:
 @pytest.mark.parametrize("kind", ["cpu", "gpu"])
 def test_repository_layout(kind: str) -> None:
     root = triton_repository(kind)
-    assert set(ensembles(root)) == {*MODELS, *ZOO_DEMOS}
-    for name in [*MODELS, *ZOO_DEMOS]:
+    assert set(ensembles(root)) == set(TRITON_MODELS)
+    for name in TRITON_MODELS:
         for step in ("preprocess", "postprocess"):
             version = root / f"{name}_{step}" / "1"
             assert (version / "model.py").is_file() and (version / "servekit" / "triton_steps.py").is_file()
@@ -128,7 +134,7 @@ def test_answers_equal_torchserve(
     # Both servers run the same network; the detectors are compared on the same backend (their ONNX graphs,
     # which TorchServe serves as <name>_onnx): scores of eager and ONNX Runtime differ by ~1.5e-4.
     torchserve = RestClient(server.endpoints, KeyRing(server.key_file))
-    for name in TRITON_SERVED:
+    for name in [n for n in TRITON_SERVED if n != "hf_rtdetr"]:  # the DETR: test_detr_answers_as_the_handler
         detector = name in DETECTORS
         served_as = f"{name}_onnx" if detector else name
         for photo in ("astronaut", "coffee", "chelsea"):
@@ -181,6 +187,23 @@ def send_batched_with_a_corrupt_one(triton: Triton, client: TritonClient, model:
     assert after_inferences - inferences == 15
     assert after_executions - executions < 15, (after_executions - executions, "no batch formed")
     return [*replies[:5], *replies[6:]]
+
+
+@pytest.mark.e2e
+def test_detr_answers_as_the_handler(
+    triton: Triton, triton_client: TritonClient, load_handler: Any, jpegs: dict[str, bytes]
+) -> None:
+    """The RT-DETR ensemble (``pixel_values`` -> ``logits``, ``pred_boxes``) answers photos of mixed sizes, sent
+    at once with a corrupt one, as its archive does when TorchServe's own loader runs it (the network in torch)."""
+    photos = [jpegs[name] for name in sorted(jpegs)]
+    good = [photos[i % len(photos)] for i in range(15)]
+    answers = load_handler("hf_rtdetr").handle([{"body": data} for data in photos])
+    assert all(status == 200 for status, _ in answers), answers
+    expected = {data: body for data, (_, body) in zip(photos, answers)}
+    replies = send_batched_with_a_corrupt_one(triton, triton_client, "hf_rtdetr", good)
+    assert any(expected[data] for data in good), "no detection passed score_threshold: nothing compared"
+    for data, reply in zip(good, replies):
+        assert_same_detections(reply.body, expected[data])
 
 
 @pytest.mark.e2e

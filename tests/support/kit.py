@@ -26,8 +26,9 @@ TRITON_REPOSITORY = REPO / "model_repository"
 SERVED_VARIANTS = ["fasterrcnn_onnx", "shapes_onnx"]
 MODELS = ("digits", "resnet18", "mobilenet_v3_small", "fasterrcnn", "shapes", "shapes_seg")
 ZOO_DEMOS = ("timm_convnext", "hf_vit")  # a timm and a Hugging Face classifier, served and in the Triton repository
-# what the tests' tritonserver loads from the CPU repository
-TRITON_SERVED = ["resnet18", "fasterrcnn", "shapes", "shapes_seg", *ZOO_DEMOS]
+# the ensembles `make triton-repo` writes, and what the tests' tritonserver loads from the CPU repository
+TRITON_MODELS = (*MODELS, *ZOO_DEMOS, "hf_rtdetr")
+TRITON_SERVED = ["resnet18", "fasterrcnn", "shapes", "shapes_seg", *ZOO_DEMOS, "hf_rtdetr"]
 
 
 def archive(name: str) -> Path:

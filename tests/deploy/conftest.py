@@ -12,10 +12,10 @@ from tritonctl import Triton, TritonEndpoints
 
 
 @pytest.fixture(scope="module")
-def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Triton]:
-    server = Triton(
-        tmp_path_factory.mktemp("triton"), triton_repository("cpu"), TRITON_SERVED, TritonEndpoints.random()
-    )
+def triton(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Triton]:
+    """Loads ``TRITON_SERVED``, or the module's own ``TRITON_LOADS``."""
+    models = list(getattr(request.module, "TRITON_LOADS", TRITON_SERVED))
+    server = Triton(tmp_path_factory.mktemp("triton"), triton_repository("cpu"), models, TritonEndpoints.random())
     server.start()
     try:
         server.wait_ready()

@@ -35,6 +35,7 @@ from pathlib import Path
 from archive_args import stage_servekit
 from servekit.config import ClassifierConfig, DetectorConfig, HandlerConfig, SegmenterConfig, read_model_config
 from servekit.loading import load_labels
+from servekit.onnx_backend import DETECTOR_IO
 from servekit.triton_steps import DETR_IMAGE
 
 logger = logging.getLogger("triton_repo")
@@ -258,6 +259,13 @@ def _stage_python(folder: Path, model_dir: Path, config: HandlerConfig, handlers
         shutil.copy(model_dir / "config.json", version / "config.json")
 
 
+def graph_outputs(onnx_file: Path) -> list[str]:
+    """The output names of an ONNX graph."""
+    import onnx
+
+    return [output.name for output in onnx.load(str(onnx_file), load_external_data=False).graph.output]
+
+
 def write_model(name: str, models: Path, onnx_dir: Path, out: Path, *, kind: str, handlers: Path) -> list[str]:
     """Write one model's ensemble and steps under ``out``; return the Triton model names."""
     model_dir = models / name
@@ -266,6 +274,13 @@ def write_model(name: str, models: Path, onnx_dir: Path, out: Path, *, kind: str
     if not onnx_file.is_file():
         raise SystemExit(f"{onnx_file} is missing: run `make onnx` first")
     classes = len(load_labels(model_dir / config.labels))
+    if isinstance(config, DetectorConfig) and config.output == "torchvision":
+        extra = [output for output in graph_outputs(onnx_file) if output not in DETECTOR_IO[1]]
+        if extra:  # the ensemble would drop them silently where TorchServe answers them
+            raise SystemExit(
+                f"{name}: a torchvision detector's Triton ensemble answers boxes, labels and scores; this graph also "
+                f"gives {', '.join(extra)} (masks or keypoints), which only TorchServe answers: serve it there"
+            )
     raw = None
     if isinstance(config, DetectorConfig) and config.output == "yolo":
         raw = RawGraph.probe(onnx_file, config.input_size)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,10 +26,11 @@ from corpus import CORRUPT
 from kit import REPO, TRITON_MODELS, TRITON_SERVED, Server, triton_repository
 from loadgen import metric_samples, metric_total
 from servekit.config import read_model_config
-from triton_repo import RawGraph, model_configs, parse_config
+from triton_repo import RawGraph, model_configs, parse_config, write_model
 from tritonctl import ADMIN_HEADER, Triton, ensembles
 
 DETECTORS = ("fasterrcnn", "shapes")
+HANDLERS = REPO / "handlers"
 TRITON_LOADS = [*TRITON_SERVED, "hf_rtdetr"]  # the DETR here only: the images' tests leave it out (memory)
 SHAPES_RAW = RawGraph("images", "output0", (7, 1600))
 
@@ -71,6 +74,31 @@ def test_generated_configs_parse(kind: str, name: str) -> None:
         assert [(t.name, list(t.dims)) for t in pre.output] == [("pixel_values", [3, 640, 640]), ("size", [2])]
         assert [(t.name, list(t.dims)) for t in model.output] == [("logits", [-1, -1]), ("pred_boxes", [-1, 4])]
         assert [t.name for t in configs["hf_rtdetr_postprocess"].input] == ["logits", "pred_boxes", "size"]
+
+
+def test_a_detector_with_masks_is_refused_not_served_without_them(tmp_path: Path) -> None:
+    """A Mask R-CNN's graph gives masks beside boxes, labels and scores: its ensemble would drop them, so
+    `make triton-repo` says so in one line instead of writing it."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    folder = tmp_path / "models" / "masked"
+    folder.mkdir(parents=True)
+    for file in ("model-config.yaml", "labels.json"):
+        shutil.copy(REPO / "models" / "fasterrcnn" / file, folder / file)
+    outputs = ["boxes", "labels", "scores", "masks"]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["image"], [name]) for name in outputs],
+        "masked",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [3, None, None])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, [3, None, None]) for name in outputs],
+    )
+    (tmp_path / "onnx" / "masked").mkdir(parents=True)
+    onnx.save(helper.make_model(graph), str(tmp_path / "onnx" / "masked" / "model.onnx"))
+    with pytest.raises(SystemExit) as refused:
+        write_model("masked", tmp_path / "models", tmp_path / "onnx", tmp_path / "repo", kind="cpu", handlers=HANDLERS)
+    assert "masks (masks or keypoints), which only TorchServe answers" in str(refused.value)
+    assert not (tmp_path / "repo").exists()
 
 
 def test_a_bad_config_is_reported_with_line_and_column() -> None:

@@ -15,7 +15,7 @@ same JSON body ``{"error": ..., "code": ...}`` that TorchServe sends.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,26 @@ def image_bytes(value: Any) -> bytes:
 
 Tensors = dict[str, np.ndarray]  # one image's tensors by Triton name
 DETR_IMAGE = "pixel_values"  # a DETR-family graph's input, as `make onnx` and Hugging Face's exports name it
+
+
+SizedItem = SegmenterItem | DetrItem  # the resized image first, the size it was sent at second
+
+
+def resized_batch(
+    images: Sequence[bytes], prepare: Callable[[bytes], SizedItem], config: HandlerConfig, image_name: str
+) -> BatchOutcome:
+    """Each image decoded and resized alone by ``prepare`` (to one [h, w] recipe), the good ones normalized as
+    one batch; each image's row goes out as ``image_name`` with its size as sent (``size``, int32) beside it,
+    for the postprocess to answer in that image's pixels (segmenters and DETR-family detectors)."""
+
+    def normalize(items: list[SizedItem]) -> torch.Tensor:
+        return classifier_batch([item[0] for item in items], config)
+
+    def split(batch: torch.Tensor, items: list[SizedItem]) -> list[Tensors]:
+        sizes = [np.array(item[1], dtype=np.int32) for item in items]
+        return [{image_name: row, "size": size} for row, size in zip(batch.numpy(), sizes)]
+
+    return run_batch(images, prepare, normalize, split)
 
 
 @dataclass(frozen=True)
@@ -170,18 +190,7 @@ class SegmenterSteps:
 
     def preprocess(self, images: Sequence[bytes]) -> BatchOutcome:
         """Decode and resize each image alone; normalize the good ones as one batch."""
-
-        def prepare(data: bytes) -> SegmenterItem:
-            return segmenter_item({"body": data}, self.config)
-
-        def normalize(items: list[SegmenterItem]) -> torch.Tensor:
-            return classifier_batch([item[0] for item in items], self.config)
-
-        def split(batch: torch.Tensor, items: list[SegmenterItem]) -> list[Tensors]:
-            sizes = [np.array(item[1], dtype=np.int32) for item in items]
-            return [{"input": row, "size": size} for row, size in zip(batch.numpy(), sizes)]
-
-        return run_batch(images, prepare, normalize, split)
+        return resized_batch(images, lambda data: segmenter_item({"body": data}, self.config), self.config, "input")
 
     def postprocess(self, tensors: Tensors) -> list[bytes]:
         """One JSON answer per image of a batch of logits, in the pixels of the image as sent."""
@@ -205,18 +214,7 @@ class DetrSteps:
 
     def preprocess(self, images: Sequence[bytes]) -> BatchOutcome:
         """Decode and resize each image alone; normalize the good ones as one batch."""
-
-        def prepare(data: bytes) -> DetrItem:
-            return detr_item({"body": data}, self.config)
-
-        def normalize(items: list[DetrItem]) -> torch.Tensor:
-            return classifier_batch([item[0] for item in items], self.config)
-
-        def split(batch: torch.Tensor, items: list[DetrItem]) -> list[Tensors]:
-            sizes = [np.array(item[1], dtype=np.int32) for item in items]
-            return [{DETR_IMAGE: row, "size": size} for row, size in zip(batch.numpy(), sizes)]
-
-        return run_batch(images, prepare, normalize, split)
+        return resized_batch(images, lambda data: detr_item({"body": data}, self.config), self.config, DETR_IMAGE)
 
     def postprocess(self, tensors: Tensors) -> list[bytes]:
         """One JSON answer per image of a batch of queries, in the pixels of the image as sent."""

@@ -81,20 +81,15 @@ def tracked_text_files() -> list[Path]:
 def test_every_repository_file_named_exists() -> None:
     """A file of the repository named anywhere in it (a page, a docstring, a comment, `.ci/run`) is there."""
     named = re.compile(r"(?<![\w/.-])((?:scripts|handlers|tests|deploy|triton)/[\w/.-]+\.(?:py|sh|json|yaml|md))\b")
-    missing = {
-        path: str(source.relative_to(REPO))
-        for source in tracked_text_files()
-        for path in named.findall(source.read_text(encoding="utf-8", errors="replace"))
-        if not (REPO / path).exists() and "ts_grpc" not in path
-    }
-    assert not missing, missing
+    test_file = re.compile(r"(?<![\w/.-])(test_\w+\.py)\b")
     tests = {path.name for path in (REPO / "tests").rglob("test_*.py")}
-    unknown = {
-        name: str(source.relative_to(REPO))
-        for source in tracked_text_files()
-        for name in re.findall(r"(?<![\w/.-])(test_\w+\.py)\b", source.read_text(encoding="utf-8", errors="replace"))
-        if name not in tests
-    }
+    missing: dict[str, str] = {}
+    unknown: dict[str, str] = {}
+    for source in tracked_text_files():  # each file read once for both checks
+        text, where = source.read_text(encoding="utf-8", errors="replace"), str(source.relative_to(REPO))
+        missing.update({p: where for p in named.findall(text) if not (REPO / p).exists() and "ts_grpc" not in p})
+        unknown.update({name: where for name in test_file.findall(text) if name not in tests})
+    assert not missing, missing
     assert not unknown, f"test files named that are not under tests/: {unknown}"
 
 

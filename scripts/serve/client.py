@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 import requests
 
+from cli import error_line
 from tsctl import Endpoints, Keys, endpoints_of
 
 GRPC_TO_HTTP = {
@@ -266,13 +267,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keys", type=Path, default=Path("key_file.json"))
     parser.add_argument("--concurrency", type=int, default=1)
     args = parser.parse_args(argv)
+    unreadable = [str(path) for path in args.images if not path.is_file()]
+    if unreadable:  # one line, not a traceback from read_bytes
+        parser.error(f"no such image file: {', '.join(unreadable)}")
     client: Predictor
     if args.backend == "triton":
         url = args.triton_url or ("127.0.0.1:8001" if args.protocol == "grpc" else "127.0.0.1:8000")
         client = TritonClient(url, args.protocol)
     else:
         client = make_client(args.backend, endpoints_of(args.config), KeyRing(args.keys))
-    replies = predict_many(client, args.model, [p.read_bytes() for p in args.images], args.concurrency)
+    try:
+        replies = predict_many(client, args.model, [p.read_bytes() for p in args.images], args.concurrency)
+    except Exception as exc:  # no server there, a refused connection: one line, not a traceback
+        sys.stderr.write(error_line(exc, f"send to {args.model} over {args.backend}") + "\n")
+        return 2
     for path, reply in zip(args.images, replies):
         sys.stdout.write(json.dumps({"image": str(path), "status": reply.status, "answer": reply.body}) + "\n")
     return 0 if all(r.ok for r in replies) else 1

@@ -9,7 +9,7 @@ one line (never a key dump).
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +42,7 @@ def is_state_dict(obj: Any) -> bool:
 def nested_state_dicts(obj: Any, path: tuple[str, ...] = (), depth: int = 3) -> Iterator[tuple[tuple[str, ...], dict]]:
     """Every state_dict in ``obj``: itself, then under the usual checkpoint keys, in that order."""
     if is_state_dict(obj):
-        yield path, dict(obj)
+        yield path, obj if isinstance(obj, OrderedDict) else dict(obj)  # an OrderedDict keeps its _metadata
         return
     if not isinstance(obj, Mapping) or depth == 0:
         return

@@ -17,7 +17,8 @@ import pathlib
 import pickle
 import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,8 @@ def build_network(model_dir: Path, source: ModelSource, **overrides: Any) -> tor
         kwargs.setdefault("weights", None)  # never download: the weights are in the file
         if "weights_backbone" in inspect.signature(builder).parameters:
             kwargs.setdefault("weights_backbone", None)
+        if source.architecture in AUX_HEADS:  # GoogLeNet, Inception: no scipy initialisation of weights about
+            kwargs.setdefault("init_weights", False)  # to be overwritten (and no FutureWarning about its default)
         return builder(**kwargs)
     return user_class(model_dir, source)(**kwargs)
 
@@ -167,6 +170,7 @@ class FittedWeights:
     state: dict[str, torch.Tensor]
     steps: tuple[str, ...]
     num_classes: int | None
+    kwargs: dict[str, Any] = field(default_factory=dict)  # builder keys the weights asked for (aux_logits)
 
 
 def fit_weights(obj: Any, model_dir: Path, source: ModelSource) -> FittedWeights:
@@ -180,18 +184,49 @@ def fit_weights(obj: Any, model_dir: Path, source: ModelSource) -> FittedWeights
     reference = model.state_dict()
     unwrapped = unwrap_checkpoint(obj, set(reference))
     state, steps = without_aux_head(unwrapped.state, reference, unwrapped.steps)
+    extra = without_aux_logits(source, state, reference)
+    if extra:
+        model = build_network(model_dir, source, **extra)
+        reference = model.state_dict()
+        steps = (*steps, "no auxiliary heads in the weights (an eval-mode state_dict): built with aux_logits false")
     problem = misfit(state, reference, name)
     classes = default_classes(model_dir, source)
     if problem and classes is not None and "num_classes" not in source.kwargs:
         inferred = infer_num_classes(state, reference, classes)
         if inferred is not None:
-            model = build_network(model_dir, source, num_classes=inferred)
+            model = build_network(model_dir, source, num_classes=inferred, **extra)
             problem = misfit(state, model.state_dict(), f"{name} with {inferred} classes")
             classes = inferred
     if problem:
         raise ConfigError(problem)
+    state = with_metadata(state, getattr(unwrapped.state, "_metadata", None) or getattr(reference, "_metadata", None))
     model.load_state_dict(state)
-    return FittedWeights(model, state, steps, classes)
+    return FittedWeights(model, state, steps, classes, extra)
+
+
+# torchvision classifiers whose training-only auxiliary heads an eval-mode state_dict may leave out
+AUX_HEADS = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
+
+
+def without_aux_logits(
+    source: ModelSource, state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]
+) -> dict[str, Any]:
+    """``{"aux_logits": False}`` when a GoogLeNet or Inception v3's weights lack exactly its auxiliary heads."""
+    prefixes = AUX_HEADS.get(str(source.architecture), ())
+    if not prefixes or "aux_logits" in source.kwargs:
+        return {}
+    missing = [k for k in reference if k not in state]
+    return {"aux_logits": False} if missing and all(k.startswith(prefixes) for k in missing) else {}
+
+
+def with_metadata(state: Mapping[str, torch.Tensor], metadata: Any) -> dict[str, torch.Tensor]:
+    """The weights as an ``OrderedDict`` carrying ``_metadata`` (each module's version, which
+    ``load_state_dict`` reads: MNASNet refuses weights without it): the file's own, or, when unwrapping lost
+    it (a prefix stripped, safetensors), the built network's, whose layout the weights were just checked to fit."""
+    carried: OrderedDict[str, torch.Tensor] = OrderedDict(state)
+    if metadata is not None:
+        carried._metadata = metadata  # type: ignore[attr-defined]
+    return carried
 
 
 AUX_PREFIX = "aux_classifier."  # torchvision FCN / DeepLabV3: a second head used only by the training loss

@@ -153,6 +153,8 @@ def fitted_plan(args: argparse.Namespace, obj: Any, model: dict[str, Any], sourc
     fitted = fit_weights(obj, source_dir, ModelSource(**model))
     if fitted.num_classes is not None:
         model["kwargs"] = {**model.get("kwargs", {}), "num_classes": fitted.num_classes}
+    if fitted.kwargs:
+        model["kwargs"] = {**model.get("kwargs", {}), **fitted.kwargs}
     plan = Plan(task_section(args, model), [*notes, *fitted.steps], fitted.state, fitted.num_classes)
     plan.network = model.get("architecture") or model.get("model_class") or ""
     plan.fitted = fitted.model

@@ -61,7 +61,8 @@ def sensitize(model: torch.nn.Module, batch: torch.Tensor) -> torch.nn.Module:
             model.train()
             model(batch)
         model.eval()
-        head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        head = (heads or [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)])[-1]  # SqueezeNet: a conv
         spread = float(_logits(model(batch)).std())
         head.weight.mul_(LOGIT_SPREAD / max(spread, 1e-6))
         if head.bias is not None:

@@ -171,6 +171,9 @@ class ClassifierConfig:
     mean: tuple[float, ...] = IMAGENET_MEAN
     # per-channel std divided by
     std: tuple[float, ...] = IMAGENET_STD
+    # the order of the model's input channels: rgb, or bgr (an image processor's do_flip_channel_order, as
+    # MobileViT's); mean and std are given in that order
+    channel_order: Literal["rgb", "bgr"] = "rgb"
     # classes in each answer, best first
     topk: int = 5
     # intra-op threads per worker; 0: cores / maxWorkers
@@ -257,6 +260,9 @@ class DetectorConfig:
     mean: tuple[float, ...] = IMAGENET_MEAN
     # detr: per-channel std
     std: tuple[float, ...] = IMAGENET_STD
+    # detr: the order of the model's input channels: rgb, or bgr (an image processor's do_flip_channel_order, as
+    # MobileViT's); mean and std are given in that order
+    channel_order: Literal["rgb", "bgr"] = "rgb"
     # yolo: the raw output's layout (auto: probed with one forward pass)
     layout: Literal["auto", "yolov5", "yolov8", "end2end"] = "auto"
     # yolo: the letterbox square
@@ -306,12 +312,22 @@ class SegmenterConfig:
     resize: Size = 520
     max_size: int = 0  # with a short-side resize: the long side's cap (Hugging Face's longest_edge; 0: none)
     size_divisor: int = 0  # then each side rounded up to a multiple of it (Mask2Former's size_divisor; 0: none)
+    # with resize as [h, w]: scale both sides by the one factor (of h / height and w / width) nearer to 1
+    # (DPT's keep_aspect_ratio), then round each side to a multiple of ensure_multiple_of (0: exactly [h, w])
+    keep_aspect_ratio: bool = False
+    ensure_multiple_of: int = 0
+    # then the center crop, int or [h, w] (a processor's do_center_crop: MobileViT's, MobileNetV2's; 0: none);
+    # the logits of the crop are still stretched over the whole image, as post_process_semantic_segmentation does
+    crop: Size = 0
     # resampling filter of the resize (antialiased)
     interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
     # per-channel mean
     mean: tuple[float, ...] = IMAGENET_MEAN
     # per-channel std
     std: tuple[float, ...] = IMAGENET_STD
+    # the order of the model's input channels: rgb, or bgr (an image processor's do_flip_channel_order, as
+    # MobileViT's); mean and std are given in that order
+    channel_order: Literal["rgb", "bgr"] = "rgb"
     # The answer: "rle", each class present with its area and a COCO RLE mask; "png", the same classes
     # without masks and the label map (a class index per pixel) as one base64 PNG.
     format: Literal["rle", "png"] = "rle"
@@ -327,6 +343,12 @@ class SegmenterConfig:
     def __post_init__(self) -> None:
         _require(min(_pair(self.resize, "resize")) > 0, "resize", "must be > 0")
         _require(self.max_size >= 0 and self.size_divisor >= 0, "max_size", "and size_divisor must be >= 0")
+        _require(self.ensure_multiple_of >= 0, "ensure_multiple_of", "must be >= 0 (0: none)")
+        _require(
+            isinstance(self.resize, tuple) or not (self.keep_aspect_ratio or self.ensure_multiple_of),
+            "keep_aspect_ratio",
+            "and ensure_multiple_of need resize as [height, width]",
+        )
         _require(len(self.mean) == 3, "mean", "needs 3 values (R, G, B)")
         _require(len(self.std) == 3 and min(self.std) > 0, "std", "needs 3 values > 0")
         _require(0.0 <= self.min_area < 1.0, "min_area", "must be within [0, 1) (a share of the image)")

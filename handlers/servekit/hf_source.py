@@ -120,7 +120,7 @@ def model_task(config: dict[str, Any]) -> tuple[str, str]:
     transformers = require("transformers", "a Hugging Face model folder")
     mappings = transformers.models.auto.modeling_auto
     for task, (_, mapping, _) in HF_TASKS.items():
-        named = next((a for a in architectures if a in set(getattr(mappings, mapping).values())), None)
+        named = next((a for a in architectures if a in mapped_classes(getattr(mappings, mapping))), None)
         if named is not None:
             return task, named
     named = next((a for a in architectures if a in QUERY_SEGMENTERS), None)
@@ -134,6 +134,12 @@ def model_task(config: dict[str, Any]) -> tuple[str, str]:
         )
     served = "; ".join(example for _, _, example in HF_TASKS.values())
     raise ConfigError(f"the Hugging Face folder holds {what}, which the kit does not serve: it serves {served}")
+
+
+def mapped_classes(mapping: dict[str, Any]) -> set[str]:
+    """The class names of a transformers Auto mapping, whose values are a name or a tuple of names (DeiT's and
+    LeViT's ``...WithTeacher`` classes, the distilled checkpoints' own, sit in such tuples)."""
+    return {name for value in mapping.values() for name in (value if isinstance(value, (tuple, list)) else (value,))}
 
 
 def check_task(folder: Path, task: str) -> str:

@@ -57,12 +57,23 @@ def aspect_size(height: int, width: int, short: int, max_size: int) -> tuple[int
     return short, int(scale * width / height)
 
 
-def resized_shape(height: int, width: int, resize: Size, max_size: int = 0, divisor: int = 0) -> tuple[int, int]:
-    """The (height, width) a recipe resizes an image of this size to: exactly ``resize`` when it is a pair;
-    else the short side to ``resize`` (the long side capped at ``max_size``, 0: no cap; torchvision's and
-    Hugging Face's rounding), then each side rounded up to a multiple of ``divisor`` (Mask2Former's
-    ``size_divisor``; 0: none)."""
+def resized_shape(
+    height: int,
+    width: int,
+    resize: Size,
+    max_size: int = 0,
+    divisor: int = 0,
+    *,
+    keep_aspect: bool = False,
+    multiple: int = 0,
+) -> tuple[int, int]:
+    """The (height, width) a recipe resizes an image of this size to: exactly ``resize`` when it is a pair
+    (or, with ``keep_aspect`` or ``multiple``, as DPT's processor does: :func:`fitted_shape`); else the short
+    side to ``resize`` (the long side capped at ``max_size``, 0: no cap; torchvision's and Hugging Face's
+    rounding), then each side rounded up to a multiple of ``divisor`` (Mask2Former's ``size_divisor``; 0: none)."""
     if not isinstance(resize, int):
+        if keep_aspect or multiple:
+            return fitted_shape(height, width, (int(resize[0]), int(resize[1])), keep_aspect, multiple)
         return resize
     out_h, out_w = aspect_size(height, width, resize, max_size)
     if divisor > 0:
@@ -70,19 +81,44 @@ def resized_shape(height: int, width: int, resize: Size, max_size: int = 0, divi
     return out_h, out_w
 
 
+def fitted_shape(height: int, width: int, target: tuple[int, int], keep_aspect: bool, multiple: int) -> tuple[int, int]:
+    """DPT's resize (``get_resize_output_image_size``): with ``keep_aspect``, both sides scaled by the one of
+    the two factors nearer to 1; each side then rounded to the nearest multiple of ``multiple`` (Python's
+    ``round``, as Hugging Face's ``constrain_to_multiple_of`` with no bounds)."""
+    scale_h, scale_w = target[0] / height, target[1] / width
+    if keep_aspect:
+        if abs(1 - scale_w) < abs(1 - scale_h):
+            scale_h = scale_w
+        else:
+            scale_w = scale_h
+    step = max(multiple, 1)
+    return round(scale_h * height / step) * step, round(scale_w * width / step) * step
+
+
 def segmenter_input(pixels: torch.Tensor, config: SegmenterConfig, sent: tuple[int, int] | None = None) -> torch.Tensor:
     """The segmenter's recipe on one uint8 image: resized as the model was trained, no crop; still uint8.
     The shape comes from the (height, width) as sent, so a reduced-scale JPEG decode gives the same one."""
     height, width = sent or (int(pixels.shape[-2]), int(pixels.shape[-1]))
-    shape = resized_shape(height, width, config.resize, config.max_size, config.size_divisor)
-    return resize_image(pixels, shape, config.interpolation)
+    shape = resized_shape(
+        height, width, config.resize, config.max_size, config.size_divisor,
+        keep_aspect=config.keep_aspect_ratio, multiple=config.ensure_multiple_of,
+    )  # fmt: skip
+    resized = resize_image(pixels, shape, config.interpolation)
+    if not config.crop:
+        return resized
+    height, width = (config.crop, config.crop) if isinstance(config.crop, int) else config.crop
+    top, left = max(int(resized.shape[1]) - height, 0) // 2, max(int(resized.shape[2]) - width, 0) // 2
+    return resized[:, top : top + height, left : left + width]  # Hugging Face's center crop (floor margins)
 
 
 def classifier_batch(
     crops: Sequence[torch.Tensor], config: ClassifierConfig | SegmenterConfig | DetectorConfig
 ) -> torch.Tensor:
-    """Stack uint8 images of one shape into one float batch normalized by the config's mean and std."""
+    """Stack uint8 images of one shape into one float batch in the model's channel order, normalized by the
+    config's mean and std."""
     batch = torch.stack(list(crops)).to(torch.float32).div_(255.0)
+    if config.channel_order == "bgr":
+        batch = batch.flip(1)
     mean = torch.tensor(config.mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(config.std, dtype=torch.float32).view(1, 3, 1, 1)
     return batch.sub_(mean).div_(std)

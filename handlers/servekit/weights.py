@@ -16,8 +16,8 @@ import inspect
 import pathlib
 import pickle
 import zipfile
-from collections.abc import Mapping
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

@@ -252,6 +252,8 @@ def hf_plan(args: argparse.Namespace, sniffed: Sniffed) -> Plan:
         return plan
     if PROCESSOR_FILE in copies:
         plan.use_recipe(hf_processor_recipe(args.pt, args.task))
+        if task != "detection":
+            plan.notes.append(processor_check(args.pt, plan.section))
     else:
         plan.notes.append(f"no {PROCESSOR_FILE}: ImageNet's 256/224 bilinear recipe")
     return plan
@@ -266,6 +268,57 @@ def hf_processor_recipe(folder: Path, task: str) -> Recipe:
 
     processor = transformers.AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
     return hf_recipe(processor.to_dict(), f"{type(processor).__name__} ({PROCESSOR_FILE})", task)
+
+
+PROBE_SIZES = ((240, 320), (333, 250))  # (height, width): a landscape and a portrait image, odd margins
+PROBE_LEVELS = 3.0  # the kit's input may differ from the processor's by this many quantization levels
+
+
+def processor_check(folder: Path, section: dict[str, Any]) -> str:
+    """Check the recipe read from a processor against the processor itself: both preprocess smooth probe
+    images and the model inputs must agree in shape and within ``PROBE_LEVELS`` levels of one pixel value.
+
+    Raises:
+        ConfigError: one line naming the processor, the probe and how the kit's reading of it differs.
+    """
+    import transformers
+
+    processor = transformers.AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
+    name = type(processor).__name__
+    config = parse_handler_config(section)
+    level = 1 / (255 * min(config.std))
+    worst = 0.0
+    for height, width in PROBE_SIZES:
+        image = smooth_image(height, width)
+        theirs = processor(images=Image.fromarray(image), return_tensors="pt")["pixel_values"][0].float()
+        mine = kit_input(torch.from_numpy(image).permute(2, 0, 1), config)
+        if tuple(mine.shape) != tuple(theirs.shape):
+            raise ConfigError(
+                f"{name} turns a {width}x{height} image into {list(theirs.shape)}, the kit's reading of it into "
+                f"{list(mine.shape)}: it would not answer as its processor; set resize and crop in model-config.yaml"
+            )
+        worst = max(worst, float((mine - theirs).abs().max()) / level)
+    if worst > PROBE_LEVELS:
+        raise ConfigError(
+            f"{name}'s pixel values differ from the kit's reading of it by {worst:.1f} levels on a probe image: "
+            "a processor step the kit does not reproduce; it would not answer as its processor"
+        )
+    return f"checked against {name} on {len(PROBE_SIZES)} probe images (within {worst:.1f} pixel levels)"
+
+
+def smooth_image(height: int, width: int) -> np.ndarray:
+    """A seeded image of smooth colour gradients (resize kernels agree on it up to rounding)."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    planes = [np.sin(x / (17 + 9 * c) + y / (23 + 5 * c) + c) for c in range(3)]
+    return ((np.stack(planes, -1) + 1) * 127.5).round().astype(np.uint8)
+
+
+def kit_input(pixels: torch.Tensor, config: Any) -> torch.Tensor:
+    """One image as the kit's service feeds it to the model (the classifier's crop, or the segmenter's resize)."""
+    from servekit.transforms import classifier_batch, classifier_crop, segmenter_input
+
+    resized = classifier_crop(pixels, config) if config.task == "classification" else segmenter_input(pixels, config)
+    return classifier_batch([resized], config)[0]
 
 
 def graph_plan(args: argparse.Namespace, sniffed: Sniffed) -> Plan:

@@ -162,7 +162,9 @@ TORCHVISION = [
 # ------------------------------------------------------------------ timm
 
 
-def timm_classifier(name: str, form: str = "state_dict", **kwargs: Any) -> Callable[[Path, Sequence[Image.Image]], Built]:
+def timm_classifier(
+    name: str, form: str = "state_dict", **kwargs: Any
+) -> Callable[[Path, Sequence[Image.Image]], Built]:
     """A timm model saved as a state_dict (``ARCH=timm:<name>``), a hub folder (``save_for_hf``) or a
     ``train.py`` checkpoint trained at another input size (``kwargs['input_size']``)."""
 
@@ -236,13 +238,11 @@ HF_CLASSIFIERS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "beit": ("BeitForImageClassification", {**SMALL_VIT, "image_size": 224}, {}),
     "data2vec-vision": ("Data2VecVisionForImageClassification", {**SMALL_VIT, "image_size": 224}, {}),
     "bit": ("BitForImageClassification", {"hidden_sizes": [16, 32, 48, 64], "depths": [1, 1, 1, 1],
-                                          "embedding_size": 16}, {}),
+                                          "embedding_size": 16, "num_groups": 8}, {}),
     "convnext": ("ConvNextForImageClassification", SMALL_CNN, {"crop_pct": 0.875}),
     "convnextv2": ("ConvNextV2ForImageClassification", SMALL_CNN, {"crop_pct": 0.875}),
-    "cvt": ("CvtForImageClassification", {"embed_dim": [16, 32, 48], "num_heads": [1, 2, 2], "depth": [1, 1, 1]},
-            {}),
     "dinov2": ("Dinov2ForImageClassification", {**SMALL_VIT, "image_size": 224, "patch_size": 14}, {}),
-    "efficientnet": ("EfficientNetForImageClassification", {"width_coefficient": 0.25, "depth_coefficient": 0.25,
+    "efficientnet": ("EfficientNetForImageClassification", {"width_coefficient": 0.5, "depth_coefficient": 0.5,
                      "image_size": 224, "hidden_dim": 320}, {"size": {"height": 224, "width": 224}}),
     "focalnet": ("FocalNetForImageClassification", {"embed_dim": 16, "depths": [1, 1, 1, 1]}, {}),
     "mobilenet_v1": ("MobileNetV1ForImageClassification", {"depth_multiplier": 0.25}, {}),
@@ -255,8 +255,10 @@ HF_CLASSIFIERS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
                     {"size": {"shortest_edge": 288}, "crop_size": {"height": 256, "width": 256}}),
     "poolformer": ("PoolFormerForImageClassification", {"hidden_sizes": [16, 32, 48, 64], "depths": [1, 1, 1, 1]},
                    {}),
-    "pvt": ("PvtForImageClassification", {"hidden_sizes": [16, 32, 48, 64], "depths": [1, 1, 1, 1]}, {}),
-    "pvt_v2": ("PvtV2ForImageClassification", {"hidden_sizes": [16, 32, 48, 64], "depths": [1, 1, 1, 1]}, {}),
+    "pvt": ("PvtForImageClassification", {"hidden_sizes": [16, 32, 48, 64], "depths": [1, 1, 1, 1],
+            "num_attention_heads": [1, 2, 2, 4]}, {}),
+    "pvt_v2": ("PvtV2ForImageClassification", {"hidden_sizes": [16, 32, 48, 64], "depths": [1, 1, 1, 1],
+               "num_attention_heads": [1, 2, 2, 4]}, {}),
     "regnet": ("RegNetForImageClassification", {"hidden_sizes": [16, 32, 48, 64], "depths": [1, 1, 1, 1],
                                                 "embedding_size": 16, "groups_width": 8}, {"crop_pct": 0.875}),
     "resnet": ("ResNetForImageClassification", SMALL_CNN, {"crop_pct": 0.875}),
@@ -279,12 +281,14 @@ HF_SEGMENTERS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "mobilenet_v2": ("MobileNetV2ForSemanticSegmentation", {"depth_multiplier": 0.35},
                      {"size": {"shortest_edge": 513}, "crop_size": {"height": 513, "width": 513}}),
     "dpt": ("DPTForSemanticSegmentation", {**SMALL_VIT, "image_size": 384, "neck_hidden_sizes": [16, 32, 48, 64],
-            "fusion_hidden_size": 32, "backbone_out_indices": [0, 1, 1, 1]},
-            {"keep_aspect_ratio": True, "ensure_multiple_of": 32, "size": {"height": 384, "width": 384}}),
-    "data2vec-vision": ("Data2VecVisionForSemanticSegmentation", {**SMALL_VIT, "image_size": 224,
-                        "out_indices": [0, 1, 1, 1], "pool_scales": [1, 2], "auxiliary_channels": 16,
+            "num_hidden_layers": 4, "fusion_hidden_size": 32, "backbone_out_indices": [0, 1, 2, 3],
+            "neck_ignore_stages": [], "use_auxiliary_head": False},
+            {"ensure_multiple_of": 32, "size": {"height": 384, "width": 384}}),
+    "data2vec-vision": ("Data2VecVisionForSemanticSegmentation", {**SMALL_VIT, "num_hidden_layers": 4,
+                        "image_size": 224, "out_indices": [0, 1, 2, 3], "pool_scales": [1, 2], "auxiliary_channels": 16,
                         "use_auxiliary_head": False}, {}),
-    "beit": ("BeitForSemanticSegmentation", {**SMALL_VIT, "image_size": 224, "out_indices": [0, 1, 1, 1],
+    "beit": ("BeitForSemanticSegmentation", {**SMALL_VIT, "num_hidden_layers": 4, "image_size": 224,
+             "out_indices": [0, 1, 2, 3],
              "pool_scales": [1, 2], "auxiliary_channels": 16, "use_auxiliary_head": False}, {}),
 }  # fmt: skip
 
@@ -303,9 +307,11 @@ def hf_folder(model_type: str, spec: tuple[str, dict[str, Any], dict[str, Any]],
         config.architectures = [class_name]
         torch.manual_seed(0)
         model = getattr(transformers, class_name)(config).eval()
-        processor = transformers.AutoImageProcessor.for_model(kind, **processor_keys) if hasattr(
-            transformers.AutoImageProcessor, "for_model"
-        ) else _processor(transformers, kind, processor_keys)
+        processor = (
+            transformers.AutoImageProcessor.for_model(kind, **processor_keys)
+            if hasattr(transformers.AutoImageProcessor, "for_model")
+            else _processor(transformers, kind, processor_keys)
+        )
         target = folder / f"hf_{model_type}_{task}"
         if task == "classification":
 
@@ -368,7 +374,7 @@ def verdict(task: str, answer: Any, expected: Any) -> tuple[float, bool]:
     for got, want in zip(answer, expected):
         if got["index"] != want["index"] or abs(got["score"] - want["score"]) > SCORE:
             return float("inf"), False
-        worst = max(worst, max(abs(a - b) for a, b in zip(got["box"], want["box"])))
+        worst = max(worst, *(abs(a - b) for a, b in zip(got["box"], want["box"])))
     return worst, worst <= BOX_PX
 
 

@@ -320,6 +320,10 @@ lint: | $(STAMP) ## ruff: lint (with a complexity limit) and format check
 test-fast: lint archive ## The fast tier: the tests not marked e2e (unit and in-process handler tests)
 	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
 
+.PHONY: test-zoo
+test-zoo: lint $(STAMP) ## The zoo sweep: torchvision, timm and Hugging Face architectures served by one TorchServe against each owner's pipeline -> build/zoo-sweep.md
+	$(PY) -m pytest -m zoo -s $(PYTEST_ARGS)
+
 .PHONY: test
 test: lint archive $(GRPC_STUBS) $(BENCH_INPUTS) image ## Set up and run all tests (lint, unit, in-process handler, backends, real TorchServe end to end)
 	$(PY) -m pytest $(PYTEST_ARGS)

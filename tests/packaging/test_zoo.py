@@ -49,9 +49,10 @@ def test_hf_recipes_exact_resize_crop_pct_and_rescale_folded() -> None:
         {"size": {"height": 224, "width": 224}, "resample": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}, "vit"
     )
     assert (vit.resize, vit.crop, vit.interpolation, vit.crop_rounding) == ((224, 224), 0, "bilinear", "floor")
-    convnext = hf_recipe({"size": {"shortest_edge": 224}, "crop_pct": 0.875, "resample": 3}, "convnext")
+    kind = {"image_processor_type": "ConvNextImageProcessor"}
+    convnext = hf_recipe({"size": {"shortest_edge": 224}, "crop_pct": 0.875, "resample": 3, **kind}, "convnext")
     assert (convnext.resize, convnext.crop, convnext.interpolation) == (256, 224, "bicubic")
-    large = hf_recipe({"size": {"shortest_edge": 384}, "crop_pct": 0.875, "resample": 3}, "convnext")
+    large = hf_recipe({"size": {"shortest_edge": 384}, "crop_pct": 0.875, "resample": 3, **kind}, "convnext")
     assert (large.resize, large.crop) == ((384, 384), 0)
     raw = hf_recipe(
         {"size": {"height": 32, "width": 32}, "do_rescale": False, "image_mean": [0, 0, 0], "image_std": [255] * 3}, "r"
@@ -59,6 +60,78 @@ def test_hf_recipes_exact_resize_crop_pct_and_rescale_folded() -> None:
     assert raw.std == pytest.approx((1.0, 1.0, 1.0)) and raw.mean == (0.0, 0.0, 0.0)
     with pytest.raises(ConfigError, match="without a crop, so the input size varies"):
         hf_recipe({"size": {"shortest_edge": 800}}, "detr")
+
+
+MOBILENET_V2 = {  # google/mobilenet_v2_1.0_224's preprocessor_config.json: a crop_pct its class never reads
+    "image_processor_type": "MobileNetV2ImageProcessor", "crop_pct": 0.875, "size": {"shortest_edge": 256},
+    "do_center_crop": True, "crop_size": {"height": 224, "width": 224}, "resample": 2,
+    "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+}  # fmt: skip
+
+
+def test_hf_processors_are_read_as_their_class_reads_them() -> None:
+    mobilenet = hf_recipe(MOBILENET_V2, "mobilenet_v2")
+    assert (mobilenet.resize, mobilenet.crop) == (256, 224)
+    levit = hf_recipe(
+        {**MOBILENET_V2, "image_processor_type": "LevitImageProcessor", "size": {"shortest_edge": 224}}, "l"
+    )
+    assert (levit.resize, levit.crop) == (256, 224)
+    pool = hf_recipe({**MOBILENET_V2, "image_processor_type": "PoolFormerImageProcessor", "crop_pct": 0.9}, "p")
+    assert pool.resize == 284
+    mobilevit = hf_recipe(
+        {"image_processor_type": "MobileViTImageProcessor", "size": {"shortest_edge": 288}, "do_center_crop": True,
+         "crop_size": {"height": 256, "width": 256}, "do_flip_channel_order": True, "image_mean": [0.5] * 3,
+         "image_std": [0.5] * 3, "resample": 3}, "mobilevit",
+    )  # fmt: skip
+    assert mobilevit.channel_order == "bgr" and mobilevit.mean == (0.0,) * 3 and mobilevit.std == (1.0,) * 3
+    assert mobilevit.section()["channel_order"] == "bgr" and "channels flipped to BGR" in mobilevit.describe()
+    effnet = hf_recipe(
+        {"image_processor_type": "EfficientNetImageProcessor", "size": {"height": 224, "width": 224},
+         "rescale_offset": True, "include_top": True, "image_mean": [0.5] * 3, "image_std": [0.25] * 3}, "effnet",
+    )  # fmt: skip
+    pixel = torch.tensor([0.0, 100.0, 255.0])  # (p / 255 - 1 - 0.5) / 0.25 / 0.25, as the processor computes
+    assert torch.allclose((pixel / 255 - effnet.mean[0]) / effnet.std[0], ((pixel / 255 - 1) - 0.5) / 0.25 / 0.25)
+    dpt = hf_recipe(
+        {"image_processor_type": "DPTImageProcessor", "size": {"height": 384, "width": 384}, "keep_aspect_ratio": True,
+         "ensure_multiple_of": 32, "resample": 3}, "dpt", task="segmentation",
+    )  # fmt: skip
+    wanted = {"resize": [384, 384], "keep_aspect_ratio": True, "ensure_multiple_of": 32}
+    assert wanted.items() <= dpt.section("segmentation").items()
+    with pytest.raises(ConfigError, match="vary the input size of a classifier"):
+        hf_recipe({"image_processor_type": "DPTImageProcessor", "size": {"height": 384, "width": 384},
+                   "keep_aspect_ratio": True}, "dpt")  # fmt: skip
+
+
+@pytest.mark.parametrize(("height", "width"), [(240, 320), (333, 250), (480, 1280), (384, 384)])
+def test_dpt_resize_shape_is_hugging_faces(height: int, width: int) -> None:
+    from transformers.models.dpt.image_processing_dpt import get_resize_output_image_size
+
+    from servekit.transforms import resized_shape
+
+    for keep in (True, False):
+        theirs = get_resize_output_image_size(torch.zeros(3, height, width), (384, 384), keep, 32)
+        assert resized_shape(height, width, (384, 384), keep_aspect=keep, multiple=32) == (theirs.height, theirs.width)
+
+
+def test_weights_keep_their_metadata_and_eval_mode_aux_heads_may_be_missing() -> None:
+    from servekit.config import ModelSource
+    from servekit.weights import fit_weights
+
+    mnasnet = torchvision.models.mnasnet0_5(num_classes=4).state_dict()
+    prefixed = {f"module.{k}": v for k, v in mnasnet.items()}  # stripped, the file's _metadata is lost
+    for obj in (mnasnet, {"model": mnasnet}, prefixed):
+        fitted = fit_weights(obj, Path("."), ModelSource(architecture="mnasnet0_5"))
+        assert fitted.num_classes == 4 and fitted.state._metadata[""]["version"] == 2
+    googlenet = torchvision.models.googlenet(num_classes=3, aux_logits=False, init_weights=False).state_dict()
+    fitted = fit_weights(googlenet, Path("."), ModelSource(architecture="googlenet"))
+    assert fitted.kwargs == {"aux_logits": False} and "aux_logits false" in fitted.steps[-1]
+
+
+def test_distilled_hugging_face_classes_are_classifiers() -> None:
+    from servekit.hf_source import model_task
+
+    for named in ("DeiTForImageClassificationWithTeacher", "LevitForImageClassificationWithTeacher"):
+        assert model_task({"architectures": [named]}) == ("classification", named)
 
 
 def test_exact_resize_and_no_crop_parse_and_shape_the_input() -> None:

@@ -413,3 +413,140 @@ def noisy(image: Image.Image, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     pixels = np.asarray(image).astype(np.int16) + rng.integers(-1, 2, np.asarray(image).shape)
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+# ------------------------------------------------------------------ the sweep, served
+
+SWEEP_PHOTOS = ("astronaut", "coffee", "chelsea", "retina")
+RETINA_SIDE = 700  # the dark fundus photo, under twice the recipes' sizes: the recipe alone, no reduced decode
+CHUNK = 8  # models registered in the server at once (a worker each)
+
+
+def sweep_photos() -> dict[str, bytes]:
+    """The sweep's JPEGs (q90): three of scikit-image's photos and its dark retina fundus photo at 700 px."""
+    import demo_models
+
+    photos = demo_models.sample_photos(SWEEP_PHOTOS)
+    photos["retina"] = np.asarray(Image.fromarray(photos["retina"]).resize((RETINA_SIDE,) * 2, Image.LANCZOS))
+    return {name: demo_models.encode(image, "JPEG", quality=90) for name, image in photos.items()}
+
+
+def scaffold_case(case: Case, built: Built, models: Path) -> str:
+    """``make scaffold``'s own code in process (one Python for every case), then the keys a user would set:
+    every class in a classifier's answer, a detector's threshold at 0. Returns the refusal's line, or ''."""
+    import scaffold_model
+    import yaml
+
+    from cli import error_line
+
+    argv = ["--name", case.name, "--task", case.task, "--pt", built.make_vars["PT"], "--root", str(models)]
+    for key, flag in (("ARCH", "--architecture"), ("LABELS", "--labels")):
+        if key in built.make_vars:
+            argv += [flag, built.make_vars[key]]
+    try:
+        folder, _ = scaffold_model.scaffold(scaffold_model.parse_args(argv))
+    except Exception as exc:  # the line make scaffold prints
+        return error_line(exc, f"scaffold from {built.make_vars['PT']}")
+    document = yaml.safe_load((folder / "model-config.yaml").read_text())
+    if case.task == "classification":
+        document["handler"]["topk"] = CLASSES
+    for key, value in built.edits.items():
+        inner = document["handler"].get(key)
+        document["handler"][key] = {**inner, **value} if isinstance(value, dict) and isinstance(inner, dict) else value
+    document["responseTimeout"] = 300
+    (folder / "model-config.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+    return ""
+
+
+def judge(case: Case, built: Built, answers: dict[str, tuple[int, Any]], jpegs: dict[str, bytes]) -> Row:
+    """One served case against its owner's pipeline: a classifier holds within ``BOUND`` or twice what one
+    quantization level of noise moves the owner's own answer (:func:`noisy`), whichever is larger."""
+    worst, holds, notes = 0.0, True, []
+    for photo, data in jpegs.items():
+        status, body = answers[photo]
+        if status != 200:
+            return Row(case.name, case.zoo, case.task, "broken", line=f"{photo}: {status} {body}")
+        image = decoded(data)
+        expected = built.reference(image)
+        difference, ok = verdict(case.task, body, expected)
+        if case.task == "classification" and not ok:
+            floor = float((built.reference(noisy(image)) - expected).abs().max())
+            ok = difference <= 2 * floor
+            notes.append(f"{photo} {difference:.3f} against a noise floor of {floor:.3f}")
+        worst, holds = max(worst, difference), holds and ok
+    return Row(case.name, case.zoo, case.task, "holds" if holds else "differs", worst, "; ".join(notes))
+
+
+def run_sweep(cases: Sequence[Case], root: Path) -> list[Row]:
+    """Build, scaffold and archive (``make -j2 archive``) every case, serve them through one real TorchServe
+    (``CHUNK`` at a time, registered and unregistered over its management API), and judge each answer."""
+    from kit import REPO, run_make
+    from tsctl import TorchServe, derive_config, random_endpoints
+
+    jpegs = sweep_photos()
+    pil = [decoded(data) for data in jpegs.values()][:3]
+    files, models, store = root / "files", root / "models", root / "model_store"
+    rows: dict[str, Row] = {}
+    built: dict[str, Built] = {}
+    for case in cases:
+        (files / case.name).mkdir(parents=True, exist_ok=True)
+        try:
+            built[case.name] = case.build(files / case.name, pil)
+        except Exception as exc:  # the sweep's own model could not be made: a row, not the end of the sweep
+            rows[case.name] = Row(case.name, case.zoo, case.task, "broken", line=f"{type(exc).__name__}: {exc}"[:200])
+            continue
+        line = scaffold_case(case, built[case.name], models)
+        if line:
+            rows[case.name] = Row(case.name, case.zoo, case.task, "refused", line=line)
+    result = run_make("-j2", "archive", MODELS=models, STORE=store)
+    if result.returncode != 0:
+        raise RuntimeError(f"make archive failed: {result.stderr[-2000:]}")
+    served = [case for case in cases if case.name not in rows]
+    workdir = root / "torchserve"
+    workdir.mkdir(exist_ok=True)
+    overrides = {**random_endpoints().properties(), "enable_model_api": "true"}
+    config = derive_config(REPO / "config.properties", workdir / "config.properties", overrides)
+    server = TorchServe(workdir, config, store, [])
+    server.start()
+    try:
+        server.wait_ready([])
+        for start in range(0, len(served), CHUNK):
+            chunk = served[start : start + CHUNK]
+            answers = serve_chunk(server, [case.name for case in chunk], jpegs)
+            for case in chunk:
+                rows[case.name] = judge(case, built[case.name], answers[case.name], jpegs)
+    finally:
+        server.stop()
+    if server.processes():
+        raise RuntimeError("torchserve left processes behind")
+    return [rows[case.name] for case in cases]
+
+
+def serve_chunk(server: Any, names: list[str], jpegs: dict[str, bytes]) -> dict[str, dict[str, tuple[int, Any]]]:
+    """Register ``names`` (one worker each), send every photo to each, unregister them."""
+    import requests
+
+    from client import KeyRing, RestClient
+
+    keys = server.renew("management")
+    management = server.endpoints.url("management")
+    headers = {"Authorization": f"Bearer {keys.management}"}
+    for name in names:
+        params = {"url": f"{name}.mar", "model_name": name, "initial_workers": "1", "synchronous": "false"}
+        reply = requests.post(f"{management}/models", params=params, headers=headers, timeout=60)
+        if reply.status_code not in (200, 202):
+            raise RuntimeError(f"registering {name}: {reply.status_code} {reply.text[:300]}")
+    server.wait_ready(names, timeout=900)
+    rest = RestClient(server.endpoints, KeyRing(server.workdir / "key_file.json"), timeout=300)
+    answers = {}
+    for name in names:
+        answers[name] = {}
+        for photo, data in jpegs.items():
+            reply = rest.predict(name, data)
+            answers[name][photo] = (reply.status, reply.body)
+    keys = server.renew("management")
+    for name in names:
+        requests.delete(
+            f"{management}/models/{name}", headers={"Authorization": f"Bearer {keys.management}"}, timeout=180
+        )
+    return answers

@@ -322,7 +322,7 @@ test-fast: lint archive ## The fast tier: the tests not marked e2e (unit and in-
 
 .PHONY: test-zoo
 test-zoo: lint $(STAMP) ## The zoo sweep: torchvision, timm and Hugging Face architectures served by one TorchServe against each owner's pipeline -> build/zoo-sweep.md
-	$(PY) -m pytest -m zoo -s $(PYTEST_ARGS)
+	ZOO_SWEEP=all $(PY) -m pytest -m zoo -s $(PYTEST_ARGS)
 
 .PHONY: test
 test: lint archive $(GRPC_STUBS) $(BENCH_INPUTS) image ## Set up and run all tests (lint, unit, in-process handler, backends, real TorchServe end to end)

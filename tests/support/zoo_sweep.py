@@ -355,6 +355,20 @@ TRANSFORMERS = [
 ]  # fmt: skip
 
 CASES = [*TORCHVISION, *TIMM, *TRANSFORMERS]
+# what CI serves (make test): every form the breadth issue found broken, one of each zoo and task beside them;
+# make test-zoo (ZOO_SWEEP=all) serves every case
+CI_NAMES = (
+    "tv_resnet18", "tv_mnasnet0_5", "tv_googlenet", "tv_inception_v3", "tv_squeezenet1_1", "tv_regnet_y_400mf",
+    "tv_lraspp", "tv_ssdlite", "timm_resnet18d", "timm_levit_128s", "timm_mobilevitv2_050",
+    "timm_eva02_tiny_patch14_224",
+    "hf_deit_teacher", "hf_levit_teacher", "hf_efficientnet", "hf_mobilenet_v2", "hf_mobilevit", "hf_convnext",
+    "hf_mobilevit_seg", "hf_mobilenet_v2_seg", "hf_dpt_seg", "hf_data2vec-vision_seg",
+)  # fmt: skip
+
+
+def selected(which: str) -> list[Case]:
+    """The cases of ``ZOO_SWEEP``: ``all``, or ``ci`` (the default)."""
+    return list(CASES) if which == "all" else [case for case in CASES if case.name in CI_NAMES]
 
 
 # ------------------------------------------------------------------ verdicts
@@ -504,12 +518,12 @@ def run_sweep(cases: Sequence[Case], root: Path) -> list[Row]:
     served = [case for case in cases if case.name not in rows]
     workdir = root / "torchserve"
     workdir.mkdir(exist_ok=True)
-    overrides = {**random_endpoints().properties(), "enable_model_api": "true"}
+    overrides = {**random_endpoints().properties(), "enable_model_api": "true", "load_models": ""}  # none at start
     config = derive_config(REPO / "config.properties", workdir / "config.properties", overrides)
     server = TorchServe(workdir, config, store, [])
     server.start()
     try:
-        server.wait_ready([])
+        management_ready(server)
         for start in range(0, len(served), CHUNK):
             chunk = served[start : start + CHUNK]
             answers = serve_chunk(server, [case.name for case in chunk], jpegs)
@@ -520,6 +534,30 @@ def run_sweep(cases: Sequence[Case], root: Path) -> list[Row]:
     if server.processes():
         raise RuntimeError("torchserve left processes behind")
     return [rows[case.name] for case in cases]
+
+
+def management_ready(server: Any, timeout: float = 300) -> None:
+    """Wait until the management API answers (the key file is written before the listeners are up)."""
+    import time
+
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while True:
+        keys = server.wait_ready([])
+        try:
+            reply = requests.get(
+                f"{server.endpoints.url('management')}/models",
+                headers={"Authorization": f"Bearer {keys.management}"},
+                timeout=5,
+            )
+            if reply.status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the management API did not answer within {timeout:.0f} s; see {server.log_dir}")
+        time.sleep(0.5)
 
 
 def serve_chunk(server: Any, names: list[str], jpegs: dict[str, bytes]) -> dict[str, dict[str, tuple[int, Any]]]:

@@ -315,6 +315,7 @@ class SegmenterConfig:
     # with resize as [h, w]: scale both sides by the one factor (of h / height and w / width) nearer to 1
     # (DPT's keep_aspect_ratio), then round each side to a multiple of ensure_multiple_of (0: exactly [h, w])
     keep_aspect_ratio: bool = False
+    # with resize as [h, w]: each side rounded to the nearest multiple of it (DPT's ensure_multiple_of; 0: none)
     ensure_multiple_of: int = 0
     # then the center crop, int or [h, w] (a processor's do_center_crop: MobileViT's, MobileNetV2's; 0: none);
     # the logits of the crop are still stretched over the whole image, as post_process_semantic_segmentation does

@@ -243,7 +243,7 @@ HF_CLASSIFIERS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "convnextv2": ("ConvNextV2ForImageClassification", SMALL_CNN, {"crop_pct": 0.875}),
     "dinov2": ("Dinov2ForImageClassification", {**SMALL_VIT, "image_size": 224, "patch_size": 14}, {}),
     "efficientnet": ("EfficientNetForImageClassification", {"width_coefficient": 0.5, "depth_coefficient": 0.5,
-                     "image_size": 224, "hidden_dim": 320}, {"size": {"height": 224, "width": 224}}),
+                     "image_size": 224, "hidden_dim": 640}, {"size": {"height": 224, "width": 224}}),
     "focalnet": ("FocalNetForImageClassification", {"embed_dim": 16, "depths": [1, 1, 1, 1]}, {}),
     "mobilenet_v1": ("MobileNetV1ForImageClassification", {"depth_multiplier": 0.25}, {}),
     "mobilenet_v2": ("MobileNetV2ForImageClassification", {"depth_multiplier": 0.35},

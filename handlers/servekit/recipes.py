@@ -168,7 +168,7 @@ def hf_recipe(processor: Mapping[str, Any], source: str, task: str = "classifica
         raise ConfigError(f"{source}: resizes the short side to {resize} without a crop, so the input size varies")
     resample = processor.get("resample", 2)
     interpolation = PIL_RESAMPLE.get(int(resample), "") if isinstance(resample, int) else str(resample).lower()
-    mean, std = _folded(processor)
+    mean, std = _folded(processor, kind)
     flip = bool(processor.get("do_flip_channel_order"))
     if flip:  # the processor normalizes, then flips: the kit's mean and std are in the model's (BGR) order
         mean, std = mean[::-1], std[::-1]
@@ -209,12 +209,12 @@ def _hf_sizes(processor: Mapping[str, Any], kind: str, size: Mapping[str, Any], 
     raise ConfigError(f"{source}: size {dict(size)} is neither a shortest edge nor a height and width")
 
 
-def _folded(processor: Mapping[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _folded(processor: Mapping[str, Any], kind: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Mean and std for pixels in [0, 1] equal to the processor's rescale and normalize: the processor computes
     ``(pixel * factor - offset - mean) / std``, then EfficientNet's ``include_top`` divides by ``std`` again;
     the kit computes ``(pixel / 255 - mean') / std'``."""
     rescaled = processor.get("do_rescale", True)
-    normalized = processor.get("do_normalize", True) and _processor_kind(processor) not in NEVER_NORMALIZE
+    normalized = processor.get("do_normalize", True) and kind not in NEVER_NORMALIZE
     factor = float(processor.get("rescale_factor", 1 / 255)) if rescaled else 1.0
     offset = 1.0 if rescaled and processor.get("rescale_offset") else 0.0  # EfficientNet: pixel * factor - 1
     mean: tuple[float, ...] = (0.0, 0.0, 0.0)

@@ -45,7 +45,8 @@ def build_timm(architecture: str, kwargs: dict[str, Any]) -> torch.nn.Module:
     check_name(name)
     timm = require("timm", f"timm model {name!r}")
     # a model whose default config is headless (EVA-02's MIM weights: num_classes 0) still gets a head to fit
-    kwargs = {"num_classes": default_classes(architecture), **kwargs}
+    if "num_classes" not in kwargs:
+        kwargs = {**kwargs, "num_classes": default_classes(architecture)}
     try:
         return timm.create_model(name, pretrained=False, **kwargs)
     except (TypeError, ValueError, RuntimeError) as exc:

@@ -28,9 +28,15 @@ def classifier_crop(pixels: torch.Tensor, config: ClassifierConfig) -> torch.Ten
         return resized
     height, width = config.input_size
     if config.crop_rounding == "floor" and resized.shape[1] >= height and resized.shape[2] >= width:
-        top, left = (int(resized.shape[1]) - height) // 2, (int(resized.shape[2]) - width) // 2
-        return resized[:, top : top + height, left : left + width]
+        return floor_center_crop(resized, height, width)
     return F.center_crop(resized, [height, width])
+
+
+def floor_center_crop(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The center ``height`` x ``width`` of an image, an odd margin's extra pixel at the bottom/right (Hugging
+    Face processors' center crop; torchvision rounds it the other way)."""
+    top, left = max(int(pixels.shape[1]) - height, 0) // 2, max(int(pixels.shape[2]) - width, 0) // 2
+    return pixels[:, top : top + height, left : left + width]
 
 
 def resize_image(pixels: torch.Tensor, resize: Size, interpolation: str) -> torch.Tensor:
@@ -96,7 +102,8 @@ def fitted_shape(height: int, width: int, target: tuple[int, int], keep_aspect: 
 
 
 def segmenter_input(pixels: torch.Tensor, config: SegmenterConfig, sent: tuple[int, int] | None = None) -> torch.Tensor:
-    """The segmenter's recipe on one uint8 image: resized as the model was trained, no crop; still uint8.
+    """The segmenter's recipe on one uint8 image: resized as the model was trained, then center-cropped when
+    the recipe has a crop (a processor's ``do_center_crop``); still uint8.
     The shape comes from the (height, width) as sent, so a reduced-scale JPEG decode gives the same one."""
     height, width = sent or (int(pixels.shape[-2]), int(pixels.shape[-1]))
     shape = resized_shape(
@@ -107,8 +114,7 @@ def segmenter_input(pixels: torch.Tensor, config: SegmenterConfig, sent: tuple[i
     if not config.crop:
         return resized
     height, width = (config.crop, config.crop) if isinstance(config.crop, int) else config.crop
-    top, left = max(int(resized.shape[1]) - height, 0) // 2, max(int(resized.shape[2]) - width, 0) // 2
-    return resized[:, top : top + height, left : left + width]  # Hugging Face's center crop (floor margins)
+    return floor_center_crop(resized, height, width)
 
 
 def classifier_batch(

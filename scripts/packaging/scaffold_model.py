@@ -251,9 +251,10 @@ def hf_plan(args: argparse.Namespace, sniffed: Sniffed) -> Plan:
     if args.input_size:
         return plan
     if PROCESSOR_FILE in copies:
-        plan.use_recipe(hf_processor_recipe(args.pt, args.task))
+        processor = load_processor(args.pt)
+        plan.use_recipe(hf_processor_recipe(args.pt, args.task, processor))
         if task != "detection":
-            plan.notes.append(processor_check(args.pt, plan.section))
+            plan.notes.append(processor_check(processor, plan.section))
     else:
         plan.notes.append(f"no {PROCESSOR_FILE}: ImageNet's 256/224 bilinear recipe")
     return plan
@@ -262,11 +263,16 @@ def hf_plan(args: argparse.Namespace, sniffed: Sniffed) -> Plan:
 PROCESSOR_FILE = "preprocessor_config.json"
 
 
-def hf_processor_recipe(folder: Path, task: str) -> Recipe:
-    """The recipe of the folder's image processor, loaded by transformers from its own file only."""
+def load_processor(folder: Path) -> Any:
+    """The folder's image processor, loaded by transformers from its own file only."""
     import transformers
 
-    processor = transformers.AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
+    return transformers.AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
+
+
+def hf_processor_recipe(folder: Path, task: str, processor: Any = None) -> Recipe:
+    """The recipe of the folder's image processor (``processor``, when the caller has loaded it)."""
+    processor = processor if processor is not None else load_processor(folder)
     return hf_recipe(processor.to_dict(), f"{type(processor).__name__} ({PROCESSOR_FILE})", task)
 
 
@@ -274,16 +280,13 @@ PROBE_SIZES = ((240, 320), (333, 250))  # (height, width): a landscape and a por
 PROBE_LEVELS = 3.0  # the kit's input may differ from the processor's by this many quantization levels
 
 
-def processor_check(folder: Path, section: dict[str, Any]) -> str:
+def processor_check(processor: Any, section: dict[str, Any]) -> str:
     """Check the recipe read from a processor against the processor itself: both preprocess smooth probe
     images and the model inputs must agree in shape and within ``PROBE_LEVELS`` levels of one pixel value.
 
     Raises:
         ConfigError: one line naming the processor, the probe and how the kit's reading of it differs.
     """
-    import transformers
-
-    processor = transformers.AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
     name = type(processor).__name__
     config = parse_handler_config(section)
     level = 1 / (255 * min(config.std))

@@ -227,14 +227,19 @@ def efficientnet_b3(folder: Path, photos: Sequence[Image.Image]) -> ZooForm:
     )  # fmt: skip
 
 
-def anchor_detector(folder: Path, name: str, architecture: str, classes: int, **sizes: Any) -> ZooForm:
-    """A torchvision anchor-based detector (SSD, SSDlite, RetinaNet) fine-tuned to its own class count."""
-    torch.manual_seed(5)
+def seeded_detector(architecture: str, classes: int, seed: int, **kwargs: Any) -> torch.nn.Module:
+    """A torchvision detector with ``classes`` classes, seeded, no weights downloaded, in eval mode."""
+    torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = torchvision.models.get_model(
-            architecture, weights=None, weights_backbone=None, num_classes=classes, **sizes
+        return torchvision.models.get_model(
+            architecture, weights=None, weights_backbone=None, num_classes=classes, **kwargs
         ).eval()
+
+
+def anchor_detector(folder: Path, name: str, architecture: str, classes: int, **sizes: Any) -> ZooForm:
+    """A torchvision anchor-based detector (SSD, SSDlite, RetinaNet) fine-tuned to its own class count."""
+    model = seeded_detector(architecture, classes, 5, **sizes)
     torch.save(model.state_dict(), folder / f"{name}.pth")
     (folder / f"{name}.txt").write_text("".join(f"thing{i}\n" for i in range(1, classes)))
     make_vars = {"PT": str(folder / f"{name}.pth"), "ARCH": architecture, "LABELS": str(folder / f"{name}.txt")}

@@ -25,7 +25,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from zoo_models import sensitize, torch_pipeline
+from zoo_models import seeded_detector, sensitize, torch_pipeline
 
 CLASSES = 6
 LABELS = [f"kind_{i}" for i in range(CLASSES)]
@@ -112,12 +112,7 @@ def tv_segmenter(architecture: str) -> Callable[[Path, Sequence[Image.Image]], B
 
 def tv_detector(architecture: str, **kwargs: Any) -> Callable[[Path, Sequence[Image.Image]], Built]:
     def build(folder: Path, photos: Sequence[Image.Image]) -> Built:
-        torch.manual_seed(0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = torchvision.models.get_model(
-                architecture, weights=None, weights_backbone=None, num_classes=CLASSES, **kwargs
-            ).eval()
+        model = seeded_detector(architecture, CLASSES, 0, **kwargs)
         path = folder / f"{architecture}.pth"
         torch.save(model.state_dict(), path)
         edits: dict[str, Any] = {"score_threshold": 0.0, "max_detections": 10}

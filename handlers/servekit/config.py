@@ -256,6 +256,9 @@ class DetectorConfig:
     max_size: int = 1333
     # detr: resampling filter of the resize (antialiased)
     interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
+    # detr: false resamples the image as floats without antialiasing, as RF-DETR's processor does (rescale,
+    # then resize with antialias off); the JPEG is then decoded whole, never at reduced scale
+    antialias: bool = True
     # detr: per-channel mean
     mean: tuple[float, ...] = IMAGENET_MEAN
     # detr: per-channel std
@@ -293,7 +296,7 @@ class DetectorConfig:
 
     @property
     def decode_side(self) -> int:
-        return decode_side(self.resize)
+        return decode_side(self.resize) if self.antialias else 0
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ SIGMOID_TYPES = frozenset(
     | {"rf_detr"}
 )
 
+DOCUMENT_PREFIX = "pp_"  # PaddleOCR's layout and text detectors in transformers' detection mapping
+
 
 def scoring_of(model_type: str) -> str:
     """The scoring convention of a Hugging Face detector's ``model_type``.
@@ -39,6 +41,11 @@ def scoring_of(model_type: str) -> str:
         return "softmax"
     if model_type in SIGMOID_TYPES:
         return "sigmoid"
+    if model_type.startswith(DOCUMENT_PREFIX):
+        raise ConfigError(
+            f"model type {model_type!r} is a PaddleOCR document-layout or text detector, whose answer (reading "
+            "order, polygons, text regions) is not a list of boxes: the kit serves photo detectors, not document OCR"
+        )
     known = ", ".join(sorted(SOFTMAX_TYPES | SIGMOID_TYPES))
     raise ConfigError(f"model type {model_type!r} is not a DETR-family detector the kit knows ({known}); set scoring")
 

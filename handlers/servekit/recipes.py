@@ -21,6 +21,7 @@ Size = int | tuple[int, int]
 PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 NEVER_NORMALIZE = {"MobileViT"}  # processors that keep an image_mean and image_std but never apply them
+NO_ANTIALIAS = {"RfDetr"}  # processors that rescale, then resize floats with antialias off
 HF_LARGE_EDGE = 384  # ConvNeXt's processor warps (no crop) at or above this shortest edge
 
 
@@ -41,6 +42,7 @@ class Recipe:
     channel_order: str = "rgb"  # bgr: a processor's do_flip_channel_order (MobileViT)
     keep_aspect_ratio: bool = False  # DPT's: [h, w] scaled by one factor, then sides rounded to a multiple
     ensure_multiple_of: int = 0
+    antialias: bool = True  # False: resampled as floats without antialiasing (RF-DETR's processor)
 
     def section(self, task: str = "classification") -> dict[str, Any]:
         """The ``handler:`` keys this recipe sets (a segmenter's or a detector's has no crop)."""
@@ -57,6 +59,8 @@ class Recipe:
             cap["keep_aspect_ratio"] = True
         if task == "segmentation" and self.ensure_multiple_of > 1:
             cap["ensure_multiple_of"] = self.ensure_multiple_of
+        if task == "detection" and not self.antialias:
+            cap["antialias"] = False
         return {
             "resize": _yaml_size(self.resize),
             **(crop if task == "classification" else cap),
@@ -80,6 +84,8 @@ class Recipe:
             resize += " keeping the aspect ratio"
         if self.ensure_multiple_of > 1:
             resize += f" (sides rounded to a multiple of {self.ensure_multiple_of})"
+        if not self.antialias:
+            resize += " (not antialiased)"
         if self.channel_order != "rgb":
             resize = f"{resize}, channels flipped to {self.channel_order.upper()}"
         mean = ", ".join(f"{v:.3g}" for v in self.mean)
@@ -146,7 +152,8 @@ def hf_recipe(processor: Mapping[str, Any], source: str, task: str = "classifica
     ``max_size``. ``size`` as ``height``/``width``: an exact resize (DPT's ``keep_aspect_ratio`` and
     ``ensure_multiple_of`` kept). A center crop when ``do_center_crop``; ``rescale_factor``, EfficientNet's
     ``rescale_offset`` and ``include_top``, and ``do_normalize`` folded into mean and std;
-    ``do_flip_channel_order`` as ``channel_order: bgr``.
+    ``do_flip_channel_order`` as ``channel_order: bgr``; RF-DETR's float resize without antialiasing as
+    ``antialias: false``.
 
     Raises:
         ConfigError: a classifier's processor whose output size varies with the image (short side, no crop;
@@ -177,6 +184,7 @@ def hf_recipe(processor: Mapping[str, Any], source: str, task: str = "classifica
     return Recipe(
         resize, crop, interpolation, mean, std, source, crop_rounding="floor", max_size=max_size, size_divisor=divisor,
         channel_order="bgr" if flip else "rgb", keep_aspect_ratio=keep_aspect, ensure_multiple_of=multiple,
+        antialias=kind not in NO_ANTIALIAS,
     )  # fmt: skip
 
 

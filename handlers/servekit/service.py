@@ -200,7 +200,8 @@ def detr_item(row: Any, config: DetectorConfig) -> DetrItem:
     as sent, so a reduced-scale JPEG decode gives the same shape), with the size its boxes are given in."""
     decoded = decode_request(row, config.limits, config.decode_side)
     shape = resized_shape(decoded.height, decoded.width, config.resize, config.max_size)
-    return resize_image(decoded.pixels, shape, config.interpolation), (decoded.width, decoded.height)
+    pixels = resize_image(decoded.pixels, shape, config.interpolation, antialias=config.antialias)
+    return pixels, (decoded.width, decoded.height)
 
 
 def detr_answers(

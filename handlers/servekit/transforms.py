@@ -39,10 +39,15 @@ def floor_center_crop(pixels: torch.Tensor, height: int, width: int) -> torch.Te
     return pixels[:, top : top + height, left : left + width]
 
 
-def resize_image(pixels: torch.Tensor, resize: Size, interpolation: str) -> torch.Tensor:
-    """One uint8 image resized, antialiased: the short side to an int, or to exactly [height, width]."""
+def resize_image(pixels: torch.Tensor, resize: Size, interpolation: str, *, antialias: bool = True) -> torch.Tensor:
+    """One uint8 image resized, antialiased: the short side to an int, or to exactly [height, width]. Without
+    ``antialias``, resampled as floats (still 0-255) with antialiasing off: an image processor that rescales
+    before it resizes (RF-DETR's) computes that."""
     size = [resize] if isinstance(resize, int) else list(resize)
-    return F.resize(pixels, size, interpolation=INTERPOLATION_MODES[interpolation], antialias=True)
+    mode = INTERPOLATION_MODES[interpolation]
+    if not antialias:
+        return F.resize(pixels.to(torch.float32), size, interpolation=mode, antialias=False)
+    return F.resize(pixels, size, interpolation=mode, antialias=True)
 
 
 def aspect_size(height: int, width: int, short: int, max_size: int) -> tuple[int, int]:

@@ -237,6 +237,7 @@ def hf_plan(args: argparse.Namespace, sniffed: Sniffed) -> Plan:
     task, network = hf_source.model_task(config)
     if task != args.task:
         raise ConfigError(f"the Hugging Face folder holds {network}, a model for {task}: use TASK={task}")
+    scoring = scoring_of(str(config.get("model_type", ""))) if task == "detection" else ""
     weights = next(name for name in WEIGHT_FILES if (args.pt / name).is_file())
     copies = {
         name: args.pt / name for name in (hf_source.CONFIG_FILE, weights, PROCESSOR_FILE) if (args.pt / name).is_file()
@@ -245,7 +246,6 @@ def hf_plan(args: argparse.Namespace, sniffed: Sniffed) -> Plan:
     plan.labels, plan.labels_from = hf_source.id2label(config), "config.json id2label"
     plan.classes = len(plan.labels) or None
     if task == "detection":
-        scoring = scoring_of(str(config.get("model_type", "")))
         plan.section.update(DETR_DEFAULTS, output="detr", scoring=scoring)
         plan.notes.append(f"DETR-family outputs, {scoring} scoring ({config.get('model_type')})")
     if args.input_size:

@@ -221,3 +221,31 @@ def test_rt_detr_onnx_export_answers_as_post_process(tmp_path: Path) -> None:
     config = read_model_config(folder)
     assert isinstance(config, DetectorConfig) and config.scoring == "sigmoid" and config.resize == (640, 640)
     check_served(folder, reference_of(model, processor))
+
+
+def test_rf_detr_processors_float_resize_without_antialias_is_read_and_computed() -> None:
+    """RF-DETR's processor rescales, then resizes floats with antialias off: the recipe says so
+    (``antialias: false``) and the kit's pixels equal the processor's on a downscaled and an upscaled photo."""
+    from servekit.config import parse_handler_config
+    from servekit.recipes import hf_recipe
+    from servekit.service import detr_item
+    from servekit.transforms import classifier_batch
+
+    processor = transformers.RfDetrImageProcessor(size={"height": 560, "width": 560})
+    recipe = hf_recipe(processor.to_dict(), "rf", "detection")
+    model = {"file": "model.safetensors", "format": "transformers"}
+    section = {
+        "task": "detection",
+        "model": model,
+        "output": "detr",
+        "scoring": "sigmoid",
+        **recipe.section("detection"),
+    }
+    assert section["antialias"] is False and "not antialiased" in recipe.describe()
+    config = parse_handler_config(section)
+    assert isinstance(config, DetectorConfig) and config.decode_side == 0  # no reduced JPEG decode
+    for name, data in photos().items():  # 1080p and 512 down to 560, 300 x 451 up
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        theirs = processor(images=image, return_tensors="pt")["pixel_values"]
+        mine = classifier_batch([detr_item({"body": data}, config)[0]], config)
+        assert torch.allclose(mine, theirs, atol=1e-4), name

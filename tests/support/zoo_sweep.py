@@ -288,6 +288,86 @@ HF_SEGMENTERS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
 }  # fmt: skip
 
 
+SMALL_RESNET = {"model_type": "resnet", "embedding_size": 16, "hidden_sizes": [16, 32, 48, 64], "depths": [1, 1, 1, 1]}
+DETR_HEADS = {
+    "encoder_layers": 1,
+    "decoder_layers": 1,
+    "encoder_attention_heads": 2,
+    "decoder_attention_heads": 2,
+    "encoder_ffn_dim": 64,
+    "decoder_ffn_dim": 64,
+    "num_queries": 20,
+}
+RT_DETR = {
+    "backbone_config": {
+        "model_type": "rt_detr_resnet",
+        "embedding_size": 16,
+        "hidden_sizes": [16, 32, 48, 64],
+        "depths": [1, 1, 1, 1],
+        "out_features": ["stage2", "stage3", "stage4"],
+        "layer_type": "basic",
+    },
+    "encoder_in_channels": [32, 48, 64],
+    "encoder_hidden_dim": 32,
+    "encoder_ffn_dim": 64,
+    "d_model": 32,
+    "decoder_in_channels": [32, 32, 32],
+    "decoder_ffn_dim": 64,
+    "decoder_layers": 1,
+    "decoder_attention_heads": 2,
+    "num_queries": 30,
+}
+D_FINE = {
+    "encoder_hidden_dim": 64,
+    "encoder_ffn_dim": 128,
+    "d_model": 64,
+    "decoder_in_channels": [64, 64, 64],
+    "decoder_ffn_dim": 128,
+    "decoder_layers": 2,
+    "decoder_attention_heads": 2,
+    "num_queries": 30,
+}
+VIT_DETR = {
+    "d_model": 64,
+    "decoder_layers": 1,
+    "decoder_ffn_dim": 128,
+    "decoder_self_attention_heads": 2,
+    "decoder_cross_attention_heads": 2,
+    "num_queries": 30,
+    "group_detr": 1,
+}
+# model_type -> the detector class, its tiny config's keys (beside the labels), the processor's keys (``class``:
+# the processor its published checkpoints name, where transformers maps none to the model type). Not here:
+# DAB-DETR, whose seeded decoder answers every query alike (one score per pattern, within 1e-5), so the ranks
+# tie; its processor and scoring are Conditional DETR's, proven here. PaddleOCR's layout and text detectors are
+# refused (their default configs: scaffold reads only the model type).
+HF_DETECTORS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+    "detr": ("DetrForObjectDetection", {"backbone_config": {**SMALL_RESNET, "out_features": ["stage4"]},
+                                        "d_model": 32, **DETR_HEADS}, {}),
+    "table-transformer": ("TableTransformerForObjectDetection", {"backbone_config": {**SMALL_RESNET,
+                          "out_features": ["stage4"]}, "d_model": 32, **DETR_HEADS}, {}),
+    "conditional_detr": ("ConditionalDetrForObjectDetection", {"backbone_config": {**SMALL_RESNET,
+                         "out_features": ["stage4"]}, "d_model": 32, **DETR_HEADS}, {}),
+    "deformable_detr": ("DeformableDetrForObjectDetection", {"backbone_config": {**SMALL_RESNET,
+                        "out_features": ["stage2", "stage3", "stage4"]}, "num_feature_levels": 3, "d_model": 32,
+                        **DETR_HEADS, "decoder_layers": 2}, {}),
+    "yolos": ("YolosForObjectDetection", {**SMALL_VIT, "image_size": [512, 864], "num_detection_tokens": 20}, {}),
+    "rt_detr": ("RTDetrForObjectDetection", RT_DETR, {}),
+    "rt_detr_v2": ("RTDetrV2ForObjectDetection", {**RT_DETR, "decoder_layers": 2}, {"class": "RTDetrImageProcessor"}),
+    "d_fine": ("DFineForObjectDetection", D_FINE, {"class": "RTDetrImageProcessor"}),
+    "deimv2": ("Deimv2ForObjectDetection", D_FINE, {}),
+    "lw_detr": ("LwDetrForObjectDetection", {"backbone_config": {"model_type": "lw_detr_vit", "hidden_size": 48,
+                "num_attention_heads": 2, "num_hidden_layers": 4, "out_indices": [1, 2, 3, 4],
+                "window_block_indices": [0, 2]}, "projector_scale_factors": [1.0], **VIT_DETR},
+                {"size": {"height": 640, "width": 640}}),
+    "rf_detr": ("RfDetrForObjectDetection", {"backbone_config": {"model_type": "rf_detr_dinov2", "hidden_size": 48,
+                "num_attention_heads": 2, "num_hidden_layers": 4, "out_indices": [1, 2, 3, 4],
+                "window_block_indexes": [0, 2]}, **VIT_DETR}, {"size": {"height": 560, "width": 560}}),
+    "pp_doclayout_v3": ("PPDocLayoutV3ForObjectDetection", {}, {}),
+    "pp_ocrv5_mobile_det": ("PPOCRV5MobileDetForObjectDetection", {}, {}),
+}  # fmt: skip
+
+
 def hf_folder(model_type: str, spec: tuple[str, dict[str, Any], dict[str, Any]], task: str) -> Callable[..., Built]:
     """A Hugging Face ``save_pretrained`` folder of ``model_type`` with its default image processor."""
 
@@ -324,6 +404,47 @@ def hf_folder(model_type: str, spec: tuple[str, dict[str, Any], dict[str, Any]],
     return build
 
 
+def hf_detector(model_type: str, spec: tuple[str, dict[str, Any], dict[str, Any]]) -> Callable[..., Built]:
+    """A Hugging Face ``save_pretrained`` detector folder of ``model_type`` with its default image processor;
+    the owner's pipeline is the processor, the model and ``post_process_object_detection`` at threshold 0."""
+
+    def build(folder: Path, photos: Sequence[Image.Image]) -> Built:
+        import transformers
+
+        class_name, config_keys, processor_keys = spec
+        config = transformers.AutoConfig.for_model(
+            model_type, id2label=ID2LABEL, label2id={v: k for k, v in ID2LABEL.items()}, **config_keys
+        )
+        config.architectures = [class_name]
+        torch.manual_seed(0)
+        model = getattr(transformers, class_name)(config).eval()
+        keys = dict(processor_keys)
+        named = keys.pop("class", None)
+        processor = getattr(transformers, named)(**keys) if named else _processor(transformers, model_type, keys)
+        target = folder / f"hf_{model_type}_detection"
+        model.save_pretrained(str(target))
+        processor.save_pretrained(str(target))
+
+        def reference(image: Image.Image) -> list[dict[str, Any]]:
+            with torch.inference_mode():
+                outputs = model(**processor(images=image, return_tensors="pt"))
+            (found,) = processor.post_process_object_detection(
+                outputs, threshold=0.0, target_sizes=[(image.height, image.width)]
+            )
+            order = torch.argsort(found["scores"], descending=True, stable=True)[:10]
+            boxes = found["boxes"][order].clone()
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, image.width)  # the kit clips boxes to the image
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, image.height)
+            return [
+                {"index": int(found["labels"][i]), "score": float(found["scores"][i]), "box": box.tolist()}
+                for i, box in zip(order, boxes)
+            ]
+
+        return Built({"PT": str(target)}, reference, {"score_threshold": 0.0, "max_detections": 10})
+
+    return build
+
+
 def _processor(transformers: Any, kind: str, keys: dict[str, Any]) -> Any:
     from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
 
@@ -347,6 +468,7 @@ TRANSFORMERS = [
       for t, s in HF_CLASSIFIERS.items()),
     *(Case(f"hf_{t}_seg", "transformers", "segmentation", hf_folder(t, s, "segmentation"))
       for t, s in HF_SEGMENTERS.items()),
+    *(Case(f"hf_{t}_det", "transformers", "detection", hf_detector(t, s)) for t, s in HF_DETECTORS.items()),
 ]  # fmt: skip
 
 CASES = [*TORCHVISION, *TIMM, *TRANSFORMERS]

@@ -17,7 +17,10 @@ from kit import REPO
 pytestmark = [pytest.mark.e2e, pytest.mark.zoo]
 
 # what scaffold refuses, on purpose, and the words its one line must hold
-REFUSED: dict[str, str] = {}
+REFUSED = {
+    "hf_pp_doclayout_v3_det": "PaddleOCR document-layout or text detector",
+    "hf_pp_ocrv5_mobile_det_det": "PaddleOCR document-layout or text detector",
+}
 
 
 def test_every_architecture_answers_as_its_owner_or_is_refused_in_one_line(tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ BOUND = 0.01  # a classifier's largest probability difference from the owner's p
 PIXELS = 0.99  # a segmenter's share of pixels whose class equals the owner's
 BOX_PX = 0.5  # a detector's largest box difference, in pixels
 SCORE = 1e-3  # a detector's largest score difference
+LEVELS = 2.0  # a classifier's largest input difference from the owner's, in 0-255 levels (resize kernels' rounding)
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Built:
     make_vars: dict[str, str]
     reference: Callable[[Image.Image], Any]
     edits: dict[str, Any] = field(default_factory=dict)
+    transform: Callable[[Image.Image], torch.Tensor] | None = None  # a classifier's: the owner's input tensor
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ def tv_classifier(architecture: str, **kwargs: Any) -> Callable[[Path, Sequence[
         sensitize(model, torch.stack([transform(p) for p in photos]))
         path = folder / f"{architecture}.pth"
         torch.save(model.state_dict(), path)
-        return Built({"PT": str(path), "ARCH": architecture}, torch_pipeline(model, transform))
+        return Built({"PT": str(path), "ARCH": architecture}, torch_pipeline(model, transform), transform=transform)
 
     return build
 
@@ -177,7 +179,7 @@ def timm_classifier(
 
             target = folder / f"timm_{name}"
             save_for_hf(model, str(target), model_config={"label_names": LABELS}, safe_serialization=True)
-            return Built({"PT": str(target)}, torch_pipeline(model, transform))
+            return Built({"PT": str(target)}, torch_pipeline(model, transform), transform=transform)
         if form == "train":
             import argparse
 
@@ -187,10 +189,10 @@ def timm_classifier(
             )  # fmt: skip
             path = folder / f"{name}_best.pth.tar"
             torch.save({"epoch": 1, "arch": name, "state_dict": model.state_dict(), "args": namespace}, path)
-            return Built({"PT": str(path)}, torch_pipeline(model, transform))
+            return Built({"PT": str(path)}, torch_pipeline(model, transform), transform=transform)
         path = folder / f"{name}.pth"
         torch.save(model.state_dict(), path)
-        return Built({"PT": str(path), "ARCH": f"timm:{name}"}, torch_pipeline(model, transform))
+        return Built({"PT": str(path), "ARCH": f"timm:{name}"}, torch_pipeline(model, transform), transform=transform)
 
     return build
 
@@ -388,6 +390,7 @@ def hf_folder(model_type: str, spec: tuple[str, dict[str, Any], dict[str, Any]],
             else _processor(transformers, kind, processor_keys)
         )
         target = folder / f"hf_{model_type}_{task}"
+        transform = None
         if task == "classification":
 
             def transform(image: Image.Image) -> torch.Tensor:
@@ -399,7 +402,7 @@ def hf_folder(model_type: str, spec: tuple[str, dict[str, Any], dict[str, Any]],
             reference = _semantic_reference(model, processor)
         model.save_pretrained(str(target))
         processor.save_pretrained(str(target))
-        return Built({"PT": str(target)}, reference)
+        return Built({"PT": str(target)}, reference, transform=transform)
 
     return build
 
@@ -479,7 +482,7 @@ CI_NAMES = (
     "tv_lraspp", "tv_ssdlite", "timm_resnet18d", "timm_levit_128s", "timm_mobilevitv2_050",
     "timm_eva02_tiny_patch14_224",
     "hf_deit_teacher", "hf_levit_teacher", "hf_efficientnet", "hf_mobilenet_v2", "hf_mobilevit", "hf_convnext",
-    "hf_mobilevit_seg", "hf_mobilenet_v2_seg", "hf_dpt_seg", "hf_data2vec-vision_seg",
+    "hf_mobilevit_seg", "hf_mobilenet_v2_seg", "hf_dpt_seg", "hf_data2vec-vision_seg", "hf_rf_detr_det",
 )  # fmt: skip
 
 
@@ -549,7 +552,7 @@ def noisy(image: Image.Image, seed: int = 0) -> Image.Image:
 # ------------------------------------------------------------------ the sweep, served
 
 SWEEP_PHOTOS = ("astronaut", "coffee", "chelsea", "retina")
-RETINA_SIDE = 700  # the dark fundus photo, under twice the recipes' sizes: the recipe alone, no reduced decode
+RETINA_SIDE = 700  # the dark fundus photo (scikit-image's is 1411 px) at a size the sweep's recipes resize from
 CHUNK = 8  # models registered in the server at once (a worker each)
 
 
@@ -564,7 +567,8 @@ def sweep_photos() -> dict[str, bytes]:
 
 def scaffold_case(case: Case, built: Built, models: Path) -> str:
     """``make scaffold``'s own code in process (one Python for every case), then the keys a user would set:
-    every class in a classifier's answer, a detector's threshold at 0. Returns the refusal's line, or ''."""
+    every class in a classifier's answer, a detector's threshold at 0, JPEGs decoded whole. Returns the
+    refusal's line, or ''."""
     import scaffold_model
     import yaml
 
@@ -581,6 +585,9 @@ def scaffold_case(case: Case, built: Built, models: Path) -> str:
     document = yaml.safe_load((folder / "model-config.yaml").read_text())
     if case.task == "classification":
         document["handler"]["topk"] = CLASSES
+    # the recipe against the owner's, so JPEGs decode whole: the reduced-scale decode is the kit's speed trade,
+    # measured apart (docs/models.md)
+    document["handler"]["limits"] = {**document["handler"].get("limits", {}), "reduced_jpeg": False}
     for key, value in built.edits.items():
         inner = document["handler"].get(key)
         document["handler"][key] = {**inner, **value} if isinstance(value, dict) and isinstance(inner, dict) else value
@@ -589,9 +596,28 @@ def scaffold_case(case: Case, built: Built, models: Path) -> str:
     return ""
 
 
-def judge(case: Case, built: Built, answers: dict[str, tuple[int, Any]], jpegs: dict[str, bytes]) -> Row:
-    """One served case against its owner's pipeline: a classifier holds within ``BOUND`` or twice what one
-    quantization level of noise moves the owner's own answer (:func:`noisy`), whichever is larger."""
+def input_levels(folder: Path, transform: Callable[[Image.Image], torch.Tensor], data: bytes) -> float:
+    """The largest difference, in 0-255 levels, between the input the kit's scaffolded classifier gives its
+    model for one JPEG (``classifier_item``, its recipe as served) and the owner's transform's."""
+    from servekit.config import ClassifierConfig, read_model_config
+    from servekit.service import classifier_item
+    from servekit.transforms import classifier_batch
+
+    config = read_model_config(folder)
+    assert isinstance(config, ClassifierConfig)
+    mine = classifier_batch([classifier_item({"body": data}, config)], config)[0]
+    theirs = transform(decoded(data))
+    if mine.shape != theirs.shape:
+        return float("inf")
+    std = torch.tensor(config.std, dtype=torch.float32).view(3, 1, 1)
+    return float(((mine - theirs).abs() * std * 255).max())
+
+
+def judge(case: Case, built: Built, answers: dict[str, tuple[int, Any]], jpegs: dict[str, bytes], folder: Path) -> Row:
+    """One served case against its owner's pipeline. A classifier holds within ``BOUND``, or within twice
+    what one quantization level of noise moves the owner's own answer (:func:`noisy`), or where the input the
+    kit gives its model is the owner's within ``LEVELS`` (:func:`input_levels`: two resize kernels' rounding,
+    which a chaotic seeded net amplifies); the note gives each number."""
     worst, holds, notes = 0.0, True, []
     for photo, data in jpegs.items():
         status, body = answers[photo]
@@ -602,8 +628,13 @@ def judge(case: Case, built: Built, answers: dict[str, tuple[int, Any]], jpegs: 
         difference, ok = verdict(case.task, body, expected)
         if case.task == "classification" and not ok:
             floor = float((built.reference(noisy(image)) - expected).abs().max())
+            note = f"{photo} {difference:.3f} against a noise floor of {floor:.3f}"
             ok = difference <= 2 * floor
-            notes.append(f"{photo} {difference:.3f} against a noise floor of {floor:.3f}")
+            if not ok and built.transform is not None:
+                levels = input_levels(folder, built.transform, data)
+                ok = levels <= LEVELS
+                note += f", inputs within {levels:.1f} levels"
+            notes.append(note)
         worst, holds = max(worst, difference), holds and ok
     return Row(case.name, case.zoo, case.task, "holds" if holds else "differs", worst, "; ".join(notes))
 
@@ -645,7 +676,7 @@ def run_sweep(cases: Sequence[Case], root: Path) -> list[Row]:
             chunk = served[start : start + CHUNK]
             answers = serve_chunk(server, [case.name for case in chunk], jpegs)
             for case in chunk:
-                rows[case.name] = judge(case, built[case.name], answers[case.name], jpegs)
+                rows[case.name] = judge(case, built[case.name], answers[case.name], jpegs, models / case.name)
     finally:
         server.stop()
     if server.processes():

@@ -33,7 +33,11 @@ def test_every_architecture_answers_as_its_owner_or_is_refused_in_one_line(tmp_p
     print("\n" + text)
     assert len(rows) >= (60 if which == "all" else len(zoo_sweep.CI_NAMES))
     tasks = {("torchvision", t) for t in ("classification", "detection", "segmentation")}
-    assert {(r.zoo, r.task) for r in rows} >= {*tasks, ("timm", "classification"), ("transformers", "segmentation")}
+    assert {(r.zoo, r.task) for r in rows} >= {
+        *tasks,
+        ("timm", "classification"),
+        *(("transformers", t) for t in ("segmentation", "detection")),
+    }
     for row in rows:
         if row.verdict == "refused":
             assert row.name in REFUSED and REFUSED[row.name] in row.line, row

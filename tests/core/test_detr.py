@@ -249,3 +249,12 @@ def test_rf_detr_processors_float_resize_without_antialias_is_read_and_computed(
         theirs = processor(images=image, return_tensors="pt")["pixel_values"]
         mine = classifier_batch([detr_item({"body": data}, config)[0]], config)
         assert torch.allclose(mine, theirs, atol=1e-4), name
+
+
+def test_paddle_document_detectors_are_refused_in_one_line() -> None:
+    from servekit.detr import scoring_of
+
+    for model_type in ("pp_doclayout_v3", "pp_ocrv5_mobile_det"):
+        with pytest.raises(ConfigError, match="PaddleOCR document-layout or text detector") as caught:
+            scoring_of(model_type)
+        assert "\n" not in str(caught.value)

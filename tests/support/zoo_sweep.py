@@ -146,11 +146,13 @@ TORCHVISION = [
             ("mnasnet0_5", {}), ("shufflenet_v2_x0_5", {}), ("googlenet", {"aux_logits": False, "init_weights": True}),
             ("inception_v3", {"aux_logits": False, "init_weights": True}), ("densenet121", {}),
             ("regnet_y_400mf", {}), ("efficientnet_b0", {}), ("efficientnet_v2_s", {}), ("convnext_tiny", {}),
-            ("maxvit_t", {}), ("swin_t", {}), ("swin_v2_t", {}), ("resnext50_32x4d", {}),
+            ("maxvit_t", {}), ("swin_t", {}), ("swin_v2_t", {}), ("resnext50_32x4d", {}), ("alexnet", {}),
+            ("vit_b_16", {}), ("regnet_x_400mf", {}), ("wide_resnet50_2", {}),
         ]
     ),
     Case("tv_lraspp", "torchvision", "segmentation", tv_segmenter("lraspp_mobilenet_v3_large")),
     Case("tv_deeplabv3_mbv3", "torchvision", "segmentation", tv_segmenter("deeplabv3_mobilenet_v3_large")),
+    Case("tv_fcn_resnet50", "torchvision", "segmentation", tv_segmenter("fcn_resnet50")),
     Case("tv_fasterrcnn_mbv3", "torchvision", "detection", tv_detector("fasterrcnn_mobilenet_v3_large_320_fpn")),
     Case("tv_ssdlite", "torchvision", "detection", tv_detector("ssdlite320_mobilenet_v3_large")),
 ]  # fmt: skip

@@ -372,11 +372,19 @@ HF_DETECTORS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
 }  # fmt: skip
 
 
+def quiet_transformers() -> Any:
+    """transformers, without the progress bars ``save_pretrained`` draws into the sweep's output."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
 def hf_folder(model_type: str, spec: tuple[str, dict[str, Any], dict[str, Any]], task: str) -> Callable[..., Built]:
     """A Hugging Face ``save_pretrained`` folder of ``model_type`` with its default image processor."""
 
     def build(folder: Path, photos: Sequence[Image.Image]) -> Built:
-        import transformers
+        transformers = quiet_transformers()
 
         class_name, config_keys, processor_keys = spec
         kind = model_type.removesuffix("_teacher")
@@ -414,7 +422,7 @@ def hf_detector(model_type: str, spec: tuple[str, dict[str, Any], dict[str, Any]
     the owner's pipeline is the processor, the model and ``post_process_object_detection`` at threshold 0."""
 
     def build(folder: Path, photos: Sequence[Image.Image]) -> Built:
-        import transformers
+        transformers = quiet_transformers()
 
         class_name, config_keys, processor_keys = spec
         config = transformers.AutoConfig.for_model(

@@ -302,6 +302,7 @@ DETR_HEADS = {
     "decoder_ffn_dim": 64,
     "num_queries": 20,
 }
+DETR = {"backbone_config": {**SMALL_RESNET, "out_features": ["stage4"]}, "d_model": 32, **DETR_HEADS}
 RT_DETR = {
     "backbone_config": {
         "model_type": "rt_detr_resnet",
@@ -346,12 +347,9 @@ VIT_DETR = {
 # tie; its processor and scoring are Conditional DETR's, proven here. PaddleOCR's layout and text detectors are
 # refused (their default configs: scaffold reads only the model type).
 HF_DETECTORS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
-    "detr": ("DetrForObjectDetection", {"backbone_config": {**SMALL_RESNET, "out_features": ["stage4"]},
-                                        "d_model": 32, **DETR_HEADS}, {}),
-    "table-transformer": ("TableTransformerForObjectDetection", {"backbone_config": {**SMALL_RESNET,
-                          "out_features": ["stage4"]}, "d_model": 32, **DETR_HEADS}, {}),
-    "conditional_detr": ("ConditionalDetrForObjectDetection", {"backbone_config": {**SMALL_RESNET,
-                         "out_features": ["stage4"]}, "d_model": 32, **DETR_HEADS}, {}),
+    "detr": ("DetrForObjectDetection", DETR, {}),
+    "table-transformer": ("TableTransformerForObjectDetection", DETR, {}),
+    "conditional_detr": ("ConditionalDetrForObjectDetection", DETR, {}),
     "deformable_detr": ("DeformableDetrForObjectDetection", {"backbone_config": {**SMALL_RESNET,
                         "out_features": ["stage2", "stage3", "stage4"]}, "num_feature_levels": 3, "d_model": 32,
                         **DETR_HEADS, "decoder_layers": 2}, {}),
@@ -388,17 +386,8 @@ def hf_folder(model_type: str, spec: tuple[str, dict[str, Any], dict[str, Any]],
 
         class_name, config_keys, processor_keys = spec
         kind = model_type.removesuffix("_teacher")
-        config = transformers.AutoConfig.for_model(
-            kind, num_labels=CLASSES, id2label=ID2LABEL, label2id={v: k for k, v in ID2LABEL.items()}, **config_keys
-        )
-        config.architectures = [class_name]
-        torch.manual_seed(0)
-        model = getattr(transformers, class_name)(config).eval()
-        processor = (
-            transformers.AutoImageProcessor.for_model(kind, **processor_keys)
-            if hasattr(transformers.AutoImageProcessor, "for_model")
-            else _processor(transformers, kind, processor_keys)
-        )
+        model = _seeded_model(transformers, kind, class_name, config_keys)
+        processor = _processor(transformers, kind, processor_keys)
         target = folder / f"hf_{model_type}_{task}"
         transform = None
         if task == "classification":
@@ -425,15 +414,8 @@ def hf_detector(model_type: str, spec: tuple[str, dict[str, Any], dict[str, Any]
         transformers = quiet_transformers()
 
         class_name, config_keys, processor_keys = spec
-        config = transformers.AutoConfig.for_model(
-            model_type, id2label=ID2LABEL, label2id={v: k for k, v in ID2LABEL.items()}, **config_keys
-        )
-        config.architectures = [class_name]
-        torch.manual_seed(0)
-        model = getattr(transformers, class_name)(config).eval()
-        keys = dict(processor_keys)
-        named = keys.pop("class", None)
-        processor = getattr(transformers, named)(**keys) if named else _processor(transformers, model_type, keys)
+        model = _seeded_model(transformers, model_type, class_name, config_keys)
+        processor = _processor(transformers, model_type, processor_keys)
         target = folder / f"hf_{model_type}_detection"
         model.save_pretrained(str(target))
         processor.save_pretrained(str(target))
@@ -458,11 +440,26 @@ def hf_detector(model_type: str, spec: tuple[str, dict[str, Any], dict[str, Any]
     return build
 
 
+def _seeded_model(transformers: Any, kind: str, class_name: str, config_keys: dict[str, Any]) -> Any:
+    """``class_name`` built (seed 0, eval mode) from ``kind``'s config with the sweep's labels and ``config_keys``."""
+    config = transformers.AutoConfig.for_model(
+        kind, num_labels=CLASSES, id2label=ID2LABEL, label2id={v: k for k, v in ID2LABEL.items()}, **config_keys
+    )
+    config.architectures = [class_name]
+    torch.manual_seed(0)
+    return getattr(transformers, class_name)(config).eval()
+
+
 def _processor(transformers: Any, kind: str, keys: dict[str, Any]) -> Any:
+    """``kind``'s image processor with ``keys``: the class ``keys['class']`` names, else the one transformers
+    maps to ``kind`` (its torchvision one before its PIL one)."""
     from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
 
-    names = IMAGE_PROCESSOR_MAPPING_NAMES.get(kind) or {}
-    name = names.get("torchvision") or names.get("pil") if isinstance(names, dict) else names
+    keys = dict(keys)
+    name = keys.pop("class", None)
+    if name is None:
+        names = IMAGE_PROCESSOR_MAPPING_NAMES.get(kind) or {}
+        name = names.get("torchvision") or names.get("pil") if isinstance(names, dict) else names
     return getattr(transformers, name)(**keys)
 
 

@@ -6,8 +6,9 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 # scripts/ by what each part is for: packaging (model folders, archives, exports), serve (servers, clients,
-# demo, soak), bench (benchmarks, tuning, profiles), deploy (images, Kubernetes, KServe, Triton)
-SCRIPTS_PATH := scripts/packaging:scripts/serve:scripts/bench:scripts/deploy
+# demo, soak), bench (benchmarks, tuning, profiles), deploy (images, Kubernetes, KServe, Triton), eval (task
+# metrics through a server, variants chosen by them)
+SCRIPTS_PATH := scripts/packaging:scripts/serve:scripts/bench:scripts/deploy:scripts/eval
 PY := PYTHONPATH=handlers:$(SCRIPTS_PATH) $(VENV)/bin/python
 ARCHIVER := $(VENV)/bin/torch-model-archiver
 DEMOS := digits resnet18 mobilenet_v3_small fasterrcnn shapes shapes_seg
@@ -285,6 +286,22 @@ image: $(WHEELHOUSE)/.complete $(foreach m,$(DEMOS),$(STORE)/$(m).mar) $(TRITON_
 .PHONY: image-run
 image-run: ## Run the TorchServe image (WHICH=triton for Triton) on 127.0.0.1 ports of this host; prints endpoints
 	$(PY) scripts/deploy/images.py run --which $(or $(WHICH),torchserve) --models $(DEMOS)
+
+# Task metrics through a real server (scripts/eval/): the demo models' held-out splits in users' layouts, and
+# make eval on any archive and labeled folder.
+EVAL_DATA := build/data/.complete
+$(EVAL_DATA): scripts/eval/eval_sets.py scripts/packaging/shapes.py scripts/packaging/demo_models.py | $(STAMP)
+	$(PY) scripts/eval/eval_sets.py --out build/data
+	touch $@
+
+.PHONY: eval-data
+eval-data: $(EVAL_DATA) ## The demo models' held-out splits as users hold them: ImageFolder (digits), COCO JSON (shapes), index masks (shapes_seg) -> build/data/
+
+.PHONY: eval
+eval: $(if $(MODEL),$(if $(filter triton,$(SERVER)),$(TRITON_STAMP),$(STORE)/$(MODEL).mar)) | $(STAMP) ## Task metric through a real server: MODEL=<name> DATA=<ImageFolder|CSV|COCO JSON|images+masks> [SERVER=triton] [LABEL_MAP=<file>] [IMAGES=<dir>] -> build/eval/<name>/
+	@test -n "$(MODEL)" -a -n "$(DATA)" || { echo "usage: make eval MODEL=<name> DATA=<labeled data> [SERVER=torchserve|triton] (make eval-data writes the demo models' held-out splits under build/data/)"; exit 2; }
+	@$(PY) scripts/eval/evaluate.py $(MODEL) "$(DATA)" --server $(or $(SERVER),torchserve) --store $(STORE) \
+		$(if $(LABEL_MAP),--label-map "$(LABEL_MAP)") $(if $(IMAGES),--images "$(IMAGES)") $(if $(CONCURRENCY),--concurrency $(CONCURRENCY))
 
 .PHONY: serve
 serve: archive ## Start TorchServe on loopback with every archive (or NAMES="a b"), wait until healthy, print endpoints

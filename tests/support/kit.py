@@ -17,7 +17,8 @@ from tsctl import Endpoints, Keys, TorchServe, derive_config, random_endpoints
 REPO = Path(__file__).resolve().parents[2]
 # the core and the tools, as the Makefile's PYTHONPATH has them (scripts/ grouped by what each part is for)
 SOURCE_PATH = ":".join(
-    str(REPO / d) for d in ("handlers", "scripts/packaging", "scripts/serve", "scripts/bench", "scripts/deploy")
+    str(REPO / d)
+    for d in ("handlers", "scripts/packaging", "scripts/serve", "scripts/bench", "scripts/deploy", "scripts/eval")
 )
 MODEL_STORE = REPO / "model_store"
 ONNX_DIR = REPO / "build" / "onnx"

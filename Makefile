@@ -89,8 +89,13 @@ $(STORE)/hf_vit.mar: models/hf_vit/model.safetensors
 $(STORE)/hf_rtdetr.mar: models/hf_rtdetr/model.safetensors
 
 .SECONDEXPANSION:
-$(STORE)/%.mar: $(MODELS)/%/model-config.yaml $$(filter-out %/__pycache__,$$(wildcard $(MODELS)/$$*/*)) $(HANDLER_SRC) scripts/packaging/archive_args.py | $(STAMP)
-	$(call archive,$*,$* --models $(MODELS))
+# A folder's recorded choice (variant.yaml and variant/, from make variants) is archived as <name>.mar;
+# VARIANT=<kind> overrides it (VARIANT=eager: the folder's own model) and rebuilds.
+$(STORE)/%.mar: $(MODELS)/%/model-config.yaml $$(filter-out %/__pycache__,$$(wildcard $(MODELS)/$$*/*)) $(HANDLER_SRC) scripts/packaging/archive_args.py scripts/packaging/variant_kinds.py $(if $(VARIANT),FORCE) | $(STAMP)
+	$(call archive,$*,$* --models $(MODELS) $(if $(VARIANT),--kind $(VARIANT)))
+
+.PHONY: FORCE
+FORCE:
 
 # ONNX exports, int8 quantization, and archives that serve them with ONNX Runtime.
 ONNX_DIR := build/onnx

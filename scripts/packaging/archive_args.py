@@ -19,6 +19,7 @@ import yaml
 from servekit.config import parse_handler_config, read_model_document
 from servekit.errors import ConfigError
 from servekit.program_backend import AOTI_MAX_BATCH
+from variant_kinds import Choice, kind_document, kind_of, read_choice
 
 # A built variant of a model folder: its file name -> (archive suffix, handler.model.format).
 VARIANTS = {
@@ -63,6 +64,19 @@ def variant_document(document: dict[str, Any], variant_file: Path, fmt: str) -> 
     return {**document, "handler": handler}
 
 
+def needed_files(model_dir: Path, config: Any) -> list[str]:
+    """The files of a folder its archive needs (the model first); a missing one is an error."""
+    needed = [config.model.file, config.labels]
+    if config.model.model_file:
+        needed.append(config.model.model_file)
+    if config.model.format == "transformers":
+        needed.append("config.json")  # the Hugging Face folder's model config, beside its weights
+    missing = [f for f in needed if not (model_dir / f).is_file()]
+    if missing:
+        raise ConfigError(f"{model_dir}: missing {', '.join(missing)}")
+    return needed
+
+
 def archiver_args(
     name: str,
     models: Path,
@@ -73,6 +87,10 @@ def archiver_args(
     variant: Path | None = None,
     backend: str | None = None,
     compile_mode: str | None = None,
+    kind: str | None = None,
+    built: Path = Path("build/variants"),
+    say: Any = None,
+    archive_name: str | None = None,
 ) -> list[str]:
     """Return torch-model-archiver's arguments for ``models/<name>``, staging the handler package.
 
@@ -81,19 +99,17 @@ def archiver_args(
     ``resnet18_exported``); ``backend`` serves it with another backend (``openvino``: ``resnet18_openvino``
     from ``model.onnx``). With ``compile_mode``, ``<name>_compile`` serves the folder's model with
     ``handler.compile``.
+
+    Otherwise the archive is ``<name>`` and serves the folder's choice (``variant.yaml``, written by
+    ``make variants``), or the variant ``kind`` (``VARIANT=<kind>``; its file as ``make variants`` built it
+    under ``built/<name>/``), or the folder's own model; ``say`` gets the one line naming a chosen variant.
+    ``archive_name`` renames the archive (``make variants`` builds ``<name>_<kind>``).
     """
     model_dir = models / name
     config_file = model_dir / "model-config.yaml"
-    document = read_model_document(model_dir)
+    document = original = read_model_document(model_dir)
     config = parse_handler_config(document.get("handler"))
-    needed = [config.model.file, config.labels]
-    if config.model.model_file:
-        needed.append(config.model.model_file)
-    if config.model.format == "transformers":
-        needed.append("config.json")  # the Hugging Face folder's model config, beside its weights
-    missing = [f for f in needed if not (model_dir / f).is_file()]
-    if missing:
-        raise ConfigError(f"{model_dir}: missing {', '.join(missing)}")
+    needed = needed_files(model_dir, config)
     serialized = model_dir / config.model.file
     if variant is not None:
         if variant.name not in VARIANTS or not variant.is_file():
@@ -107,7 +123,17 @@ def archiver_args(
         name = f"{name}_compile"
         document = compile_document(document, compile_mode)
         parse_handler_config(document["handler"])
-    if variant is not None or compile_mode is not None:
+    else:
+        chosen = chosen_variant(model_dir, name, kind, built)
+        if chosen is not None:
+            document = kind_document(document, chosen.kind, chosen.file)
+            parse_handler_config(document["handler"])
+            if chosen.file is not None:
+                serialized, needed = chosen.file, [chosen.file.name, config.labels]
+            if say is not None:
+                say(chosen.line(name))
+    name = archive_name or name
+    if document is not original:
         config_file = stage_root / f"{name}.config" / "model-config.yaml"
         config_file.parent.mkdir(parents=True, exist_ok=True)
         config_file.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
@@ -135,6 +161,22 @@ def archiver_args(
     ]
 
 
+def chosen_variant(model_dir: Path, name: str, kind: str | None, built: Path) -> Choice | None:
+    """The variant ``<name>.mar`` serves: ``kind`` if given (``eager``: none), else the folder's recorded choice."""
+    if kind:
+        wanted = kind_of(kind)
+        if wanted.name == "eager":
+            return None
+        file = built / name / wanted.name / wanted.file if wanted.file else None
+        if file is not None and not file.is_file():
+            recorded = read_choice(model_dir)
+            if recorded is not None and recorded.kind == wanted:
+                return recorded
+            raise ConfigError(f"VARIANT={kind}: {file} is missing; `make variants MODEL={name} DATA=...` builds it")
+        return Choice(wanted, file, {"metric": "-", "report": "chosen by VARIANT=, not measured"})
+    return read_choice(model_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("name")
@@ -145,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", type=Path, help="serve this built file (model.onnx, model.int8.onnx, *.pt2)")
     parser.add_argument("--backend", choices=["openvino"], help="serve the ONNX --variant with this backend")
     parser.add_argument("--compile", dest="compile_mode", help="serve the folder's model with handler.compile MODE")
+    parser.add_argument("--kind", default=None, help="the variant to archive as <name>.mar (default: variant.yaml's)")
+    parser.add_argument("--built", type=Path, default=Path("build/variants"), help="where make variants builds")
     args = parser.parse_args(argv)
     try:
         words = archiver_args(
@@ -156,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
             variant=args.variant,
             backend=args.backend,
             compile_mode=args.compile_mode,
+            kind=args.kind,
+            built=args.built,
+            say=lambda line: sys.stderr.write(line + "\n"),
         )
     except ConfigError as exc:
         sys.stderr.write(f"error: {args.name}: {exc}\n")

@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -50,30 +50,49 @@ class Batches:
         raise NotImplementedError
 
 
-def quantize(name: str, models: Path, out: Path) -> dict[str, float]:
-    """Write ``out/<name>/model.int8.onnx`` from ``out/<name>/model.onnx``; return its fidelity."""
+def quantize_graph(
+    source: Path,
+    target: Path,
+    inputs: Sequence[torch.Tensor],
+    *,
+    nodes_to_exclude: Sequence[str] = (),
+    nodes_to_quantize: Sequence[str] = (),
+) -> Path:
+    """Static int8 QDQ quantization of the graph ``source`` into ``target``, calibrated on ``inputs`` (the
+    network's own float input batches); ``nodes_to_exclude`` stay float, ``nodes_to_quantize`` (if given)
+    are the only ones quantized. Per-channel int8 weights, uint8 activations with ``reduce_range``."""
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    config = read_model_config(models / name)
-    if not isinstance(config, ClassifierConfig):
-        raise SystemExit(f"{name}: int8 quantization is offered for classifiers only")
-    source = out / name / "model.onnx"
-    target = out / name / "model.int8.onnx"
     CalibrationDataReader.register(Batches)
+    input_name = onnx.load(str(source), load_external_data=False).graph.input[0].name
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         quantize_static(
             str(prepared),
             str(target),
-            Batches(demo_models.classifier_inputs(calibration_images(name), config)),
+            Batches(torch.cat([t.contiguous() for t in inputs]), input_name),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             reduce_range=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
+            nodes_to_exclude=list(nodes_to_exclude) or None,
+            nodes_to_quantize=list(nodes_to_quantize) or None,
         )
+    return target
+
+
+def quantize(name: str, models: Path, out: Path) -> dict[str, float]:
+    """Write ``out/<name>/model.int8.onnx`` from ``out/<name>/model.onnx``; return its fidelity."""
+    config = read_model_config(models / name)
+    if not isinstance(config, ClassifierConfig):
+        raise SystemExit(f"{name}: int8 quantization is offered for classifiers only")
+    source = out / name / "model.onnx"
+    target = out / name / "model.int8.onnx"
+    quantize_graph(source, target, [demo_models.classifier_inputs(calibration_images(name), config)])
     report = fidelity.compare_onnx(name, models, source, target)
     (out / name / "int8.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report

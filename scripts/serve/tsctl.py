@@ -266,6 +266,54 @@ class TorchServe:
                 time.sleep(0.5)
         return keys
 
+    def register(self, archive: str, timeout: float = 900.0) -> float:
+        """Register ``<archive>.mar`` from the model store with one worker and wait for it (the config must
+        enable the model API); return the seconds until its worker was ready."""
+        keys = self.renew("management")
+        started = time.monotonic()
+        reply = requests.post(
+            f"{self.endpoints.url('management')}/models",
+            params={"url": f"{archive}.mar", "model_name": archive, "initial_workers": "1", "synchronous": "true"},
+            headers={"Authorization": f"Bearer {keys.management}"},
+            timeout=timeout,
+        )
+        if reply.status_code != 200:
+            try:
+                message = reply.json().get("message", reply.text)
+            except ValueError:
+                message = reply.text
+            raise RuntimeError(f"registering {archive}: {reply.status_code} {str(message).strip()[:300]}")
+        return time.monotonic() - started
+
+    def unregister(self, name: str, timeout: float = 180.0) -> None:
+        """Unregister a model (its workers stop)."""
+        keys = self.renew("management")
+        requests.delete(
+            f"{self.endpoints.url('management')}/models/{name}",
+            headers={"Authorization": f"Bearer {keys.management}"},
+            timeout=timeout,
+        )
+
+    def management_ready(self, timeout: float = 300.0) -> None:
+        """Wait until the management API answers (the key file is written before the listeners are up)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            keys = self.keys(timeout)
+            try:
+                reply = requests.get(
+                    f"{self.endpoints.url('management')}/models",
+                    headers={"Authorization": f"Bearer {keys.management}"},
+                    timeout=5,
+                )
+                if reply.status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the management API did not answer within {timeout:.0f} s; see {self.log_dir}")
+            self._check_alive()
+            time.sleep(0.5)
+
     def pgid(self) -> int | None:
         try:
             return int(self.pgid_file.read_text().strip())

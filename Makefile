@@ -308,6 +308,13 @@ eval: $(if $(MODEL),$(if $(filter triton,$(SERVER)),$(TRITON_STAMP),$(STORE)/$(M
 	@$(PY) scripts/eval/evaluate.py $(MODEL) "$(DATA)" --server $(or $(SERVER),torchserve) --store $(STORE) \
 		$(if $(LABEL_MAP),--label-map "$(LABEL_MAP)") $(if $(IMAGES),--images "$(IMAGES)") $(if $(CONCURRENCY),--concurrency $(CONCURRENCY))
 
+.PHONY: variants
+variants: | $(STAMP) ## Every variant measured by its task metric and speed through one TorchServe; the fastest within BUDGET becomes the folder's choice: MODEL=<name> DATA=<labeled data> [BUDGET=0.01|BUDGET_REL=0.01] [KINDS="eager onnx ..."] [SECONDS=10] -> build/variants/<name>/
+	@test -n "$(MODEL)" -a -n "$(DATA)" || { echo "usage: make variants MODEL=<name> DATA=<labeled data> [BUDGET=0.01] (make eval-data writes the demo models' held-out splits under build/data/)"; exit 2; }
+	@$(PY) scripts/eval/variants.py $(MODEL) "$(DATA)" --models $(MODELS) $(if $(BUDGET),--budget $(BUDGET)) $(if $(BUDGET_REL),--budget-rel $(BUDGET_REL)) \
+		$(if $(KINDS),--kinds $(KINDS)) $(if $(SECONDS),--seconds $(SECONDS)) $(if $(CONCURRENCY),--concurrency $(CONCURRENCY)) \
+		$(if $(LABEL_MAP),--label-map "$(LABEL_MAP)") $(if $(IMAGES),--images "$(IMAGES)") $(if $(BLANK_CALIBRATION),--blank-calibration)
+
 .PHONY: serve
 serve: archive ## Start TorchServe on loopback with every archive (or NAMES="a b"), wait until healthy, print endpoints
 	$(PY) scripts/serve/tsctl.py start $(if $(NAMES),--models $(NAMES))

@@ -54,6 +54,7 @@ from variant_kinds import KINDS, Kind, kind_document, write_choice
 logger = logging.getLogger("variants")
 DEFAULT_KINDS = tuple(KINDS)
 ARCHIVER_TIMEOUT = 900
+WEIGHTED = ("Conv", "Gemm", "MatMul", "ConvTranspose")  # the layers int8 quantizes, and may keep in float
 
 
 # ---------------------------------------------------------------------------------------------- splits
@@ -136,22 +137,36 @@ def inprocess_metric(folder: Path, document: Mapping[str, Any], dataset: Dataset
 
 def quantized_nodes(path: Path) -> tuple[list[str], list[str]]:
     """(quantized, float) names of a QDQ graph's weighted layers (Conv, Gemm, MatMul): a layer is quantized
-    when a DequantizeLinear feeds its first input."""
+    when a DequantizeLinear feeds its input or its weight, directly or through shape-only ops."""
     import onnx
 
     graph = onnx.load(str(path)).graph
-    dequantized = {out for node in graph.node if node.op_type == "DequantizeLinear" for out in node.output}
+    producer = {out: node for node in graph.node for out in node.output}
+    passthrough = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "MaxPool", "Relu"}
+
+    def dequantized(name: str) -> bool:
+        for _ in range(8):
+            node = producer.get(name)
+            if node is None:
+                return False
+            if node.op_type == "DequantizeLinear":
+                return True
+            if node.op_type not in passthrough or not node.input:
+                return False
+            name = node.input[0]
+        return False
+
     quantized, kept = [], []
     for node in graph.node:
-        if node.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
-            (quantized if node.input and node.input[0] in dequantized else kept).append(node.name)
+        if node.op_type in WEIGHTED:
+            (quantized if any(dequantized(i) for i in node.input[:2]) else kept).append(node.name)
     return quantized, kept
 
 
 def weighted_layers(path: Path) -> list[str]:
     import onnx
 
-    return [n.name for n in onnx.load(str(path)).graph.node if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose")]
+    return [n.name for n in onnx.load(str(path)).graph.node if n.op_type in WEIGHTED]
 
 
 def output_sqnr(reference: Path, candidate: Path, inputs: Sequence[torch.Tensor]) -> float:
@@ -256,7 +271,7 @@ def nncf_int8_within(
     name = model.graph.input[0].name
     batches = [t.numpy() for t in inputs]
     calibration = nncf.Dataset(batches, lambda b: {name: b})
-    size = sum(len(b) for b in batches)
+    size = len(batches)  # items are batches
     quantized = nncf.quantize(model, calibration, subset_size=size)
     onnx.save(quantized, str(target))
     value = measure(target)
@@ -278,11 +293,8 @@ def nncf_int8_within(
     onnx.save(quantized, str(target))
     value = measure(target)
     floats = quantized_nodes(target)[1]
-    result.float_layers, result.calibration_metric = floats, value
-    result.note = (
-        f"plain int8 {result.calibration_metric:.4f}; NNCF accuracy control: {len(floats)} layers float, {value:.4f}"
-    )
-    return result
+    note = f"plain int8 {result.calibration_metric:.4f}; NNCF accuracy control: {len(floats)} layers float, {value:.4f}"
+    return Int8Result(target, floats, value, note)
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -410,7 +422,7 @@ def int8_variant(
             fp32, target, inputs=inputs, measure=measure, floor=floor, accuracy_control=plan.accuracy_control
         )
     calibrated = "blank images" if plan.blank_calibration else f"{len(plan.calibration.samples)} calibration files"
-    note = f"calibrated on {calibrated}; {result.note}"
+    note = f"calibrated on {calibrated}; eager {baselines['calibration']:.4f} on that split; {result.note}"
     return Built(kind, None, target, "", result.float_layers, note)
 
 

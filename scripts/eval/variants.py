@@ -136,37 +136,21 @@ def inprocess_metric(folder: Path, document: Mapping[str, Any], dataset: Dataset
 
 
 def quantized_nodes(path: Path) -> tuple[list[str], list[str]]:
-    """(quantized, float) names of a QDQ graph's weighted layers (Conv, Gemm, MatMul): a layer is quantized
-    when a DequantizeLinear feeds its input or its weight, directly or through shape-only ops."""
+    """(quantized, float) names of a QDQ graph's computing nodes: a node is quantized when a DequantizeLinear
+    feeds one of its inputs; the float ones listed are the weighted layers (Conv, Gemm, MatMul) left float."""
     import onnx
 
     graph = onnx.load(str(path)).graph
-    producer = {out: node for node in graph.node for out in node.output}
-    passthrough = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "MaxPool", "Relu"}
-
-    def dequantized(name: str) -> bool:
-        for _ in range(8):
-            node = producer.get(name)
-            if node is None:
-                return False
-            if node.op_type == "DequantizeLinear":
-                return True
-            if node.op_type not in passthrough or not node.input:
-                return False
-            name = node.input[0]
-        return False
-
+    dequantized = {out for node in graph.node if node.op_type == "DequantizeLinear" for out in node.output}
     quantized, kept = [], []
     for node in graph.node:
-        if node.op_type in WEIGHTED:
-            (quantized if any(dequantized(i) for i in node.input[:2]) else kept).append(node.name)
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        if any(i in dequantized for i in node.input):
+            quantized.append(node.name)
+        elif node.op_type in WEIGHTED:
+            kept.append(node.name)
     return quantized, kept
-
-
-def weighted_layers(path: Path) -> list[str]:
-    import onnx
-
-    return [n.name for n in onnx.load(str(path)).graph.node if n.op_type in WEIGHTED]
 
 
 def output_sqnr(reference: Path, candidate: Path, inputs: Sequence[torch.Tensor]) -> float:
@@ -187,18 +171,44 @@ def output_sqnr(reference: Path, candidate: Path, inputs: Sequence[torch.Tensor]
     return 10 * math.log10(signal / noise) if noise > 0 else float("inf")
 
 
-def sensitivity_ranking(fp32: Path, inputs: Sequence[torch.Tensor], work: Path) -> list[tuple[str, float]]:
-    """Each weighted layer quantized alone (``nodes_to_quantize``), ranked by the output's SNR against fp32,
-    most sensitive (lowest SNR) first."""
+def sensitivity_ranking(
+    fp32: Path, quantized: Sequence[str], inputs: Sequence[torch.Tensor], work: Path
+) -> list[tuple[str, float]]:
+    """Each node the full int8 graph quantizes, quantized alone (``nodes_to_quantize``), ranked by the
+    signal-to-noise of the output against fp32 on a few calibration batches, the most sensitive (lowest)
+    first. Alone, not reverted one at a time: a chain of quantized ops (a detector's box decode) loses as
+    much with any one of them reverted, but each of them alone shows what it costs."""
     from quantize_onnx import quantize_graph
 
-    sample = list(inputs)[:4]
+    sample = list(inputs)[:2]
     ranking = []
-    for layer in weighted_layers(fp32):
-        single = quantize_graph(fp32, work / "single.onnx", sample, nodes_to_quantize=[layer])
-        ranking.append((layer, output_sqnr(fp32, single, sample)))
+    for node in quantized:
+        single = quantize_graph(fp32, work / "single.onnx", sample, nodes_to_quantize=[node])
+        ranking.append((node, output_sqnr(fp32, single, sample)))
     (work / "single.onnx").unlink(missing_ok=True)
     return sorted(ranking, key=lambda item: item[1])
+
+
+def fewest_float(count: int, holds: Callable[[int], float], floor: float) -> tuple[int, float, dict[int, float]]:
+    """The fewest of ``count`` ranked layers to keep float so that ``holds(k)`` (the metric with the first k
+    float) reaches ``floor``: k = 1, 2, 4, ... until it holds, then bisected between the last miss and the
+    first hold. Returns (k, its metric, every k tried); k is the best tried when nothing holds."""
+    tried: dict[int, float] = {}
+    k, miss = 1, 0
+    while True:
+        tried[k] = holds(k)
+        if tried[k] >= floor or k == count:
+            break
+        miss, k = k, min(count, 2 * k)
+    if tried[k] >= floor:
+        hit = k
+        while hit - miss > 1:
+            mid = (hit + miss) // 2
+            tried[mid] = holds(mid)
+            hit, miss = (mid, miss) if tried[mid] >= floor else (hit, mid)
+        return hit, tried[hit], tried
+    best = max(tried, key=lambda n: (tried[n], -n))
+    return best, tried[best], tried
 
 
 @dataclass
@@ -218,8 +228,9 @@ def ort_int8_within(
     floor: float,
     accuracy_control: bool = True,
 ) -> Int8Result:
-    """ONNX Runtime int8 of ``fp32``; while its calibration-split metric is under ``floor``, the 1, 2, 4, ...
-    most sensitive layers stay float (``nodes_to_exclude``), until it holds or every layer is float."""
+    """ONNX Runtime int8 of ``fp32``; when its calibration-split metric is under ``floor``, the fewest of the
+    most sensitive nodes (:func:`sensitivity_ranking`) stay float (``nodes_to_exclude``) that make it hold,
+    or, when nothing does, the count that came closest."""
     from quantize_onnx import quantize_graph
 
     quantize_graph(fp32, target, inputs)
@@ -227,28 +238,22 @@ def ort_int8_within(
     result = Int8Result(target, [], value, f"plain int8 {value:.4f} on the calibration split")
     if value >= floor or not accuracy_control:
         return result
-    ranking = sensitivity_ranking(fp32, inputs, target.parent)
-    best = (value, [])
-    count = 1
-    while count <= len(ranking):
-        kept = [layer for layer, _ in ranking[:count]]
-        quantize_graph(fp32, target, inputs, nodes_to_exclude=kept)
+    ranking = [node for node, _ in sensitivity_ranking(fp32, quantized_nodes(target)[0], inputs, target.parent)]
+
+    def metric_with(count: int) -> float:
+        quantize_graph(fp32, target, inputs, nodes_to_exclude=ranking[:count])
         value = measure(target)
-        logger.info("  int8 with %d of %d layers in float: %.4f (floor %.4f)", count, len(ranking), value, floor)
-        if value > best[0]:
-            best = (value, kept)
-        if value >= floor:
-            break
-        count = count * 2 if count * 2 <= len(ranking) or count == len(ranking) else len(ranking)
-    if best[1] != kept:
-        quantize_graph(fp32, target, inputs, nodes_to_exclude=best[1])
-    held = "holds" if best[0] >= floor else "misses"
+        logger.info("  int8 with %d of %d nodes in float: %.4f (floor %.4f)", count, len(ranking), value, floor)
+        return value
+
+    count, value, _ = fewest_float(len(ranking), metric_with, floor)
+    quantize_graph(fp32, target, inputs, nodes_to_exclude=ranking[:count])
+    held = "holds" if value >= floor else "misses"
     note = (
-        f"plain int8 {result.calibration_metric:.4f}, with {len(best[1])} layers float {best[0]:.4f} "
-        f"({held} the budget on the calibration split)"
+        f"plain int8 {result.calibration_metric:.4f}; with the {count} most sensitive of {len(ranking)} quantized "
+        f"nodes in float {value:.4f} ({held} the budget on the calibration split)"
     )
-    result = Int8Result(target, list(best[1]), best[0], note)
-    return result
+    return Int8Result(target, ranking[:count], value, note)
 
 
 def nncf_int8_within(

@@ -66,8 +66,12 @@ def export_classifier(
     example = torch.rand(2, 3, *size)
     names = {"input_names": [io[0]], "output_names": [io[1]]}
     axes = {io[0]: {0: "batch"}, io[1]: {0: "batch"}}
-    if scripted:
-        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=OPSET, dynamic_axes=axes, **names)
+    if scripted:  # the TorchScript exporter's warnings about a ScriptModule's signature say nothing to a user
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            torch.onnx.export(
+                model, (example,), str(path), dynamo=False, opset_version=OPSET, dynamic_axes=axes, **names
+            )
         return "legacy"
     batch = torch.export.Dim("batch", min=1, max=1024)
     try:

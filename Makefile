@@ -92,7 +92,7 @@ $(STORE)/hf_rtdetr.mar: models/hf_rtdetr/model.safetensors
 # A folder's recorded choice (variant.yaml and variant/, from make variants) is archived as <name>.mar;
 # VARIANT=<kind> overrides it (VARIANT=eager: the folder's own model) and rebuilds.
 $(STORE)/%.mar: $(MODELS)/%/model-config.yaml $$(filter-out %/__pycache__,$$(wildcard $(MODELS)/$$*/*)) $(HANDLER_SRC) scripts/packaging/archive_args.py scripts/packaging/variant_kinds.py $(if $(VARIANT),FORCE) | $(STAMP)
-	$(call archive,$*,$* --models $(MODELS) $(if $(VARIANT),--kind $(VARIANT)))
+	$(call archive,$*,$* --models $(MODELS) $(if $(VARIANT),--kind $(VARIANT)) $(if $(VARIANTS_OUT),--built $(VARIANTS_OUT)))
 
 .PHONY: FORCE
 FORCE:
@@ -313,7 +313,8 @@ variants: | $(STAMP) ## Every variant measured by its task metric and speed thro
 	@test -n "$(MODEL)" -a -n "$(DATA)" || { echo "usage: make variants MODEL=<name> DATA=<labeled data> [BUDGET=0.01] (make eval-data writes the demo models' held-out splits under build/data/)"; exit 2; }
 	@$(PY) scripts/eval/variants.py $(MODEL) "$(DATA)" --models $(MODELS) $(if $(BUDGET),--budget $(BUDGET)) $(if $(BUDGET_REL),--budget-rel $(BUDGET_REL)) \
 		$(if $(KINDS),--kinds $(KINDS)) $(if $(SECONDS),--seconds $(SECONDS)) $(if $(CONCURRENCY),--concurrency $(CONCURRENCY)) \
-		$(if $(LABEL_MAP),--label-map "$(LABEL_MAP)") $(if $(IMAGES),--images "$(IMAGES)") $(if $(BLANK_CALIBRATION),--blank-calibration)
+		$(if $(LABEL_MAP),--label-map "$(LABEL_MAP)") $(if $(IMAGES),--images "$(IMAGES)") $(if $(VARIANTS_OUT),--out "$(VARIANTS_OUT)") \
+		$(if $(BLANK_CALIBRATION),--blank-calibration) $(if $(filter 0,$(ACCURACY_CONTROL)),--no-accuracy-control)
 
 .PHONY: serve
 serve: archive ## Start TorchServe on loopback with every archive (or NAMES="a b"), wait until healthy, print endpoints
@@ -354,7 +355,7 @@ test-zoo: lint $(STAMP) ## The zoo sweep: torchvision, timm and Hugging Face arc
 	ZOO_SWEEP=all $(PY) -m pytest -m zoo -s $(PYTEST_ARGS)
 
 .PHONY: test
-test: lint archive $(GRPC_STUBS) $(BENCH_INPUTS) image ## Set up and run all tests (lint, unit, in-process handler, backends, real TorchServe end to end)
+test: lint archive $(GRPC_STUBS) $(BENCH_INPUTS) $(EVAL_DATA) image ## Set up and run all tests (lint, unit, in-process handler, backends, real TorchServe end to end)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 .PHONY: clean

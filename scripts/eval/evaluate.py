@@ -4,8 +4,9 @@ The archive ``model_store/<name>.mar`` is served by a TorchServe started from th
 ``config.properties`` (free loopback ports, token auth on), or with ``--server triton`` its ensemble in
 ``model_repository/cpu`` by the bundled tritonserver. Every image of DATA is sent as the file it is (a JPEG
 stays a JPEG), ``--concurrency`` at a time, with a progress bar; a file the server rejects is counted and
-named in the report and the run goes on. The report, ``build/eval/<name>/report.md`` with ``metrics.json``
-and its pictures, names the archive (and its sha256), the server, the machine and the data's digest.
+named in the report and the run goes on. The report, ``build/eval/<name>/report.md`` (``<name>-triton/`` for
+Triton) with ``metrics.json``, ``answers.jsonl`` (each file's status and answer) and its pictures, names the
+archive (and its sha256), the server, the machine and the data's digest.
 
     make eval MODEL=digits DATA=build/data/digits/test
     make eval MODEL=shapes DATA=build/data/shapes/val          # COCO AP through TorchServe
@@ -354,6 +355,14 @@ def write_report(out: Path, doc: Mapping[str, Any], scores: Scores) -> Path:
     return out / "report.md"
 
 
+def write_answers(path: Path, dataset: Dataset, replies: Sequence[Reply]) -> Path:
+    """Every file's status and answer as the server sent it, one JSON line each (``answers.jsonl``)."""
+    with path.open("w", encoding="utf-8") as out:
+        for sample, reply in zip(dataset.samples, replies):
+            out.write(json.dumps({"file": str(sample.path), "status": reply.status, "answer": reply.body}) + "\n")
+    return path
+
+
 def summary_line(name: str, doc: Mapping[str, Any], report: Path) -> str:
     """The one line ``make eval`` ends with."""
     metrics = doc["metrics"]
@@ -394,10 +403,13 @@ def evaluate(
     with serving as (predict, description):
         replies = send_all(predict, name, dataset, concurrency)
     outcome = score(dataset, replies)
+    target = out / (name if server == "torchserve" else f"{name}-{server}")
+    target.mkdir(parents=True, exist_ok=True)
+    write_answers(target / "answers.jsonl", dataset, replies)
     doc = report_document(
         archive, dataset, outcome, description, seconds=time.perf_counter() - started, concurrency=concurrency
     )
-    return doc, write_report(out / name, doc, outcome.scores)
+    return doc, write_report(target, doc, outcome.scores)
 
 
 def main(argv: list[str] | None = None) -> int:

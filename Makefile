@@ -58,7 +58,7 @@ ZOO_WEIGHTS := models/timm_convnext/model.pt models/hf_vit/model.safetensors
 ZOO_VARIANTS := $(foreach m,$(ZOO_DEMOS),$(STORE)/$(m).mar $(STORE)/$(m)_onnx.mar $(STORE)/$(m)_openvino.mar $(STORE)/$(m)_int8.mar $(STORE)/$(m)_aoti.mar)
 
 .PHONY: models
-models: $(foreach m,$(DEMOS),models/$(m)/model.pt) $(ZOO_WEIGHTS) models/lraspp/model.pt models/hf_rtdetr/model.safetensors ## Build the demo models (trained digits CNN, shapes detector and segmenter, seeded torchvision, timm and Hugging Face nets, a seeded RT-DETR)
+models: $(foreach m,$(DEMOS),models/$(m)/model.pt) $(ZOO_WEIGHTS) models/lraspp/model.pt models/hf_rtdetr/model.safetensors models/letters/model.pt ## Build the demo models (trained digits CNN, letters MobileNetV3, shapes detector and segmenter, seeded torchvision, timm and Hugging Face nets, a seeded RT-DETR)
 
 .PHONY: sample-images
 sample-images: | $(STAMP) ## Images to send the demo models: photos scikit-image ships, a held-out digit and shapes scene -> build/samples/
@@ -77,6 +77,7 @@ models/hf_vit/model.safetensors models/hf_rtdetr/model.safetensors: | $(STAMP)
 	$(PY) scripts/packaging/make_models.py $(notdir $(@D))
 models/shapes/model.pt: models/shapes/model.py scripts/packaging/shapes.py
 models/shapes_seg/model.pt: models/shapes_seg/model.py scripts/packaging/shapes.py scripts/packaging/shapes_seg.py
+models/letters/model.pt: scripts/packaging/letters.py
 
 .PHONY: archive
 archive: $(if $(MODEL),$(STORE)/$(MODEL).mar,$(ALL_MARS)) ## Build .mar archives (all, or MODEL=<name>)
@@ -85,6 +86,7 @@ archive: $(if $(MODEL),$(STORE)/$(MODEL).mar,$(ALL_MARS)) ## Build .mar archives
 $(foreach m,$(DEMOS),$(eval $(STORE)/$(m).mar: models/$(m)/model.pt))
 $(STORE)/timm_convnext.mar: models/timm_convnext/model.pt
 $(STORE)/lraspp.mar: models/lraspp/model.pt
+$(STORE)/letters.mar: models/letters/model.pt
 $(STORE)/hf_vit.mar: models/hf_vit/model.safetensors
 $(STORE)/hf_rtdetr.mar: models/hf_rtdetr/model.safetensors
 
@@ -295,12 +297,12 @@ image-run: ## Run the TorchServe image (WHICH=triton for Triton) on 127.0.0.1 po
 # Task metrics through a real server (scripts/eval/): the demo models' held-out splits in users' layouts, and
 # make eval on any archive and labeled folder.
 EVAL_DATA := build/data/.complete
-$(EVAL_DATA): scripts/eval/eval_sets.py scripts/packaging/shapes.py scripts/packaging/demo_models.py | $(STAMP)
+$(EVAL_DATA): scripts/eval/eval_sets.py scripts/packaging/shapes.py scripts/packaging/letters.py scripts/packaging/demo_models.py | $(STAMP)
 	$(PY) scripts/eval/eval_sets.py --out build/data
 	touch $@
 
 .PHONY: eval-data
-eval-data: $(EVAL_DATA) ## The demo models' held-out splits as users hold them: ImageFolder (digits), COCO JSON (shapes), index masks (shapes_seg) -> build/data/
+eval-data: $(EVAL_DATA) ## The demo models' held-out splits as users hold them: ImageFolder (digits, letters), COCO JSON (shapes), index masks (shapes_seg) -> build/data/
 
 .PHONY: eval
 eval: $(if $(MODEL),$(if $(filter triton,$(SERVER)),$(TRITON_STAMP),$(STORE)/$(MODEL).mar)) | $(STAMP) ## Task metric through a real server: MODEL=<name> DATA=<ImageFolder|CSV|COCO JSON|images+masks> [SERVER=triton] [LABEL_MAP=<file>] [IMAGES=<dir>] -> build/eval/<name>/

@@ -1,6 +1,7 @@
 """The demo models' held-out labeled splits, on disk in the layouts users hold (``make eval-data``).
 
 - ``digits/test/<digit>/<n>.png``: scikit-learn's digits held out from training, an ImageFolder tree;
+- ``letters/test/<letter>/<n>.jpg``: held-out letters (other seeds than training), an ImageFolder tree of JPEGs;
 - ``shapes/val/annotations.json`` + ``images/<n>.jpg``: held-out shapes scenes as a COCO instances file
   (polygon-free boxes, the way a labeling tool exports boxes);
 - ``shapes_seg/val/images/<n>.jpg`` + ``masks/<n>.png``: the same scenes with palette index masks (VOC style:
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+import letters
 
 logger = logging.getLogger("eval_sets")
 PALETTE = (0, 0, 0, 31, 119, 180, 214, 39, 40, 44, 160, 44)  # background, circle, square, triangle
@@ -71,6 +74,7 @@ def write_all(out: Path, count: int) -> dict[str, Path]:
 
     paths = {
         "digits": out / "digits" / "test",
+        "letters": out / "letters" / "test",
         "shapes": out / "shapes" / "val",
         "shapes_seg": out / "shapes_seg" / "val",
     }
@@ -79,6 +83,7 @@ def write_all(out: Path, count: int) -> dict[str, Path]:
         path.mkdir(parents=True)
     written = {
         "digits": write_digits(paths["digits"]),
+        "letters": letters.write_held_out(paths["letters"]),
         "shapes": write_shapes_coco(paths["shapes"], count),
         "shapes_seg": write_shapes_masks(paths["shapes_seg"], count),
     }

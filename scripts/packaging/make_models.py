@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 import demo_models
+import letters
 import shapes
 import shapes_eval
 import shapes_seg
@@ -49,6 +50,15 @@ def build_shapes_seg(model_dir: Path) -> None:
         raise SystemExit(f"shapes_seg mean IoU {miou:.3f} is under {shapes_seg.MIN_MIOU}")
 
 
+def build_letters(model_dir: Path) -> None:
+    seconds, accuracy = letters.train(model_dir)
+    logger.info(
+        "letters: trained in %.0f s; held-out top-1 %.2f %% (the network alone, in process)", seconds, accuracy * 100
+    )
+    if accuracy < letters.MIN_ACCURACY:
+        raise SystemExit(f"letters accuracy {accuracy:.3f} is under {letters.MIN_ACCURACY}")
+
+
 def build_digits(model_dir: Path) -> None:
     accuracy = demo_models.train_digits(model_dir)
     logger.info("digits: held-out accuracy %.2f %%", accuracy * 100)
@@ -64,6 +74,7 @@ BUILDERS: dict[str, Callable[[Path], object]] = {
     "lraspp": demo_models.make_segmenter,
     "shapes": build_shapes,
     "shapes_seg": build_shapes_seg,
+    "letters": build_letters,
     "timm_convnext": demo_models.make_timm_classifier,
     "hf_vit": demo_models.make_hf_classifier,
     "hf_rtdetr": demo_models.make_hf_detector,

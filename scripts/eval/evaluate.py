@@ -423,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label-map", type=Path, default=None, help="JSON or CSV: data class name -> model label")
     parser.add_argument("--images", type=Path, default=None, help="COCO: the folder of the images it lists")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("evaluate").setLevel(logging.INFO)
     try:
         doc, report = evaluate(
             args.name,

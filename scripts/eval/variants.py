@@ -770,9 +770,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label-map", type=Path, default=None)
     parser.add_argument("--images", type=Path, default=None)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    for noisy in ("torch", "torch._dynamo", "torch._inductor", "nncf", "onnxruntime"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    for ours in ("variants", "tsctl", "evaluate"):  # the libraries' own INFO lines (ONNX passes, NNCF) stay out
+        logging.getLogger(ours).setLevel(logging.INFO)
+    logging.getLogger("nncf").setLevel(logging.ERROR)
     try:
         folder = args.models / args.name
         if not (folder / "model-config.yaml").is_file():

@@ -75,7 +75,9 @@ def export_classifier(
         return "legacy"
     batch = torch.export.Dim("batch", min=1, max=1024)
     try:
-        program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=({0: batch},), **names)
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, dynamic_shapes=({0: batch},), verbose=False, **names
+        )
         program.save(str(path))
         return "dynamo"
     except Exception as dynamo_error:

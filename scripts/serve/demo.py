@@ -350,10 +350,27 @@ def run(workdir: Path) -> None:
         logger.info("TorchServe stopped; no process left: %s", not server.processes())
 
 
+VARIANTS_DEMO = ("shapes", "build/data/shapes/val")  # the smallest table with a real trade-off (int8 2x, AP lost)
+
+
+def variants_table(report: Path = Path("build/variants") / VARIANTS_DEMO[0] / "report.md") -> None:
+    """The last ``make variants`` table of the demo detector, or the command that makes it."""
+    name, data = VARIANTS_DEMO
+    command = f"make variants MODEL={name} DATA={data}"
+    if not report.is_file():
+        logger.info("Accuracy against speed of every variant (ONNX Runtime, int8, OpenVINO, bf16): `%s`", command)
+        return
+    logger.info("Every variant of %s by its task metric and speed (%s, from `%s`):", name, report, command)
+    for line in report.read_text(encoding="utf-8").splitlines():
+        if line.startswith(("|", "**Choice")):
+            logger.info("  %s", line)
+
+
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     np.set_printoptions(precision=3)
     run(Path("build/demo"))
+    variants_table()
     return 0
 
 

@@ -678,7 +678,7 @@ def run_sweep(cases: Sequence[Case], root: Path) -> list[Row]:
     server = TorchServe(workdir, config, store, [])
     server.start()
     try:
-        management_ready(server)
+        server.management_ready()
         for start in range(0, len(served), CHUNK):
             chunk = served[start : start + CHUNK]
             answers = serve_chunk(server, [case.name for case in chunk], jpegs)
@@ -689,30 +689,6 @@ def run_sweep(cases: Sequence[Case], root: Path) -> list[Row]:
     if server.processes():
         raise RuntimeError("torchserve left processes behind")
     return [rows[case.name] for case in cases]
-
-
-def management_ready(server: Any, timeout: float = 300) -> None:
-    """Wait until the management API answers (the key file is written before the listeners are up)."""
-    import time
-
-    import requests
-
-    deadline = time.monotonic() + timeout
-    while True:
-        keys = server.wait_ready([])
-        try:
-            reply = requests.get(
-                f"{server.endpoints.url('management')}/models",
-                headers={"Authorization": f"Bearer {keys.management}"},
-                timeout=5,
-            )
-            if reply.status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the management API did not answer within {timeout:.0f} s; see {server.log_dir}")
-        time.sleep(0.5)
 
 
 def serve_chunk(server: Any, names: list[str], jpegs: dict[str, bytes]) -> dict[str, dict[str, tuple[int, Any]]]:

@@ -401,7 +401,10 @@ def evaluate(
     started = time.perf_counter()
     serving = torchserve(store, [name], workdir) if server == "torchserve" else triton(repository, [name], workdir)
     with serving as (predict, description):
+        ready = time.perf_counter()
+        logger.info("%s ready in %.0f s; sending %d files", description, ready - started, len(dataset.samples))
         replies = send_all(predict, name, dataset, concurrency)
+        logger.info("answered in %.1f s", time.perf_counter() - ready)
     outcome = score(dataset, replies)
     target = out / (name if server == "torchserve" else f"{name}-{server}")
     target.mkdir(parents=True, exist_ok=True)

@@ -136,19 +136,28 @@ def inprocess_metric(folder: Path, document: Mapping[str, Any], dataset: Dataset
 
 
 def quantized_nodes(path: Path) -> tuple[list[str], list[str]]:
-    """(quantized, float) names of a QDQ graph's computing nodes: a node is quantized when a DequantizeLinear
-    feeds one of its inputs; the float ones listed are the weighted layers (Conv, Gemm, MatMul) left float."""
+    """(quantized, float) names of a QDQ graph's computing nodes. A weighted layer (Conv, Gemm, MatMul) is
+    quantized when its weight comes from a DequantizeLinear (through shape-only ops); another node when any
+    input does. The float list names the weighted layers left float."""
     import onnx
 
     graph = onnx.load(str(path)).graph
-    dequantized = {out for node in graph.node if node.op_type == "DequantizeLinear" for out in node.output}
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def dequantized(name: str) -> bool:
+        node = producer.get(name)
+        while node is not None and node.op_type in ("Reshape", "Transpose", "Identity", "Unsqueeze") and node.input:
+            node = producer.get(node.input[0])
+        return node is not None and node.op_type == "DequantizeLinear"
+
     quantized, kept = [], []
     for node in graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             continue
-        if any(i in dequantized for i in node.input):
+        weighted = node.op_type in WEIGHTED and len(node.input) > 1
+        if dequantized(node.input[1]) if weighted else any(dequantized(i) for i in node.input):
             quantized.append(node.name)
-        elif node.op_type in WEIGHTED:
+        elif weighted:
             kept.append(node.name)
     return quantized, kept
 

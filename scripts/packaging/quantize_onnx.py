@@ -50,6 +50,26 @@ class Batches:
         raise NotImplementedError
 
 
+def named(path: Path) -> Path:
+    """Name every unnamed node of the graph at ``path`` (``<op>_<index>``), in place: ``nodes_to_exclude`` and
+    the report of the nodes kept in float need one name per node (the dynamo exporter leaves some empty)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    taken = {node.name for node in model.graph.node}
+    changed = False
+    for index, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type.lower()}_{index}"
+            while name in taken:
+                name += "_"
+            node.name, changed = name, True
+            taken.add(name)
+    if changed:
+        onnx.save(model, str(path))
+    return path
+
+
 def quantize_graph(
     source: Path,
     target: Path,
@@ -70,6 +90,7 @@ def quantize_graph(
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        named(prepared)
         quantize_static(
             str(prepared),
             str(target),

@@ -9,6 +9,7 @@ session, and :meth:`TorchServe.stop` ends the whole process group, workers inclu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -328,12 +329,17 @@ class TorchServe:
         if pgid is None:
             return []
         found = []
-        for proc in psutil.process_iter(["pid"]):
+        for proc in psutil.process_iter(["pid", "status"]):
             try:
-                if os.getpgid(proc.pid) == pgid:
-                    found.append(proc.pid)
+                if os.getpgid(proc.pid) != pgid:
+                    continue
             except (ProcessLookupError, PermissionError):
                 continue
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:  # exited, not yet reaped by its parent: gone
+                with contextlib.suppress(ChildProcessError, OSError):
+                    os.waitpid(proc.pid, os.WNOHANG)  # ours (the frontend we started): reap it
+                continue
+            found.append(proc.pid)
         return found
 
     def stop(self, timeout: float = 30.0) -> None:

@@ -126,16 +126,16 @@ def test_make_variants_refuses_a_broken_int8_and_make_archive_builds_the_choice(
     out = tmp_path / "variants"
     done = run_make(
         "variants", MODEL="digits", DATA=data("digits/test"), MODELS=models, VARIANTS_OUT=out,
-        KINDS="eager onnx_int8 openvino_int8", SECONDS=2, BLANK_CALIBRATION=1, ACCURACY_CONTROL=0,
+        KINDS="eager onnx onnx_int8", SECONDS=2, BLANK_CALIBRATION=1, ACCURACY_CONTROL=0,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "digits" / "variants.json").read_text())
     rows = {row["kind"]: row for row in report["rows"]}
-    assert set(rows) == {"eager", "onnx_int8", "openvino_int8"}
+    assert set(rows) == {"eager", "onnx", "onnx_int8"}
     assert all(row["status"] == "measured" for row in rows.values()), rows
     broken = rows["onnx_int8"]
     assert broken["metric"] < report["floor"] and not broken["within"], broken  # calibrated on blank images
-    assert report["chosen"] in ("eager", "openvino_int8") and rows[report["chosen"]]["within"]
+    assert report["chosen"] in ("eager", "onnx") and rows[report["chosen"]]["within"]
     assert (out / "digits" / "pareto.png").stat().st_size > 0
     assert "| onnx_int8 |" in (out / "digits" / "report.md").read_text()
     choice = yaml.safe_load((models / "digits" / "variant.yaml").read_text())
@@ -146,7 +146,7 @@ def test_make_variants_refuses_a_broken_int8_and_make_archive_builds_the_choice(
     assert built.returncode == 0, built.stderr[-2000:]
     line = [x for x in built.stderr.splitlines() if x.startswith("digits: archiving the variant make variants chose")]
     assert len(line) == 1 and report["chosen"] in line[0], built.stderr[-2000:]
-    fmt = {"eager": "state_dict", "openvino_int8": "openvino"}[report["chosen"]]
+    fmt = {"eager": "state_dict", "onnx": "onnx"}[report["chosen"]]
     assert served_format(store / "digits.mar") == fmt
 
     again = run_make("archive", MODEL="digits", MODELS=models, STORE=store, VARIANT="eager", VARIANTS_OUT=out)

@@ -169,6 +169,8 @@ class Triton:
             return
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and _group_alive(pid):
+            if self.process is not None:
+                self.process.poll()  # reap the exited server: a zombie leader keeps its group "alive"
             time.sleep(0.2)
         if _group_alive(pid):
             os.killpg(pid, signal.SIGKILL)

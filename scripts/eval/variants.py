@@ -708,6 +708,10 @@ def run(plan: Plan, kinds: Sequence[str], *, seconds: float, concurrency: int, r
         len(plan.calibration.samples),
         ", ".join(kinds),
     )
+    import shutil
+
+    for stale in ("onnx-export", "aoti-build", "stage", "store"):  # every variant is built from the folder as it is now
+        shutil.rmtree(plan.work / stale, ignore_errors=True)
     baselines: dict[str, float] = {}
     built = []
     for kind in kinds:
@@ -783,6 +787,7 @@ def main(argv: list[str] | None = None) -> int:
     for ours in ("variants", "tsctl", "evaluate"):  # the libraries' own INFO lines (ONNX passes, NNCF) stay out
         logging.getLogger(ours).setLevel(logging.INFO)
     logging.getLogger("nncf").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found" on a CPU
     try:
         folder = args.models / args.name
         if not (folder / "model-config.yaml").is_file():

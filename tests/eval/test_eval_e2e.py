@@ -39,14 +39,19 @@ def evaluated(model: str, split: Path, **variables: str) -> tuple[dict, list[dic
     return json.loads((folder / "metrics.json").read_text()), answers
 
 
-def test_make_eval_digits_equals_the_raw_network_and_triton_answers_alike() -> None:
+def test_make_eval_digits_equals_the_raw_network_and_triton_answers_alike(tmp_path: Path) -> None:
     import importlib.util
 
     from torchvision.transforms import v2
 
     archive("digits")
-    split = data("digits/test")
+    split = tmp_path / "test"
+    shutil.copytree(data("digits/test"), split)
+    (split / "3" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # rejected alone, named
     served, _ = evaluated("digits", split)
+    assert [r["file"] for r in served["rejected"]] == [str(split / "3" / "corrupt.png")]
+    assert served["rejected"][0]["status"] == 400
+    (split / "3" / "corrupt.png").unlink()
     spec = importlib.util.spec_from_file_location("digits_net", REPO / "models" / "digits" / "model.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -61,12 +66,13 @@ def test_make_eval_digits_equals_the_raw_network_and_triton_answers_alike() -> N
         batch = torch.stack([prepare(Image.open(f).convert("RGB")) for f in files])
         predicted = net(batch).argmax(1).tolist()
     reference = float(np.mean([p == t for p, t in zip(predicted, truth)]))
-    assert served["answered"] == len(files) == 450 and served["rejected"] == []
+    assert served["answered"] == len(files) == 450
     assert abs(served["metrics"]["top1"] - reference) <= 1 / len(files)
     assert served["metrics"]["top1"] >= 0.95
     assert served["archive"]["sha256"] and served["data"]["sha256"] and "flags:" in served["machine"]
     report = (REPO / "build" / "eval" / "digits" / "report.md").read_text()
     assert "TorchServe 0.12.0" in report and "model_store/digits.mar" in report and served["data"]["sha256"] in report
+    assert "## Rejected by the server (1)" in report and "corrupt.png" in report
 
     on_triton, _ = evaluated("digits", split, SERVER="triton")
     assert "tritonserver" in on_triton["server"]

@@ -305,13 +305,17 @@ $(EVAL_DATA): scripts/eval/eval_sets.py scripts/packaging/shapes.py scripts/pack
 eval-data: $(EVAL_DATA) ## The demo models' held-out splits as users hold them: ImageFolder (digits, letters), COCO JSON (shapes), index masks (shapes_seg) -> build/data/
 
 .PHONY: eval
-eval: $(if $(MODEL),$(if $(filter triton,$(SERVER)),$(TRITON_STAMP),$(STORE)/$(MODEL).mar)) | $(STAMP) ## Task metric through a real server: MODEL=<name> DATA=<ImageFolder|CSV|COCO JSON|images+masks> [SERVER=triton] [LABEL_MAP=<file>] [IMAGES=<dir>] -> build/eval/<name>/
+# DATA under build/data/ is the demo models' held-out splits: written first when missing.
+# A model folder's archive is (re)built first; a name with no folder is left to the tool's one-line error.
+DEMO_DATA = $(if $(filter build/data/%,$(DATA)),$(EVAL_DATA))
+FOLDER_MAR = $(if $(wildcard $(MODELS)/$(MODEL)/model-config.yaml),$(STORE)/$(MODEL).mar)
+eval: $(if $(MODEL),$(if $(filter triton,$(SERVER)),$(TRITON_STAMP),$(FOLDER_MAR))) $(DEMO_DATA) | $(STAMP) ## Task metric through a real server: MODEL=<name> DATA=<ImageFolder|CSV|COCO JSON|images+masks> [SERVER=triton] [LABEL_MAP=<file>] [IMAGES=<dir>] -> build/eval/<name>/
 	@test -n "$(MODEL)" -a -n "$(DATA)" || { echo "usage: make eval MODEL=<name> DATA=<labeled data> [SERVER=torchserve|triton] (make eval-data writes the demo models' held-out splits under build/data/)"; exit 2; }
 	@$(PY) scripts/eval/evaluate.py $(MODEL) "$(DATA)" --server $(or $(SERVER),torchserve) --store $(STORE) \
 		$(if $(LABEL_MAP),--label-map "$(LABEL_MAP)") $(if $(IMAGES),--images "$(IMAGES)") $(if $(CONCURRENCY),--concurrency $(CONCURRENCY))
 
 .PHONY: variants
-variants: | $(STAMP) ## Every variant measured by its task metric and speed through one TorchServe; the fastest within BUDGET becomes the folder's choice: MODEL=<name> DATA=<labeled data> [BUDGET=0.01|BUDGET_REL=0.01] [KINDS="eager onnx ..."] [SECONDS=10] -> build/variants/<name>/
+variants: $(if $(and $(MODEL),$(filter models,$(MODELS))),$(FOLDER_MAR)) $(DEMO_DATA) | $(STAMP) ## Every variant measured by its task metric and speed through one TorchServe; the fastest within BUDGET becomes the folder's choice: MODEL=<name> DATA=<labeled data> [BUDGET=0.01|BUDGET_REL=0.01] [KINDS="eager onnx ..."] [SECONDS=10] -> build/variants/<name>/
 	@test -n "$(MODEL)" -a -n "$(DATA)" || { echo "usage: make variants MODEL=<name> DATA=<labeled data> [BUDGET=0.01] (make eval-data writes the demo models' held-out splits under build/data/)"; exit 2; }
 	@$(PY) scripts/eval/variants.py $(MODEL) "$(DATA)" --models $(MODELS) $(if $(BUDGET),--budget $(BUDGET)) $(if $(BUDGET_REL),--budget-rel $(BUDGET_REL)) \
 		$(if $(KINDS),--kinds $(KINDS)) $(if $(SECONDS),--seconds $(SECONDS)) $(if $(CONCURRENCY),--concurrency $(CONCURRENCY)) \

@@ -793,6 +793,9 @@ def main(argv: list[str] | None = None) -> int:
         if not (folder / "model-config.yaml").is_file():
             raise ConfigError(f"{folder} is not a model folder (no model-config.yaml); `make scaffold` makes one")
         handler = read_model_document(folder)["handler"]
+        from archive_args import needed_files
+
+        needed_files(folder, parse_handler_config(handler))  # a folder without its weights: one line, no sweep
         labels = yaml.safe_load((folder / handler.get("labels", "labels.json")).read_text(encoding="utf-8"))
         dataset = load_dataset(
             args.data, str(handler.get("task")), labels, label_map=args.label_map, images=args.images

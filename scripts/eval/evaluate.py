@@ -326,7 +326,8 @@ def draw_pictures(scores: Scores, out: Path) -> list[Path]:
         if matrix.shape[1] <= 12:
             for (i, j), value in np.ndenumerate(matrix):
                 if value:
-                    ax.text(j, i, f"{int(value)}", ha="center", va="center", fontsize=6, color="black")
+                    colour = "white" if shares[i, j] > 0.5 else "black"
+                    ax.text(j, i, f"{int(value)}", ha="center", va="center", fontsize=6, color=colour)
         ax.set_title("confusion (row shares)")
         fig.tight_layout()
         written.append(out / "confusion.png")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from eval_metrics import answer_label_map
 from servekit.transforms import resize_image
 from shapes import (
     CLASSES,
@@ -99,24 +100,12 @@ def train(model_dir: Path, *, pool_size: int = 1500, steps: int = 1400, batch: i
     return time.perf_counter() - start
 
 
-def answer_map(answer: dict[str, Any]) -> np.ndarray:
-    """A segmentation answer (RLE masks) back to its label map; pixels no class claims are -1."""
-    from pycocotools import mask as coco_mask
-
-    height, width = answer["size"]
-    out = np.full((height, width), -1, np.int64)
-    for item in answer["classes"]:
-        rle = {"size": item["mask"]["size"], "counts": item["mask"]["counts"].encode("ascii")}
-        out[coco_mask.decode(rle).astype(bool)] = item["index"]
-    return out
-
-
 def mean_iou(scenes: Sequence[Scene], answers: Sequence[dict[str, Any]]) -> tuple[float, list[float]]:
     """The mean over classes of intersection / union summed over every scene, and each class's IoU."""
     inter = np.zeros(len(SEG_CLASSES))
     union = np.zeros(len(SEG_CLASSES))
     for scene, answer in zip(scenes, answers):
-        got = answer_map(answer)
+        got = answer_label_map(answer)
         for index in range(len(SEG_CLASSES)):
             truth, found = scene.mask == index, got == index
             inter[index] += np.logical_and(truth, found).sum()
@@ -160,7 +149,7 @@ def draw_answer(image: np.ndarray, answer: dict[str, Any]) -> torch.Tensor:
     from torchvision.utils import draw_segmentation_masks
 
     pixels = torch.from_numpy(image.copy()).permute(2, 0, 1)
-    found = answer_map(answer)
+    found = answer_label_map(answer)
     shown = [i for i in range(1, len(SEG_CLASSES)) if (found == i).any()]
     if not shown:
         return pixels

@@ -24,6 +24,7 @@ import shapes_eval
 import shapes_seg
 from checks import assert_same_answer
 from client import GrpcClient, KeyRing, RestClient, predict_many
+from eval_metrics import answer_label_map
 from kit import REPO, Server
 from loadgen import servekit_counters
 
@@ -254,6 +255,6 @@ def test_shapes_segmenter_served_miou(
     body = requests.post(url, json={"data": encoded, "format": "png"}, headers=auth, timeout=60)
     assert form.status_code == body.status_code == 200 and form.json() == body.json()
     png = np.asarray(Image.open(io.BytesIO(base64.b64decode(form.json()["png"]))))
-    assert np.array_equal(png, shapes_seg.answer_map(in_process[0]))
+    assert np.array_equal(png, answer_label_map(in_process[0]))
     bad = requests.post(url, files={"data": images[0]}, data={"format": "gif"}, headers=auth, timeout=60)
     assert bad.status_code == 400 and "format must be one of rle, png" in bad.json()["error"]

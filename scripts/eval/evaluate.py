@@ -128,21 +128,15 @@ def torchserve(store: Path, names: Sequence[str], workdir: Path, timeout: float 
     """A real TorchServe serving ``names`` from ``store`` (the shipped config, free loopback ports); yields
     a predict function and the server's description. Always stopped."""
     from client import KeyRing, RestClient
-    from tsctl import TorchServe, derive_config, random_endpoints
+    from tsctl import started
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    config = derive_config(Path("config.properties"), workdir / "config.properties", random_endpoints().properties())
-    server = TorchServe(workdir, config, store, [f"{n}={n}.mar" for n in names])
-    server.start()
-    try:
+    with started(workdir, store, names) as server:
         server.wait_ready(names, timeout=timeout)
         client = RestClient(server.endpoints, KeyRing(workdir / "key_file.json"))
         yield (
             client.predict,
             f"TorchServe {_version('torchserve')} at {server.endpoints.url('inference')} (REST, token auth on)",
         )
-    finally:
-        server.stop()
 
 
 @contextlib.contextmanager

@@ -518,18 +518,11 @@ def peak_rss_mb(pids: Sequence[int]) -> float:
 @contextlib.contextmanager
 def management_server(store: Path, workdir: Path) -> Iterator[Any]:
     """A real TorchServe from the shipped config with the model API on and no model loaded; always stopped."""
-    from tsctl import TorchServe, derive_config, random_endpoints
+    from tsctl import started
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    overrides = {**random_endpoints().properties(), "enable_model_api": "true", "load_models": ""}
-    config = derive_config(Path("config.properties"), workdir / "config.properties", overrides)
-    server = TorchServe(workdir, config, store, [])
-    server.start()
-    try:
+    with started(workdir, store, [], {"enable_model_api": "true", "load_models": ""}) as server:
         server.management_ready()
         yield server
-    finally:
-        server.stop()
 
 
 def measure(server: Any, built: Built, plan: Plan, *, seconds: float, concurrency: int) -> Row:

@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -368,6 +368,23 @@ class TorchServe:
         if not self.processes():
             tail = (self.log_dir / "torchserve.out").read_text(errors="replace")[-3000:]
             raise RuntimeError(f"torchserve exited during start-up; last output:\n{tail}")
+
+
+@contextlib.contextmanager
+def started(
+    workdir: Path, store: Path, names: Sequence[str], overrides: Mapping[str, str] | None = None
+) -> Iterator[TorchServe]:
+    """A TorchServe from the shipped ``config.properties`` (free loopback ports, ``overrides`` applied) serving
+    ``names`` from ``store``, started in ``workdir`` and always stopped; yields it as soon as it runs."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    properties = {**random_endpoints().properties(), **(overrides or {})}
+    config = derive_config(Path("config.properties"), workdir / "config.properties", properties)
+    server = TorchServe(workdir, config, store, [f"{n}={n}.mar" for n in names])
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def apply_profile(store: Path, names: list[str], dest: Path, profiles: Path) -> Path:

@@ -19,6 +19,7 @@ report: counted and named, never silently dropped.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
@@ -64,6 +65,7 @@ class Dataset:
     unmatched: tuple[str, ...] = ()  # classes of the data the model has no label for (detection: not scored)
     excluded: tuple[tuple[str, str], ...] = ()  # (file, why it was left out)
     ignore_index: int = IGNORE_INDEX
+    _digest: list[str] = field(default_factory=list, init=False, repr=False, compare=False)  # computed once
 
     def files(self) -> list[Path]:
         """Every file the metric depends on: the images, then the annotation files."""
@@ -71,7 +73,10 @@ class Dataset:
         return [s.path for s in self.samples] + extra
 
     def digest(self) -> str:
-        """sha256 over every scored file's path (relative to the root) and bytes, and the ground truth."""
+        """sha256 over every scored file's path (relative to the root) and bytes, and the ground truth; the files
+        are read once, however often the reports ask."""
+        if self._digest:
+            return self._digest[0]
         hasher = hashlib.sha256()
         for path in sorted(self.files()):
             hasher.update(str(_relative(path, self.root)).encode() + b"\0")
@@ -81,12 +86,12 @@ class Dataset:
                 hasher.update(f"{_relative(sample.path, self.root)}={sample.truth}\n".encode())
         if self.coco is not None:
             hasher.update(json.dumps(self.coco["annotations"], sort_keys=True).encode())
-        return hasher.hexdigest()
+        self._digest.append(hasher.hexdigest())
+        return self._digest[0]
 
     def subset(self, indices: Iterable[int]) -> Dataset:
         """The same set restricted to ``indices`` (a split of it)."""
-        chosen = tuple(self.samples[i] for i in indices)
-        return Dataset(**{**self.__dict__, "samples": chosen})
+        return dataclasses.replace(self, samples=tuple(self.samples[i] for i in indices))
 
 
 def _relative(path: Path, root: Path) -> Path:

@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import hashlib
 import json
 import logging
@@ -106,12 +107,18 @@ def answers_in_process(service: Any, dataset: Dataset, batch: int = 8) -> list[R
     return replies
 
 
-def network_inputs(
-    folder: Path, document: Mapping[str, Any], dataset: Dataset, blank: bool = False
-) -> list[torch.Tensor]:
-    """The float batches the network itself receives for the dataset's files (the kit's own preprocessing,
-    recorded at the model call), to calibrate int8 on; ``blank`` calibrates on grey images instead (a
-    deliberately broken int8, for the tests and to show what bad calibration costs)."""
+@dataclass(frozen=True)
+class Calibration:
+    """Eager's metric on the calibration split and the float batches its network received there."""
+
+    metric: float
+    inputs: list[torch.Tensor]
+
+
+def calibrate(folder: Path, document: Mapping[str, Any], dataset: Dataset, blank: bool = False) -> Calibration:
+    """One eager pass over the calibration split: its metric, and the batches the network itself receives
+    (the kit's own preprocessing, recorded at the model call) to calibrate int8 on; ``blank`` calibrates on
+    grey images instead (a deliberately broken int8, for the tests and to show what bad calibration costs)."""
     service = service_for(folder, document)
     seen: list[torch.Tensor] = []
     network = service.model
@@ -121,10 +128,8 @@ def network_inputs(
         return network(batch, *args, **kwargs)
 
     service.model = recorder
-    answers_in_process(service, dataset)
-    if blank:
-        return [torch.zeros_like(t) for t in seen]
-    return seen
+    metric = score(dataset, answers_in_process(service, dataset)).scores.value
+    return Calibration(metric, [torch.zeros_like(t) for t in seen] if blank else seen)
 
 
 def inprocess_metric(folder: Path, document: Mapping[str, Any], dataset: Dataset) -> float:
@@ -162,19 +167,21 @@ def quantized_nodes(path: Path) -> tuple[list[str], list[str]]:
     return quantized, kept
 
 
-def output_sqnr(reference: Path, candidate: Path, inputs: Sequence[torch.Tensor]) -> float:
-    """Signal-to-noise (dB) of the candidate graph's first output against the reference's on ``inputs``."""
+def first_outputs(graph: Path, inputs: Sequence[torch.Tensor]) -> list[Any]:
+    """The graph's first output on each input batch (ONNX Runtime, CPU, the process's threads)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = max(1, torch.get_num_threads())
-    sessions = [
-        ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in (reference, candidate)
-    ]
-    name = sessions[0].get_inputs()[0].name
+    session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return [session.run(None, {name: batch.numpy()})[0] for batch in inputs]
+
+
+def output_sqnr(reference: Sequence[Any], candidate: Sequence[Any]) -> float:
+    """Signal-to-noise (dB) of a candidate's outputs against the reference outputs of the same batches."""
     signal = noise = 0.0
-    for batch in inputs:
-        a, b = (s.run(None, {name: batch.numpy()})[0] for s in sessions)
+    for a, b in zip(reference, candidate):
         signal += float((a.astype("float64") ** 2).sum())
         noise += float(((a - b).astype("float64") ** 2).sum())
     return 10 * math.log10(signal / noise) if noise > 0 else float("inf")
@@ -190,10 +197,11 @@ def sensitivity_ranking(
     from quantize_onnx import quantize_graph
 
     sample = list(inputs)[:2]
+    reference = first_outputs(fp32, sample)  # fp32's outputs once, not once per node
     ranking = []
     for node in quantized:
         single = quantize_graph(fp32, work / "single.onnx", sample, nodes_to_quantize=[node])
-        ranking.append((node, output_sqnr(fp32, single, sample)))
+        ranking.append((node, output_sqnr(reference, first_outputs(single, sample))))
     (work / "single.onnx").unlink(missing_ok=True)
     return sorted(ranking, key=lambda item: item[1])
 
@@ -376,7 +384,7 @@ def supports(kind: Kind, document: Mapping[str, Any]) -> str:
     return ""
 
 
-def build_file(plan: Plan, kind: Kind, document: Mapping[str, Any], baselines: dict[str, float]) -> Built:
+def build_file(plan: Plan, kind: Kind, document: Mapping[str, Any], calibration: Callable[[], Calibration]) -> Built:
     """Build ``kind``'s file under ``build/variants/<name>/<kind>/`` (an ONNX export first where it needs one)."""
     from export_onnx import export
 
@@ -394,7 +402,7 @@ def build_file(plan: Plan, kind: Kind, document: Mapping[str, Any], baselines: d
                     f"the ONNX export is out of tolerance (max |prob diff| {check.max_abs_probability:.1e})"
                 )
         if kind.int8:
-            built = int8_variant(plan, kind, document, fp32=fp32, target=target, baselines=baselines)
+            built = int8_variant(plan, kind, document, fp32=fp32, target=target, calibration=calibration)
         else:
             target.write_bytes(fp32.read_bytes())
     elif kind.format == "aoti":
@@ -408,13 +416,18 @@ def build_file(plan: Plan, kind: Kind, document: Mapping[str, Any], baselines: d
 
 
 def int8_variant(
-    plan: Plan, kind: Kind, document: Mapping[str, Any], *, fp32: Path, target: Path, baselines: dict[str, float]
+    plan: Plan,
+    kind: Kind,
+    document: Mapping[str, Any],
+    *,
+    fp32: Path,
+    target: Path,
+    calibration: Callable[[], Calibration],
 ) -> Built:
     """int8 calibrated on the calibration split, kept within the budget there (against eager's metric on it)."""
-    if "calibration" not in baselines:
-        baselines["calibration"] = inprocess_metric(plan.folder, document, plan.calibration)
-    floor = plan.floor(baselines["calibration"])
-    inputs = network_inputs(plan.folder, document, plan.calibration, blank=plan.blank_calibration)
+    calibrated_on = calibration()
+    floor = plan.floor(calibrated_on.metric)
+    inputs = calibrated_on.inputs
 
     def measure(path: Path) -> float:
         variant = kind_document(document, kind, path)
@@ -436,7 +449,7 @@ def int8_variant(
             fp32, target, inputs=inputs, measure=measure, floor=floor, accuracy_control=plan.accuracy_control
         )
     calibrated = "blank images" if plan.blank_calibration else f"{len(plan.calibration.samples)} calibration files"
-    note = f"calibrated on {calibrated}; eager {baselines['calibration']:.4f} on that split; {result.note}"
+    note = f"calibrated on {calibrated}; eager {calibrated_on.metric:.4f} on that split; {result.note}"
     return Built(kind, None, target, "", result.float_layers, note)
 
 
@@ -466,14 +479,14 @@ def archive(plan: Plan, kind: Kind, file: Path | None) -> Path:
     return plan.store / f"{name}.mar"
 
 
-def build(plan: Plan, kind: Kind, document: Mapping[str, Any], baselines: dict[str, float]) -> Built:
+def build(plan: Plan, kind: Kind, document: Mapping[str, Any], calibration: Callable[[], Calibration]) -> Built:
     """Build and archive one variant; a failure is the row's reason."""
     started = time.perf_counter()
     reason = supports(kind, document)
     if reason:
         return Built(kind, reason=f"not built: {reason}")
     try:
-        built = build_file(plan, kind, document, baselines)
+        built = build_file(plan, kind, document, calibration)
         built.archive = archive(plan, kind, built.file)
     except Exception as exc:  # one row, one line; the sweep goes on
         return Built(kind, reason=f"build failed: {error_line(exc, f'build {kind.name}').removeprefix('error: ')}")
@@ -705,10 +718,11 @@ def run(plan: Plan, kinds: Sequence[str], *, seconds: float, concurrency: int, r
 
     for stale in ("onnx-export", "aoti-build", "stage", "store"):  # every variant is built from the folder as it is now
         shutil.rmtree(plan.work / stale, ignore_errors=True)
-    baselines: dict[str, float] = {}
+    # one eager pass over the calibration split, made when the first int8 kind needs it, shared by the others
+    calibration = functools.cache(lambda: calibrate(plan.folder, document, plan.calibration, plan.blank_calibration))
     built = []
     for kind in kinds:
-        result = build(plan, KINDS[kind], document, baselines)
+        result = build(plan, KINDS[kind], document, calibration)
         logger.info("built %s: %s", kind, result.reason or f"{result.archive} ({result.seconds:.0f} s) {result.note}")
         built.append(result)
     rows: list[Row] = []

@@ -206,10 +206,10 @@ def sensitivity_ranking(
     return sorted(ranking, key=lambda item: item[1])
 
 
-def fewest_float(count: int, holds: Callable[[int], float], floor: float) -> tuple[int, float, dict[int, float]]:
+def fewest_float(count: int, holds: Callable[[int], float], floor: float) -> tuple[int, float]:
     """The fewest of ``count`` ranked layers to keep float so that ``holds(k)`` (the metric with the first k
     float) reaches ``floor``: k = 1, 2, 4, ... until it holds, then bisected between the last miss and the
-    first hold. Returns (k, its metric, every k tried); k is the best tried when nothing holds."""
+    first hold. Returns (k, its metric); k is the best tried when nothing holds."""
     tried: dict[int, float] = {}
     k, miss = 1, 0
     while True:
@@ -223,9 +223,9 @@ def fewest_float(count: int, holds: Callable[[int], float], floor: float) -> tup
             mid = (hit + miss) // 2
             tried[mid] = holds(mid)
             hit, miss = (mid, miss) if tried[mid] >= floor else (hit, mid)
-        return hit, tried[hit], tried
+        return hit, tried[hit]
     best = max(tried, key=lambda n: (tried[n], -n))
-    return best, tried[best], tried
+    return best, tried[best]
 
 
 @dataclass
@@ -263,7 +263,7 @@ def ort_int8_within(
         logger.info("  int8 with %d of %d nodes in float: %.4f (floor %.4f)", count, len(ranking), value, floor)
         return value
 
-    count, value, _ = fewest_float(len(ranking), metric_with, floor)
+    count, value = fewest_float(len(ranking), metric_with, floor)
     quantize_graph(fp32, target, inputs, nodes_to_exclude=ranking[:count])
     held = "holds" if value >= floor else "misses"
     note = (

@@ -4,6 +4,7 @@ ONNX graphs, the Triton repository), `make` run as a user runs it, and a real To
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,9 +56,11 @@ def triton_repository(kind: str) -> Path:
 
 
 def run_make(*args: str, **variables: Any) -> subprocess.CompletedProcess[str]:
-    """``make --no-print-directory <args> VAR=value ...`` in the repo, output captured."""
+    """``make --no-print-directory <args> VAR=value ...`` in the repo, output captured, run as a user's own
+    top-level make would be (not as a sub-make of `make test`, whose MAKELEVEL turns ``make:`` into ``make[1]:``)."""
     command = ["make", "--no-print-directory", *args, *(f"{k}={v}" for k, v in variables.items())]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1200, check=False)
+    env = {k: v for k, v in os.environ.items() if k not in {"MAKELEVEL", "MAKEFLAGS", "MFLAGS"}}
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200, check=False)
 
 
 @dataclass

@@ -322,6 +322,20 @@ variants: $(if $(and $(MODEL),$(filter models,$(MODELS))),$(FOLDER_MAR)) $(DEMO_
 		$(if $(LABEL_MAP),--label-map "$(LABEL_MAP)") $(if $(IMAGES),--images "$(IMAGES)") $(if $(VARIANTS_OUT),--out "$(VARIANTS_OUT)") \
 		$(if $(BLANK_CALIBRATION),--blank-calibration) $(if $(filter 0,$(ACCURACY_CONTROL)),--no-accuracy-control)
 
+# Compression on the user's images (scripts/packaging/prune.py, distill.py): new model folders that archive, serve
+# and go through make variants like any other.
+TRAINING = $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(LABEL_MAP),--label-map "$(LABEL_MAP)") --models $(MODELS)
+.PHONY: prune
+prune: $(DEMO_DATA) | $(STAMP) ## Structured channel pruning, then distillation from the unpruned model: MODEL=<name> DATA=<images, class folders optional> [TARGET=0.5] [EPOCHS=15] [ROUND_TO=16] [NAME=<name>_pruned] -> models/<name>_pruned/
+	@test -n "$(MODEL)" -a -n "$(DATA)" || { echo "usage: make prune MODEL=<name> DATA=<images> [TARGET=0.5] (make eval-data writes build/data/letters/train)"; exit 2; }
+	@$(PY) scripts/packaging/prune.py $(MODEL) --data "$(DATA)" $(TRAINING) $(if $(TARGET),--target $(TARGET)) \
+		$(if $(ROUND_TO),--round-to $(ROUND_TO)) $(if $(NAME),--out-name $(NAME))
+
+.PHONY: distill
+distill: $(DEMO_DATA) | $(STAMP) ## A smaller architecture trained from a model's soft labels: TEACHER=<name> ARCH=<torchvision name|timm:name> DATA=<images> [EPOCHS=20] [NAME=<teacher>_<arch>] -> models/<NAME>/
+	@test -n "$(TEACHER)" -a -n "$(ARCH)" -a -n "$(DATA)" || { echo "usage: make distill TEACHER=<name> ARCH=<student architecture> DATA=<images>"; exit 2; }
+	@$(PY) scripts/packaging/distill.py $(TEACHER) --arch "$(ARCH)" --data "$(DATA)" $(TRAINING) $(if $(NAME),--name $(NAME))
+
 .PHONY: serve
 serve: archive ## Start TorchServe on loopback with every archive (or NAMES="a b"), wait until healthy, print endpoints
 	$(PY) scripts/serve/tsctl.py start $(if $(NAMES),--models $(NAMES))

@@ -22,6 +22,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,24 @@ class Dataset:
     def subset(self, indices: Iterable[int]) -> Dataset:
         """The same set restricted to ``indices`` (a split of it)."""
         return dataclasses.replace(self, samples=tuple(self.samples[i] for i in indices))
+
+
+def split(dataset: Dataset, share: float = 0.2, most: int = 300) -> tuple[Dataset, Dataset]:
+    """(calibration, scored): the files whose sha256 of their path relative to the root falls in the first
+    ``share`` of the hash range (at most ``most``) calibrate; the others are scored. Stable across runs
+    and machines, and disjoint by construction."""
+
+    def position(index: int) -> float:
+        relative = os.path.relpath(dataset.samples[index].path, dataset.root)
+        return int(hashlib.sha256(relative.encode()).hexdigest()[:12], 16) / float(1 << 48)
+
+    order = sorted(range(len(dataset.samples)), key=position)
+    calibration = [i for i in order if position(i) < share][:most]
+    if not calibration and len(order) > 1:
+        calibration = order[:1]
+    chosen = set(calibration)
+    scored = [i for i in range(len(dataset.samples)) if i not in chosen]
+    return dataset.subset(sorted(calibration)), dataset.subset(scored)
 
 
 def _relative(path: Path, root: Path) -> Path:

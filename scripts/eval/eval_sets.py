@@ -2,13 +2,15 @@
 
 - ``digits/test/<digit>/<n>.png``: scikit-learn's digits held out from training, an ImageFolder tree;
 - ``letters/test/<letter>/<n>.jpg``: held-out letters (other seeds than training), an ImageFolder tree of JPEGs;
+- ``letters/train/<letter>/<n>.jpg``: letters from the training seeds, the images a user holds for ``make prune``,
+  ``make distill`` and ``make qat`` (never scored);
 - ``shapes/val/annotations.json`` + ``images/<n>.jpg``: held-out shapes scenes as a COCO instances file
   (polygon-free boxes, the way a labeling tool exports boxes);
 - ``shapes_seg/val/images/<n>.jpg`` + ``masks/<n>.png``: the same scenes with palette index masks (VOC style:
   0 background, 1..3 the shapes, the palette only colours them).
 
-Nothing here is seen in training: the digits split is the one ``make models`` holds out, the scenes use the
-held-out seeds.
+Nothing here but ``letters/train`` is seen in training: the digits split is the one ``make models`` holds out,
+the scenes use the held-out seeds.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from PIL import Image
 import letters
 
 logger = logging.getLogger("eval_sets")
+TRAIN_PER_CLASS = 60
 PALETTE = (0, 0, 0, 31, 119, 180, 214, 39, 40, 44, 160, 44)  # background, circle, square, triangle
 
 
@@ -75,6 +78,7 @@ def write_all(out: Path, count: int) -> dict[str, Path]:
     paths = {
         "digits": out / "digits" / "test",
         "letters": out / "letters" / "test",
+        "letters_train": out / "letters" / "train",
         "shapes": out / "shapes" / "val",
         "shapes_seg": out / "shapes_seg" / "val",
     }
@@ -84,11 +88,12 @@ def write_all(out: Path, count: int) -> dict[str, Path]:
     written = {
         "digits": write_digits(paths["digits"]),
         "letters": letters.write_held_out(paths["letters"]),
+        "letters_train": letters.write_held_out(paths["letters_train"], TRAIN_PER_CLASS, first_seed=0),
         "shapes": write_shapes_coco(paths["shapes"], count),
         "shapes_seg": write_shapes_masks(paths["shapes_seg"], count),
     }
     for name, path in paths.items():
-        logger.info("%s: %d held-out images -> %s", name, written[name], path)
+        logger.info("%s: %d images -> %s", name, written[name], path)
     return paths
 
 

@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import datetime
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -46,7 +45,7 @@ import yaml
 
 from cli import error_line
 from client import Reply
-from eval_data import DataError, Dataset, load_dataset
+from eval_data import DataError, Dataset, load_dataset, split
 from evaluate import machine, score, send_all
 from servekit.config import ClassifierConfig, DetectorConfig, parse_handler_config, read_model_document
 from servekit.errors import ConfigError, status_of
@@ -56,27 +55,6 @@ logger = logging.getLogger("variants")
 DEFAULT_KINDS = tuple(KINDS)
 ARCHIVER_TIMEOUT = 900
 WEIGHTED = ("Conv", "Gemm", "MatMul", "ConvTranspose")  # the layers int8 quantizes, and may keep in float
-
-
-# ---------------------------------------------------------------------------------------------- splits
-
-
-def split(dataset: Dataset, share: float = 0.2, most: int = 300) -> tuple[Dataset, Dataset]:
-    """(calibration, scored): the files whose sha256 of their path relative to the root falls in the first
-    ``share`` of the hash range (at most ``most``) calibrate; the others are scored. Stable across runs
-    and machines, and disjoint by construction."""
-
-    def position(index: int) -> float:
-        relative = os.path.relpath(dataset.samples[index].path, dataset.root)
-        return int(hashlib.sha256(relative.encode()).hexdigest()[:12], 16) / float(1 << 48)
-
-    order = sorted(range(len(dataset.samples)), key=position)
-    calibration = [i for i in order if position(i) < share][:most]
-    if not calibration and len(order) > 1:
-        calibration = order[:1]
-    chosen = set(calibration)
-    scored = [i for i in range(len(dataset.samples)) if i not in chosen]
-    return dataset.subset(sorted(calibration)), dataset.subset(scored)
 
 
 # ---------------------------------------------------------------------------------------------- in process

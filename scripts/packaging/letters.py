@@ -136,11 +136,12 @@ def train(
     return time.perf_counter() - start, accuracy
 
 
-def write_held_out(out: Path, per_class: int = HELD_OUT_PER_CLASS) -> int:
-    """The held-out letters as an ImageFolder tree of JPEGs (``<out>/<letter>/<n>.jpg``)."""
+def write_held_out(out: Path, per_class: int = HELD_OUT_PER_CLASS, first_seed: int = HELD_OUT_SEED) -> int:
+    """The held-out letters (or, from ``first_seed`` 0, training-side ones) as an ImageFolder tree of JPEGs
+    (``<out>/<letter>/<n>.jpg``)."""
     import demo_models
 
-    pixels, labels = held_out(per_class)
+    pixels, labels = images(per_class, first_seed)
     for i, (image, label) in enumerate(zip(pixels, labels)):
         folder = out / CLASSES[int(label)]
         folder.mkdir(parents=True, exist_ok=True)

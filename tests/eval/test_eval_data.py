@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eval_data import DataError, label_index, load_dataset
-from variants import split
+from eval_data import DataError, label_index, load_dataset, split
 
 LABELS = ("cat", "dog", "golden retriever")
 

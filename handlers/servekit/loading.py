@@ -190,10 +190,15 @@ def compile_module(model: Any, settings: CompileSettings, warmup: list[torch.Ten
     Raises:
         ConfigError: the module is not a torch module, or compiling or a warm-up run failed.
     """
-    if not isinstance(model, torch.nn.Module) or isinstance(model, torch.jit.ScriptModule):
-        raise ConfigError("handler.compile needs a state_dict/safetensors model (an nn.Module)")
+    from servekit.program_backend import BoundedBatch, torch_module
+
+    module = torch_module(model)
+    if module is None:
+        raise ConfigError("handler.compile needs a torch module: a state_dict, safetensors or exported model")
     try:
-        compiled = torch.compile(model, mode=settings.mode, dynamic=settings.dynamic)
+        compiled = torch.compile(module, mode=settings.mode, dynamic=settings.dynamic)
+        if isinstance(model, BoundedBatch):  # an exported program: its batch bounds still split the batches
+            compiled = model.with_run(compiled)
         with torch.inference_mode():
             for batch in warmup:
                 compiled(batch)

@@ -49,10 +49,17 @@ class InputSpec:
 class BoundedBatch:
     """Run a graph on a batch in chunks of sizes it accepts; results concatenated in order."""
 
-    def __init__(self, run: Callable[[torch.Tensor], Any], spec: InputSpec, device: torch.device) -> None:
+    def __init__(
+        self, run: Callable[[torch.Tensor], Any], spec: InputSpec, device: torch.device, program: Any = None
+    ) -> None:
         self.run = run
         self.spec = spec
         self.device = device
+        self.program = program  # the ExportedProgram ``run`` is the module of (format exported), else None
+
+    def with_run(self, run: Callable[[torch.Tensor], Any]) -> BoundedBatch:
+        """The same bounds around another callable (the module compiled, say)."""
+        return BoundedBatch(run, self.spec, self.device, self.program)
 
     def eval(self) -> BoundedBatch:
         return self
@@ -118,7 +125,17 @@ def load_exported(path: Path, device: torch.device, max_batch: int = 0) -> Bound
     if max_batch and (spec.max_batch is None or spec.max_batch > max_batch):
         spec = InputSpec(spec.min_batch, max_batch, spec.height, spec.width)
     module = program.module().to(device)
-    return BoundedBatch(module, spec, device)
+    return BoundedBatch(module, spec, device, program)
+
+
+def torch_module(model: Any) -> torch.nn.Module | None:
+    """The torch module beneath a loaded network (an eager module, or an exported program's), else None
+    (TorchScript, ONNX, OpenVINO, AOTInductor: nothing to export, compile or quantize again)."""
+    if isinstance(model, BoundedBatch):
+        return model.run if model.program is not None and isinstance(model.run, torch.nn.Module) else None
+    if isinstance(model, torch.nn.Module) and not isinstance(model, torch.jit.ScriptModule):
+        return model
+    return None
 
 
 def check_package_cpu(metadata: dict[str, str], cpu_flags: set[str]) -> None:

@@ -355,8 +355,8 @@ def supports(kind: Kind, document: Mapping[str, Any]) -> str:
         return "format openvino serves classifiers and raw-output (yolo) detectors"
     if kind.name in ("aoti", "compile") and not classifier:
         return f"{kind.name} is offered for classifiers"
-    if kind.name == "aoti" and config.model.format not in ("state_dict", "safetensors"):
-        return f"aoti compiles state_dict/safetensors folders; this one is {config.model.format}"
+    if kind.name == "aoti" and config.model.format not in ("state_dict", "safetensors", "exported"):
+        return f"aoti compiles state_dict, safetensors and exported folders; this one is {config.model.format}"
     if kind.precision == "bf16" and not ({"avx512_bf16", "amx_bf16"} & cpu_flags()):
         return "bf16 needs a CPU with AVX512-BF16 or AMX; this one has neither"
     return ""

@@ -25,7 +25,7 @@ from cli import report
 from servekit.config import ClassifierConfig, read_model_config, read_model_document
 from servekit.errors import ConfigError
 from servekit.loading import load_model
-from servekit.program_backend import AOTI_MAX_BATCH, SERVEKIT_BATCH, SERVEKIT_SIZE
+from servekit.program_backend import AOTI_MAX_BATCH, SERVEKIT_BATCH, SERVEKIT_SIZE, torch_module
 
 TOLERANCE = 1e-3
 
@@ -37,9 +37,11 @@ def compile_package(name: str, models: Path, out: Path) -> str:
     if not isinstance(config, ClassifierConfig):
         raise ConfigError(f"{name} is a detector; make aoti compiles classifiers")
     max_batch = min(int(read_model_document(folder).get("batchSize", 1)), AOTI_MAX_BATCH)
-    model = load_model(folder, config.model, torch.device("cpu"))
-    if not isinstance(model, torch.nn.Module) or isinstance(model, torch.jit.ScriptModule):
-        raise ConfigError(f"{name} is format {config.model.format}; make aoti needs a state_dict/safetensors folder")
+    model = torch_module(load_model(folder, config.model, torch.device("cpu")))
+    if model is None:
+        raise ConfigError(
+            f"{name} is format {config.model.format}; make aoti needs a state_dict, safetensors or exported folder"
+        )
     torch.manual_seed(0)
     example = torch.randn(max(2, min(max_batch, 4)), 3, *config.input_size)
     batch = torch.export.Dim("batch", min=1, max=max(2, max_batch))

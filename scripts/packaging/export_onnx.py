@@ -74,10 +74,10 @@ def export_classifier(
             )
         return "legacy"
     batch = torch.export.Dim("batch", min=1, max=1024)
+    # an ExportedProgram (format exported) already says which batch sizes it takes
+    shapes = None if isinstance(model, torch.export.ExportedProgram) else ({0: batch},)
     try:
-        program = torch.onnx.export(
-            model, (example,), dynamo=True, dynamic_shapes=({0: batch},), verbose=False, **names
-        )
+        program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=shapes, verbose=False, **names)
         program.save(str(path))
         return "dynamo"
     except Exception as dynamo_error:
@@ -267,7 +267,8 @@ def export(name: str, models: Path, out: Path) -> ExportCheck:
     target.parent.mkdir(parents=True, exist_ok=True)
     scripted = config.model.format == "torchscript"
     if isinstance(config, ClassifierConfig):
-        exporter = export_classifier(model, config.input_size, target, scripted)
+        graph = getattr(model, "program", None) or model  # an exported folder: its program, not the chunking wrapper
+        exporter = export_classifier(graph, config.input_size, target, scripted)
         check = check_classifier(name, exporter, model, load_onnx(target, torch.device("cpu"), 2), config.input_size)
     elif isinstance(config, SegmenterConfig):
         if not isinstance(config.resize, tuple):

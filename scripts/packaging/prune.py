@@ -29,6 +29,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,7 +37,6 @@ from distill import (
     CompressError,
     Quality,
     Settings,
-    Teacher,
     data_facts,
     distil,
     macs_and_params,
@@ -66,15 +66,13 @@ def vector_width(flags: set[str]) -> int:
     return 16 if "avx512f" in flags else 8
 
 
-def refusal(teacher: Teacher) -> str:
-    """Why ``teacher``'s network cannot be pruned here, or empty."""
-    network = teacher.network
-    fmt = teacher.config.model.format
+def refusal(name: str, fmt: str, network: Any) -> str:
+    """Why the network of folder ``name`` (its model format ``fmt``) cannot be pruned here, or empty."""
     if fmt == "transformers":
         return "Hugging Face transformers folders are not pruned: their attention heads need per-architecture handling"
     if not isinstance(network, torch.nn.Module) or isinstance(network, (torch.jit.ScriptModule, torch.fx.GraphModule)):
         return (
-            f"{teacher.name} is format {fmt}; make prune needs the network as a torch module "
+            f"{name} is format {fmt}; make prune needs the network as a torch module "
             "(a state_dict, safetensors, checkpoint or timm folder)"
         )
     attention = [
@@ -84,7 +82,7 @@ def refusal(teacher: Teacher) -> str:
     ]
     if attention:
         return (
-            f"{teacher.name} has {len(attention)} attention layers ({attention[0]}, ...); make prune prunes "
+            f"{name} has {len(attention)} attention layers ({attention[0]}, ...); make prune prunes "
             "convolutional networks (ResNet, MobileNet, EfficientNet, RegNet, ConvNeXt, ...)"
         )
     return ""
@@ -192,7 +190,7 @@ def prune_folder(
     if not 0.05 <= target < 1:
         raise CompressError(f"TARGET={target} is not a share of the MACs to keep between 0.05 and 1 (0.5: half)")
     teacher = read_teacher(name, models, "prune")
-    why = refusal(teacher)
+    why = refusal(name, teacher.config.model.format, teacher.network)
     if why:
         raise CompressError(why)
     out_name = out_name or f"{name}_pruned"

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import yaml
 
 from servekit.config import ClassifierConfig, read_model_config, read_model_document
-from servekit.errors import ConfigError, plain_line
+from servekit.errors import ConfigError, KitError, plain_line
 from servekit.loading import load_labels, load_model
 
 logger = logging.getLogger("distill")
@@ -113,7 +113,7 @@ def crops_of(paths: Sequence[Path], config: ClassifierConfig, progress: bool = T
         try:
             crops.append(classifier_item({"body": path.read_bytes()}, config))
             good.append(i)
-        except (ConfigError, OSError, ValueError) as exc:
+        except (KitError, ConfigError, OSError, ValueError) as exc:  # the file is named in the report
             crops.append(exc)
     return good, crops
 

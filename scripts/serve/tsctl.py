@@ -149,6 +149,23 @@ def random_endpoints() -> Endpoints:
     return Endpoints(*free_ports(5))
 
 
+UNIX_PATH_MAX = 107  # bytes of a Unix socket's path (sun_path, less its terminating NUL)
+SOCKET_NAME_ROOM = 16  # "/.ts.sock.65535"
+
+
+def server_tmp(workdir: Path) -> Path:
+    """The server's ``TMPDIR``, where its workers' Unix sockets live: ``<workdir>/tmp``, or, when that path is too
+    long for a socket (a deep working folder), a private ``/tmp/servekit-<hash of workdir>`` (mode 0700)."""
+    tmp = workdir / "tmp"
+    if len(str(tmp).encode()) + SOCKET_NAME_ROOM <= UNIX_PATH_MAX:
+        return tmp
+    import hashlib
+
+    short = Path("/tmp") / f"servekit-{hashlib.sha256(str(workdir).encode()).hexdigest()[:12]}"
+    short.mkdir(mode=0o700, exist_ok=True)
+    return short
+
+
 class TorchServe:
     """One TorchServe process tree in its own work directory."""
 
@@ -182,7 +199,7 @@ class TorchServe:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "key_file.json").unlink(missing_ok=True)  # a killed server leaves its old keys
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # archives must be self-contained
-        tmp = str(self.workdir / "tmp")
+        tmp = str(server_tmp(self.workdir))
         env.update(TMPDIR=tmp, TEMP=tmp, LOG_LOCATION=str(self.log_dir), METRICS_LOCATION=str(self.log_dir))
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         command = [

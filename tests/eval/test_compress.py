@@ -76,7 +76,7 @@ def flat_images(root: Path) -> Path:
 def test_make_prune_recovers_by_distillation_and_make_variants_serves_it(tmp_path: Path) -> None:
     models = tmp_path / "models"
     shutil.copytree(REPO / "models" / "letters", models / "letters", ignore=shutil.ignore_patterns("variant*"))
-    done = run_make("prune", MODEL="letters", DATA=data("letters/train"), MODELS=models, EPOCHS=4)
+    done = run_make("prune", MODEL="letters", DATA=data("letters/train"), MODELS=models, EPOCHS=10)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1].startswith(f"wrote {models}/letters_pruned: MACs")
     assert "Traceback" not in done.stderr and "Warning" not in done.stderr, done.stderr[-2000:]

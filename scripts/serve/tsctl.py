@@ -163,6 +163,11 @@ def server_tmp(workdir: Path) -> Path:
 
     short = Path("/tmp") / f"servekit-{hashlib.sha256(str(workdir).encode()).hexdigest()[:12]}"
     short.mkdir(mode=0o700, exist_ok=True)
+    info = short.lstat()
+    if short.is_symlink() or info.st_uid != os.getuid() or info.st_mode & 0o077:  # not ours alone: a fresh one
+        import tempfile
+
+        return Path(tempfile.mkdtemp(prefix="servekit-", dir="/tmp"))
     return short
 
 

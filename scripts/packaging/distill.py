@@ -42,6 +42,7 @@ from servekit.loading import load_labels, load_model
 logger = logging.getLogger("distill")
 HELD_OUT_SHARE = 0.2
 HELD_OUT_MOST = 300
+UNLABELED = "images"  # the layout of a folder read without labels
 
 
 class CompressError(ConfigError):
@@ -62,11 +63,6 @@ class Images:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def take(self, indices: Sequence[int]) -> Images:
-        index = torch.tensor(list(indices), dtype=torch.long)
-        labels = None if self.labels is None else self.labels[index]
-        return Images(self.crops[index], labels, tuple(self.paths[i] for i in indices))
-
 
 @dataclass(frozen=True)
 class Data:
@@ -82,7 +78,7 @@ class Data:
 def listed(data: Path, labels: Sequence[str], label_map: Path | None) -> tuple[Any, str]:
     """DATA as an eval_data Dataset: labeled when it is an ImageFolder tree or a CSV of the model's classes,
     otherwise every image under it, unlabeled (truth -1)."""
-    from eval_data import DataError, Dataset, Sample, is_image, load_dataset
+    from eval_data import IMAGE_SUFFIXES, DataError, Dataset, Sample, is_image, load_dataset
 
     if not data.exists():
         raise CompressError(f"DATA {data} does not exist; give a folder of images (class folders optional) or a CSV")
@@ -95,27 +91,25 @@ def listed(data: Path, labels: Sequence[str], label_map: Path | None) -> tuple[A
         why = str(error)
     files = tuple(sorted(p for p in data.rglob("*") if is_image(p)))
     if not files:
-        raise CompressError(f"DATA {data} holds no images ({', '.join(('.jpg', '.png', '.webp'))}, ...)")
+        raise CompressError(f"DATA {data} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     logger.info("%s: no labels read (%s); training on the teacher's answers alone", data, why.split(";", maxsplit=1)[0])
     samples = tuple(Sample(p, -1) for p in files)
-    return Dataset("classification", "images", data, samples, tuple(labels)), "images without labels"
+    return Dataset("classification", UNLABELED, data, samples, tuple(labels)), "images without labels"
 
 
-def crops_of(paths: Sequence[Path], config: ClassifierConfig, progress: bool = True) -> tuple[list[int], list[Any]]:
-    """(indices that decoded, their uint8 crops) and, through the log, each file that did not."""
+def crops_of(paths: Sequence[Path], config: ClassifierConfig) -> list[Any]:
+    """Each file's uint8 crop by the folder's recipe, or the error that file gave (named in the report)."""
     from tqdm import tqdm
 
     from servekit.service import classifier_item
 
-    good: list[int] = []
     crops: list[Any] = []
-    for i, path in enumerate(tqdm(paths, desc="decoding", unit="img", disable=None if progress else True, leave=False)):
+    for path in tqdm(paths, desc="decoding", unit="img", disable=None, leave=False):
         try:
             crops.append(classifier_item({"body": path.read_bytes()}, config))
-            good.append(i)
-        except (KitError, ConfigError, OSError, ValueError) as exc:  # the file is named in the report
+        except (KitError, ConfigError, OSError, ValueError) as exc:
             crops.append(exc)
-    return good, crops
+    return crops
 
 
 def read_data(data: Path, config: ClassifierConfig, labels: Sequence[str], label_map: Path | None = None) -> Data:
@@ -128,11 +122,12 @@ def read_data(data: Path, config: ClassifierConfig, labels: Sequence[str], label
     skipped: list[tuple[str, str]] = list(dataset.excluded)
     for part in (train, held):
         paths = [s.path for s in part.samples]
-        good, crops = crops_of(paths, config)
+        crops = crops_of(paths, config)
         skipped += [(str(p), plain_line(str(c))) for p, c in zip(paths, crops) if isinstance(c, BaseException)]
+        good = [i for i, crop in enumerate(crops) if not isinstance(crop, BaseException)]
         truth = [int(part.samples[i].truth) for i in good]  # type: ignore[arg-type]
         stacked = torch.stack([crops[i] for i in good]) if good else torch.zeros(0, 3, *config.input_size)
-        tensor = None if layout == "images without labels" else torch.tensor(truth, dtype=torch.long)
+        tensor = torch.tensor(truth, dtype=torch.long) if dataset.layout != UNLABELED else None
         parts.append(Images(stacked.to(torch.uint8), tensor, tuple(paths[i] for i in good)))
     if len(parts[0]) == 0:
         raise CompressError(f"DATA {data}: none of its {len(dataset.samples)} images decoded; {skipped[0][1]}")
@@ -271,7 +266,7 @@ def macs_and_params(network: torch.nn.Module, size: tuple[int, int]) -> tuple[fl
 def written_document(document: Mapping[str, Any], model: Mapping[str, Any]) -> dict[str, Any]:
     """The source folder's model-config with its handler serving ``model`` instead; the recipe, labels, batch
     and worker settings unchanged (a chosen variant or compile setting of the source is not carried over)."""
-    out = {key: value for key, value in document.items()}
+    out = dict(document)
     handler = {key: value for key, value in document["handler"].items() if key != "compile"}
     handler["model"] = dict(model)
     out["handler"] = handler
@@ -399,11 +394,10 @@ def distill_folder(
     data = read_data(data_path, teacher.config, teacher.labels, label_map)
     student = student_network(arch, len(teacher.labels))
     size = teacher.config.input_size
-    teacher_network = teacher.network
-    reference = predictions(teacher_network, data.held_out, teacher.config)
+    reference = predictions(teacher.network, data.held_out, teacher.config)
     before = quality(reference, reference, data.held_out)
     started = time.perf_counter()
-    losses = distil(student, teacher_network, data.train, teacher.config, settings)
+    losses = distil(student, teacher.network, data.train, teacher.config, settings)
     seconds = time.perf_counter() - started
     after = quality(predictions(student, data.held_out, teacher.config), reference, data.held_out)
     model = {"file": "model.safetensors", "format": "safetensors", "architecture": arch}

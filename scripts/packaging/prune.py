@@ -142,12 +142,11 @@ def prune_network(
     )
     started = time.perf_counter()
     steps = 0
-    macs = before[0]
-    while macs > target * before[0] and steps < MAX_STEPS:
+    after = before
+    while after[0] > target * before[0] and steps < MAX_STEPS:
         pruner.step()
         steps += 1
-        macs = macs_and_params(network, size)[0]
-    after = macs_and_params(network, size)
+        after = macs_and_params(network, size)
     if after[0] > target * before[0]:
         logger.warning(
             "pruning stopped at %.0f %% of the MACs (target %.0f %%)", 100 * after[0] / before[0], 100 * target

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -159,14 +161,10 @@ def server_tmp(workdir: Path) -> Path:
     tmp = workdir / "tmp"
     if len(str(tmp).encode()) + SOCKET_NAME_ROOM <= UNIX_PATH_MAX:
         return tmp
-    import hashlib
-
     short = Path("/tmp") / f"servekit-{hashlib.sha256(str(workdir).encode()).hexdigest()[:12]}"
     short.mkdir(mode=0o700, exist_ok=True)
     info = short.lstat()
     if short.is_symlink() or info.st_uid != os.getuid() or info.st_mode & 0o077:  # not ours alone: a fresh one
-        import tempfile
-
         return Path(tempfile.mkdtemp(prefix="servekit-", dir="/tmp"))
     return short
 

@@ -15,19 +15,10 @@ import torch.nn.functional as F
 import yaml
 
 from distill import kd_loss, shifted
-from kit import REPO, run_make
+from kit import REPO, demo_data, run_make
 from prune import classifier_layer, refusal, vector_width
 from servekit.config import read_model_config
 from servekit.loading import load_model
-
-DATA = REPO / "build" / "data"
-
-
-def data(name: str) -> Path:
-    path = DATA / name
-    if not path.is_dir():
-        pytest.fail(f"{path} is missing: run the tests with `make test` (it runs `make eval-data`)")
-    return path
 
 
 def test_kd_loss_is_hintons_soft_target_loss() -> None:
@@ -66,7 +57,7 @@ def test_vector_width_and_refusals() -> None:
 def flat_images(root: Path) -> Path:
     """A user's unlabeled folder: images straight from the letters' training side, no class folders, one broken."""
     root.mkdir(parents=True)
-    for i, path in enumerate(sorted(data("letters/train").rglob("*.jpg"))[::6]):
+    for i, path in enumerate(sorted(demo_data("letters/train").rglob("*.jpg"))[::6]):
         shutil.copy(path, root / f"img_{i:04d}.jpg")
     (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     return root
@@ -76,7 +67,7 @@ def flat_images(root: Path) -> Path:
 def test_make_prune_recovers_by_distillation_and_make_variants_serves_it(tmp_path: Path) -> None:
     models = tmp_path / "models"
     shutil.copytree(REPO / "models" / "letters", models / "letters", ignore=shutil.ignore_patterns("variant*"))
-    done = run_make("prune", MODEL="letters", DATA=data("letters/train"), MODELS=models, EPOCHS=10)
+    done = run_make("prune", MODEL="letters", DATA=demo_data("letters/train"), MODELS=models, EPOCHS=10)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1].startswith(f"wrote {models}/letters_pruned: MACs")
     assert "Traceback" not in done.stderr and "Warning" not in done.stderr, done.stderr[-2000:]
@@ -94,7 +85,7 @@ def test_make_prune_recovers_by_distillation_and_make_variants_serves_it(tmp_pat
 
     out = tmp_path / "variants"
     measured = run_make(
-        "variants", MODEL="letters_pruned", DATA=data("letters/test"), MODELS=models, VARIANTS_OUT=out,
+        "variants", MODEL="letters_pruned", DATA=demo_data("letters/test"), MODELS=models, VARIANTS_OUT=out,
         KINDS="eager onnx", SECONDS=2,
     )  # fmt: skip
     assert measured.returncode == 0, measured.stderr[-3000:]

@@ -17,17 +17,9 @@ import torch
 import yaml
 from PIL import Image
 
-from kit import REPO, archive, run_make
+from kit import REPO, archive, demo_data, run_make
 
 pytestmark = pytest.mark.e2e
-DATA = REPO / "build" / "data"
-
-
-def data(name: str) -> Path:
-    path = DATA / name
-    if not path.is_dir():
-        pytest.fail(f"{path} is missing: run the tests with `make test` (it runs `make eval-data`)")
-    return path
 
 
 def evaluated(model: str, split: Path, **variables: str) -> tuple[dict, list[dict]]:
@@ -46,7 +38,7 @@ def test_make_eval_digits_equals_the_raw_network_and_triton_answers_alike(tmp_pa
 
     archive("digits")
     split = tmp_path / "test"
-    shutil.copytree(data("digits/test"), split)
+    shutil.copytree(demo_data("digits/test"), split)
     (split / "3" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # rejected alone, named
     served, _ = evaluated("digits", split)
     assert [r["file"] for r in served["rejected"]] == [str(split / "3" / "corrupt.png")]
@@ -84,7 +76,7 @@ def test_make_eval_detection_ap_is_pycocotools_on_the_served_answers() -> None:
     from pycocotools.cocoeval import COCOeval
 
     archive("shapes")
-    split = data("shapes/val")
+    split = demo_data("shapes/val")
     served, answers = evaluated("shapes", split)
     document = json.loads((split / "annotations.json").read_text())
     ids = {im["file_name"]: im["id"] for im in document["images"]}
@@ -110,7 +102,7 @@ def test_make_eval_segmentation_miou_from_the_mask_pngs() -> None:
     from pycocotools import mask as coco_mask
 
     archive("shapes_seg")
-    split = data("shapes_seg/val")
+    split = demo_data("shapes_seg/val")
     served, answers = evaluated("shapes_seg", split)
     inter, union = np.zeros(4), np.zeros(4)
     for item in answers:
@@ -131,7 +123,7 @@ def test_make_variants_refuses_a_broken_int8_and_make_archive_builds_the_choice(
     shutil.copytree(REPO / "models" / "digits", models / "digits", ignore=shutil.ignore_patterns("variant*"))
     out = tmp_path / "variants"
     done = run_make(
-        "variants", MODEL="digits", DATA=data("digits/test"), MODELS=models, VARIANTS_OUT=out,
+        "variants", MODEL="digits", DATA=demo_data("digits/test"), MODELS=models, VARIANTS_OUT=out,
         KINDS="eager onnx onnx_int8", SECONDS=2, BLANK_CALIBRATION=1, ACCURACY_CONTROL=0,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

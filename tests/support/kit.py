@@ -55,6 +55,14 @@ def triton_repository(kind: str) -> Path:
     return path
 
 
+def demo_data(name: str) -> Path:
+    """A demo split ``make eval-data`` writes under build/data (``letters/test``, ``shapes/val``, ...)."""
+    path = REPO / "build" / "data" / name
+    if not path.is_dir():
+        pytest.fail(f"{path} is missing: run the tests with `make test` (it runs `make eval-data`)")
+    return path
+
+
 def run_make(*args: str, **variables: Any) -> subprocess.CompletedProcess[str]:
     """``make --no-print-directory <args> VAR=value ...`` in the repo, output captured, run as a user's own
     top-level make would be (not as a sub-make of `make test`, whose MAKELEVEL turns ``make:`` into ``make[1]:``)."""

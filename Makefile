@@ -188,7 +188,7 @@ bench-detr: model_store/hf_rtdetr.mar ## A DETR-family detector (seeded RT-DETR)
 	$(PY) scripts/bench/bench.py --mode detr --out build/bench-detr
 
 .PHONY: bench-shapes
-bench-shapes: model_store/shapes.mar model_store/shapes_onnx.mar model_store/shapes_openvino.mar $(TRITON_STAMP) ## The shapes detector (yolo path): raw in process, TorchScript and ONNX served, Triton; one size and mixed -> build/bench-shapes/
+bench-shapes: model_store/shapes.mar model_store/shapes_onnx.mar model_store/shapes_openvino.mar $(TRITON_STAMP) ## The shapes detector (yolo path): raw in process, eager, ONNX and OpenVINO served, Triton; one size and mixed -> build/bench-shapes/
 	$(PY) scripts/bench/bench.py --mode shapes --out build/bench-shapes
 
 .PHONY: gpu-bench
@@ -335,6 +335,11 @@ prune: $(DEMO_DATA) | $(STAMP) ## Structured channel pruning, then distillation 
 distill: $(DEMO_DATA) | $(STAMP) ## A smaller architecture trained from a model's soft labels: TEACHER=<name> ARCH=<torchvision name|timm:name> DATA=<images> [EPOCHS=20] [NAME=<teacher>_<arch>] -> models/<NAME>/
 	@test -n "$(TEACHER)" -a -n "$(ARCH)" -a -n "$(DATA)" || { echo "usage: make distill TEACHER=<name> ARCH=<student architecture> DATA=<images>"; exit 2; }
 	@$(PY) scripts/packaging/distill.py $(TEACHER) --arch "$(ARCH)" --data "$(DATA)" $(TRAINING) $(if $(NAME),--name $(NAME))
+
+.PHONY: qat
+qat: $(DEMO_DATA) | $(STAMP) ## Quantization-aware int8 training (fake quant + distillation), PTQ beside it: MODEL=<name> DATA=<images> [EPOCHS=3] [NAME=<name>_qat] -> models/<name>_qat/
+	@test -n "$(MODEL)" -a -n "$(DATA)" || { echo "usage: make qat MODEL=<name> DATA=<images> [EPOCHS=3] (make eval-data writes build/data/letters/train)"; exit 2; }
+	@$(PY) scripts/packaging/qat.py $(MODEL) --data "$(DATA)" $(TRAINING) $(if $(NAME),--out-name $(NAME))
 
 .PHONY: serve
 serve: archive ## Start TorchServe on loopback with every archive (or NAMES="a b"), wait until healthy, print endpoints

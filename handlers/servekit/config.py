@@ -58,14 +58,15 @@ class ModelSource:
     ``save_pretrained`` folder (``config.json`` beside ``file``); ``torchscript``, ``exported``,
     ``aoti`` and ``onnx`` carry their graph.
     ``max_batch`` bounds the batch a traced graph takes (0: any); larger batches run in chunks.
-    ``openvino`` reads an ONNX graph (or an OpenVINO IR) and compiles it with OpenVINO for the CPU.
+    ``openvino`` reads an ONNX graph (or an OpenVINO IR) and compiles it with OpenVINO for the CPU;
+    ``executorch`` is an ExecuTorch program (``.pte``, ``make pte``) run by the ExecuTorch runtime on the CPU.
     """
 
     # the weights or graph, relative to the model folder
     file: str = "model.pt"
     # how ``file`` is stored (scaffold reads it from the bytes)
     format: Literal[
-        "state_dict", "safetensors", "transformers", "torchscript", "exported", "aoti", "onnx", "openvino"
+        "state_dict", "safetensors", "transformers", "torchscript", "exported", "aoti", "onnx", "openvino", "executorch"
     ] = "state_dict"
     # state_dict/safetensors: a torchvision name, or timm:<name>
     architecture: str | None = None
@@ -75,14 +76,15 @@ class ModelSource:
     model_class: str | None = None
     # passed to the network's constructor (num_classes, ...)
     kwargs: dict[str, Any] = field(default_factory=dict)
-    max_batch: int = 0  # exported/aoti/onnx: the largest batch the graph takes (0: any); larger run in chunks
+    # exported/aoti/onnx/executorch: the largest batch the graph takes (0: any); larger run in chunks
+    max_batch: int = 0
     # bf16: torch autocast (torch formats) or OpenVINO's bf16 hint, on CPUs with AVX512-BF16 or AMX
     precision: Literal["fp32", "bf16"] = "fp32"
 
     def __post_init__(self) -> None:
         _require(self.max_batch >= 0, "model.max_batch", "must be >= 0 (0: any batch size)")
         _require(
-            self.precision == "fp32" or self.format not in ("onnx", "aoti"),
+            self.precision == "fp32" or self.format not in ("onnx", "aoti", "executorch"),
             "model.precision",
             f"bf16 applies to the torch formats and openvino, not to format '{self.format}'",
         )
@@ -116,6 +118,8 @@ class CompileSettings:
     mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     # compile for dynamic shapes (batch sizes) rather than one graph per batch size
     dynamic: bool = False
+    # inductor freezing: weights folded in as constants (an int8 program's weights packed for oneDNN)
+    freezing: bool = False
 
 
 @dataclass(frozen=True)

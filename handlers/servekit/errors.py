@@ -7,6 +7,7 @@ that turns any exception into the JSON a client sees, so REST, gRPC and Triton a
 from __future__ import annotations
 
 import importlib
+import logging
 import re
 from http import HTTPStatus
 from typing import Any, ClassVar
@@ -78,15 +79,23 @@ def error_body(exc: BaseException) -> dict[str, Any]:
     return {"error": message, "code": code}
 
 
-def require(package: str, why: str) -> Any:
-    """Import an optional package (timm, transformers) when a model needs it, or fail in one line.
+def require(package: str, why: str, *, install: str = "pip install -r requirements.txt") -> Any:
+    """Import an optional package (timm, transformers) or module of one (``executorch.runtime``) when a model
+    needs it, or fail in one line naming the package and how to install it.
+
+    torchao's import (transformers imports it too, when installed) logs a deprecation of torch's at WARNING,
+    of torchao's own making (an Enum's ``register_constant``): kept out of the kit's output.
 
     Raises:
         ConfigError: the package is not installed in this Python.
     """
+    pytree = logging.getLogger("torch.utils._pytree")
+    level = pytree.level
+    pytree.setLevel(logging.ERROR)
     try:
         return importlib.import_module(package)
     except ImportError:
-        raise ConfigError(
-            f"{why} needs the Python package '{package}', which this Python lacks: pip install -r requirements.txt"
-        ) from None
+        name = package.partition(".")[0]
+        raise ConfigError(f"{why} needs the Python package '{name}', which this Python lacks: {install}") from None
+    finally:
+        pytree.setLevel(level)

@@ -3,7 +3,8 @@
 :func:`load_model` dispatches on ``handler.model.format`` to one small module per format:
 ``weights`` (``state_dict``, ``safetensors``; torchvision, timm or a user's class), ``hf_source``
 (``transformers``), ``program_backend`` (``exported``, ``aoti``),
-``onnx_backend`` (``onnx``), ``openvino_backend`` (``openvino``) and TorchScript here; ``precision: bf16``
+``onnx_backend`` (``onnx``), ``openvino_backend`` (``openvino``), ``executorch_backend`` (``executorch``) and
+TorchScript here; ``precision: bf16``
 wraps a torch model in autocast. Each returns something the services call alike.
 """
 
@@ -172,6 +173,12 @@ def _openvino(path: Path, model_dir: Path, source: ModelSource, device: torch.de
     return load_openvino(path, device, torch.get_num_threads(), source.precision)
 
 
+def _executorch(path: Path, model_dir: Path, source: ModelSource, device: torch.device) -> Any:
+    from servekit.executorch_backend import load_executorch
+
+    return load_executorch(path, device, torch.get_num_threads(), source.max_batch)
+
+
 Loader = Callable[[Path, Path, ModelSource, torch.device], Any]
 LOADERS: dict[str, Loader] = {
     **dict.fromkeys(WEIGHT_FORMATS, _weights),
@@ -181,6 +188,7 @@ LOADERS: dict[str, Loader] = {
     "aoti": _aoti,
     "onnx": _onnx,
     "openvino": _openvino,
+    "executorch": _executorch,
 }
 
 
@@ -195,11 +203,14 @@ def compile_module(model: Any, settings: CompileSettings, warmup: list[torch.Ten
     module = torch_module(model)
     if module is None:
         raise ConfigError("handler.compile needs a torch module: a state_dict, safetensors or exported model")
+    import torch._inductor.config as inductor
+
     try:
         compiled = torch.compile(module, mode=settings.mode, dynamic=settings.dynamic)
         if isinstance(model, BoundedBatch):  # an exported program: its batch bounds still split the batches
             compiled = model.with_run(compiled)
-        with torch.inference_mode():
+        # the graphs compile at their first call: every batch size a request can bring is warmed up here
+        with torch.inference_mode(), inductor.patch(freezing=settings.freezing):
             for batch in warmup:
                 compiled(batch)
     except Exception as exc:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from servekit.errors import ConfigError, plain_line
+from servekit.errors import ConfigError, plain_line, require
 from servekit.host import cpu_flags
 
 logger = logging.getLogger(__name__)
@@ -114,8 +114,35 @@ def exported_input_spec(program: Any) -> InputSpec:
     return InputSpec(low, high, height, width)
 
 
+QUANTIZED_OPS = b"quantized_decomposed"  # the namespace of pt2e's quantize/dequantize ops (torchao registers it)
+
+
+def holds_quantized_ops(path: Path) -> bool:
+    """Whether a saved program's graph calls pt2e's int8 ops (the ``torch_int8`` variant, ``make qat``)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            graphs = [n for n in archive.namelist() if "/models/" in n and n.endswith(".json")]
+            return any(QUANTIZED_OPS in archive.read(n) for n in graphs)
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def register_quantized_ops() -> None:
+    """Import torchao's pt2e ops, which an int8 program's graph calls.
+
+    Raises:
+        ConfigError: torchao is not installed.
+    """
+    require("torchao.quantization.pt2e", "an int8 program (pt2e)")
+
+
 def load_exported(path: Path, device: torch.device, max_batch: int = 0) -> BoundedBatch:
-    """A ``torch.export.save`` program as a callable module on ``device``."""
+    """A ``torch.export.save`` program as a callable module on ``device`` (torchao's ops registered first
+    when its graph is int8)."""
+    if holds_quantized_ops(path):
+        register_quantized_ops()
     try:
         program = torch.export.load(str(path))
     except Exception as exc:

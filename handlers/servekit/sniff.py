@@ -1,9 +1,10 @@
 """What a model file is, found from its bytes (zip entries, magic numbers), never from its name.
 
 A ``.pt`` may be a state_dict, a training checkpoint, a TorchScript archive or a whole pickled model;
-a ``.pt2`` may be a ``torch.export`` program or an AOTInductor package. :func:`sniff_model_file` looks
-inside once (at scaffold time) and returns the ``handler.model.format`` to write. Nothing here
-unpickles: :func:`pickled_classes` lists the classes a pickle would import by reading its opcodes.
+a ``.pt2`` may be a ``torch.export`` program or an AOTInductor package; a ``.pte`` is an ExecuTorch program
+(a flatbuffer whose file identifier, at offset 4, is ``ET`` and two digits: ``ET12`` today).
+:func:`sniff_model_file` looks inside once (at scaffold time) and returns the ``handler.model.format`` to write.
+Nothing here unpickles: :func:`pickled_classes` lists the classes a pickle would import by reading its opcodes.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from servekit.errors import ConfigError
 
-FORMATS = ("state_dict", "safetensors", "torchscript", "exported", "aoti", "onnx")
+FORMATS = ("state_dict", "safetensors", "torchscript", "exported", "aoti", "onnx", "executorch")
 # File names the kit gives each format inside a model folder.
 FILE_NAMES = {
     "state_dict": "model.pt",
@@ -26,6 +27,7 @@ FILE_NAMES = {
     "exported": "model.pt2",
     "aoti": "model.pt2",
     "onnx": "model.onnx",
+    "executorch": "model.pte",
 }
 _PICKLE_PROTOCOL_2_PLUS = b"\x80"
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -56,6 +58,8 @@ def sniff_model_file(path: Path) -> Sniffed:
         head = handle.read(16)
     if head.startswith(_ZIP_MAGIC):
         return _sniff_zip(path)
+    if _is_pte(head):
+        return Sniffed("executorch", f"an ExecuTorch program ({head[4:8].decode()})")
     if _is_safetensors(path, head, size):
         return Sniffed("safetensors", "a safetensors file of tensors")
     if head.startswith(_PICKLE_PROTOCOL_2_PLUS):
@@ -64,7 +68,7 @@ def sniff_model_file(path: Path) -> Sniffed:
         return Sniffed("onnx", "an ONNX graph")
     raise ConfigError(
         f"cannot tell what {path.name} is ({size} bytes starting {head[:8]!r}): it is none of a torch.save "
-        "file, TorchScript, a torch.export or AOTInductor .pt2, safetensors or ONNX"
+        "file, TorchScript, a torch.export or AOTInductor .pt2, safetensors, ONNX or an ExecuTorch .pte"
     )
 
 
@@ -150,6 +154,15 @@ def _is_onnx(path: Path, head: bytes) -> bool:
     except Exception:
         return False
     return True
+
+
+def _is_pte(head: bytes) -> bool:
+    """An ExecuTorch flatbuffer: a 4-byte root offset, then the file identifier ``ET`` and two digits (its
+    schema version, ``ET12`` in ExecuTorch 1.x); the root table lies within the file's first bytes."""
+    if len(head) < 8 or head[4:6] != b"ET" or not head[6:8].isdigit():
+        return False
+    (root,) = struct.unpack("<I", head[:4])
+    return 8 <= root
 
 
 def pickled_classes(path: Path, limit: int = 5) -> list[str]:

@@ -24,7 +24,7 @@ class Served:
 
     model: str  # the demo model it serves (resnet18, ...)
     server: str  # "stock" or "kit"
-    backend: str  # torch, torchscript, onnx, int8
+    backend: str  # torch, onnx, int8, openvino, exported, aoti, compile
     archive: str  # the registered model name
     images: str = "same"  # "same": one image; "mixed": three sizes (detector, kit only); or a PHOTO_SETS key
     concurrencies: tuple[int, ...] | None = None  # None: the plan's
@@ -40,9 +40,7 @@ class Plan:
     inprocess_seconds: float
     inprocess_batches: tuple[int, ...]
     served: tuple[Served, ...]
-    backends: frozenset[str] = frozenset(
-        ("torch", "torchscript", "onnx", "int8", "openvino", "exported", "aoti", "compile")
-    )
+    backends: frozenset[str] = frozenset(("torch", "onnx", "int8", "openvino", "exported", "aoti", "compile"))
 
 
 def _served(model: str, stock: bool, kit: Sequence[tuple[str, str]]) -> list[Served]:
@@ -66,7 +64,7 @@ FULL_SERVED = (
         "mobilenet_v3_small",
         True,
         [
-            ("torchscript", "mobilenet_v3_small"),
+            ("torch", "mobilenet_v3_small"),
             ("onnx", "mobilenet_v3_small_onnx"),
             ("int8", "mobilenet_v3_small_int8"),
         ],
@@ -79,13 +77,13 @@ FULL_SERVED = (
 )
 
 
-# The shapes detector (the yolo path): TorchScript and ONNX archives and the Triton ensemble, scenes of
+# The shapes detector (the yolo path): eager, ONNX and OpenVINO archives and the Triton ensemble, scenes of
 # one size and of three sizes.
 SHAPES_SERVED = tuple(
     Served("shapes", server, backend, archive, images=images)
     for images in ("same", "mixed")
     for server, backend, archive in (
-        ("kit", "torchscript", "shapes"),
+        ("kit", "torch", "shapes"),
         ("kit", "onnx", "shapes_onnx"),
         ("kit", "openvino", "shapes_openvino"),
         ("triton", "onnx", "shapes"),
@@ -112,7 +110,7 @@ PHOTOS_SERVED = (
         Served("mobilenet_v3_small", where, backend, archive, images="640x480", concurrencies=(16,))
         for where, backend, archive in (
             ("stock", "torch", "mobilenet_v3_small_stock"),
-            ("kit", "torchscript", "mobilenet_v3_small"),
+            ("kit", "torch", "mobilenet_v3_small"),
             ("kit", "int8", "mobilenet_v3_small_int8"),
             ("kit", "openvino", "mobilenet_v3_small_openvino"),
         )
@@ -135,7 +133,7 @@ BACKENDS_SERVED = tuple(_served("resnet18", True, RESNET_KIT))
 # image size users send (`make bench-plain`): a regression of the default path shows as a ratio below 1.0x.
 # Every demo model TorchServe has a stock handler for (digits and shapes have none: their inputs and outputs
 # are not ImageNet's or torchvision's detection dicts).
-PLAIN_BACKENDS = {"resnet18": "torch", "mobilenet_v3_small": "torchscript", "fasterrcnn": "torch"}
+PLAIN_BACKENDS = {"resnet18": "torch", "mobilenet_v3_small": "torch", "fasterrcnn": "torch"}
 
 
 PLAIN_SERVED = (
@@ -216,9 +214,9 @@ PLANS = {
     # resnet18 on every backend, in process and served, side by side (`make bench-backends`).
     "backends": Plan(10.0, 4.0, (16,), 4.0, (1, 8), BACKENDS_SERVED),
     "zoo": Plan(10.0, 3.0, (1, 16), 4.0, (1, 8), ZOO_SERVED, frozenset(("torch", "onnx", "openvino"))),
-    "segmentation": Plan(10.0, 3.0, (4,), 4.0, (1, 4), SEG_SERVED, frozenset(("torch", "torchscript", "onnx"))),
+    "segmentation": Plan(10.0, 3.0, (4,), 4.0, (1, 4), SEG_SERVED, frozenset(("torch", "onnx"))),
     "detr": Plan(10.0, 3.0, (4,), 4.0, (1, 4), DETR_SERVED, frozenset(("torch",))),
-    "plain": Plan(10.0, 3.0, (16,), 4.0, (8,), PLAIN_SERVED, frozenset(("torch", "torchscript"))),
+    "plain": Plan(10.0, 3.0, (16,), 4.0, (8,), PLAIN_SERVED, frozenset(("torch",))),
     "quick": Plan(
         5.0,
         2.0,
@@ -226,19 +224,19 @@ PLANS = {
         2.0,
         (8,),
         QUICK_SERVED,
-        frozenset(("torch", "torchscript", "onnx", "int8", "exported", "aoti")),
+        frozenset(("torch", "onnx", "int8", "exported", "aoti")),
     ),
 }
 
 
 INPROCESS = {
     "resnet18": ("torch", "onnx", "int8", "openvino", "exported", "aoti", "compile"),
-    "mobilenet_v3_small": ("torchscript", "onnx", "int8"),
+    "mobilenet_v3_small": ("torch", "onnx", "int8"),
     "fasterrcnn": ("torch", "onnx"),
-    "shapes": ("torchscript", "onnx", "openvino"),
+    "shapes": ("torch", "onnx", "openvino"),
     "timm_convnext": ("torch", "onnx", "openvino"),
     "lraspp": ("torch",),
-    "shapes_seg": ("torchscript", "onnx"),
+    "shapes_seg": ("torch", "onnx"),
     "hf_vit": ("torch", "onnx", "openvino"),
     "hf_rtdetr": ("torch",),
 }

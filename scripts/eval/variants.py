@@ -3,8 +3,9 @@ on this machine, each measured through one real TorchServe by its task metric an
 within the budget becomes the folder's choice, which ``make archive`` then builds.
 
 For each kind (``variant_kinds.KINDS``: eager, ONNX Runtime fp32 and int8, OpenVINO fp32 and int8, bf16 where
-the CPU has it, AOTInductor, torch.compile) the variant is built under ``build/variants/<name>/<kind>/``,
-archived as ``<name>_<kind>.mar``, registered alone on the server (its load time), sent the scored split of
+the CPU has it, AOTInductor, torch.compile, torch-native pt2e int8 compiled at load) the variant is built
+under ``build/variants/<name>/<kind>/``, archived as ``<name>_<kind>.mar``, registered alone on the server (its
+load time), sent the scored split of
 DATA (the task metric, as ``make eval``), then loaded closed-loop at ``--concurrency`` for ``--seconds`` on the
 same images (req/s, p50/p99) while its worker's peak RSS is read; then unregistered. A variant that fails to
 build or to load is a row with its one-line reason, never the end of the sweep.
@@ -353,10 +354,10 @@ def supports(kind: Kind, document: Mapping[str, Any]) -> str:
     raw_detector = isinstance(config, DetectorConfig) and config.output == "yolo"
     if kind.format == "openvino" and not (classifier or raw_detector):
         return "format openvino serves classifiers and raw-output (yolo) detectors"
-    if kind.name in ("aoti", "compile") and not classifier:
+    if kind.name in ("aoti", "compile", "torch_int8") and not classifier:
         return f"{kind.name} is offered for classifiers"
-    if kind.name == "aoti" and config.model.format not in ("state_dict", "safetensors", "exported"):
-        return f"aoti compiles state_dict, safetensors and exported folders; this one is {config.model.format}"
+    if kind.name in ("aoti", "torch_int8") and config.model.format not in ("state_dict", "safetensors", "exported"):
+        return f"{kind.name} builds from state_dict, safetensors or exported folders; this is {config.model.format}"
     if kind.precision == "bf16" and not ({"avx512_bf16", "amx_bf16"} & cpu_flags()):
         return "bf16 needs a CPU with AVX512-BF16 or AMX; this one has neither"
     return ""
@@ -389,8 +390,32 @@ def build_file(plan: Plan, kind: Kind, document: Mapping[str, Any], calibration:
         line = compile_package(plan.name, plan.models, plan.work / "aoti-build")
         target.write_bytes((plan.work / "aoti-build" / plan.name / "model.pt2").read_bytes())
         built.note = line.split(";")[0]
+    elif kind.name == "torch_int8":
+        built = torch_int8_variant(plan, kind, document, target, calibration)
     built.file = target
     return built
+
+
+def torch_int8_variant(
+    plan: Plan, kind: Kind, document: Mapping[str, Any], target: Path, calibration: Callable[[], Calibration]
+) -> Built:
+    """pt2e int8 (torchao's X86 quantizer) of the folder's network, calibrated on the calibration split."""
+    from servekit.loading import load_model
+    from servekit.program_backend import torch_module
+    from torch_int8 import quantize_to_file
+
+    config = parse_handler_config(document["handler"])
+    network = torch_module(load_model(plan.folder, config.model, torch.device("cpu")))
+    if network is None:
+        raise ConfigError(f"torch_int8 needs a torch module; {plan.name} is format {config.model.format}")
+    calibrated_on = calibration()
+    saved = quantize_to_file(network, config.input_size, calibrated_on.inputs, target)
+    calibrated = "blank images" if plan.blank_calibration else f"{len(plan.calibration.samples)} calibration files"
+    note = (
+        f"pt2e X86 int8 calibrated on {calibrated}; eager {calibrated_on.metric:.4f} on that split; "
+        f"saved program vs the in-process int8 graph: max |logit diff| {saved.max_abs_diff:.1e}"
+    )
+    return Built(kind, None, target, "", [], note)
 
 
 def int8_variant(

@@ -2,7 +2,7 @@
 
 - ``digits``: a small CNN trained on scikit-learn's bundled digits (rendered as 32x32 RGB images).
 - ``resnet18``: torchvision's resnet18 with seeded weights and ImageNet names (state_dict).
-- ``mobilenet_v3_small``: the same idea, saved as TorchScript to show that format.
+- ``mobilenet_v3_small``: the same idea (state_dict; the kit makes no TorchScript of its own).
 - ``fasterrcnn``: ``fasterrcnn_mobilenet_v3_large_320_fpn`` with seeded weights and COCO names.
 
 Seeded weights give outputs of no meaning, so BatchNorm statistics are recalibrated on real photos
@@ -26,6 +26,7 @@ import torchvision
 from PIL import Image
 
 from servekit.config import ClassifierConfig, read_model_config
+from servekit.errors import require
 from servekit.transforms import classifier_batch, classifier_crop
 
 logger = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ def recalibrate_batchnorm(model: torch.nn.Module, run: callable) -> None:
     model.eval()
 
 
-def make_classifier(name: str, model_dir: Path, torchscript: bool = False) -> None:
+def make_classifier(name: str, model_dir: Path) -> None:
     """A torchvision classifier with seeded weights and recalibrated BatchNorm, with ImageNet names."""
     config = read_config(model_dir)
     torch.manual_seed(SEED)
@@ -141,10 +142,7 @@ def make_classifier(name: str, model_dir: Path, torchscript: bool = False) -> No
     photos = list(sample_photos().values())
     batch = classifier_inputs(photos, config)
     recalibrate_batchnorm(model, lambda: model(batch))
-    if torchscript:
-        torch.jit.save(torch.jit.script(model), str(model_dir / "model.pt"))
-    else:
-        torch.save(model.state_dict(), model_dir / "model.pt")
+    torch.save(model.state_dict(), model_dir / "model.pt")
     categories = torchvision.models.get_model_weights(name).DEFAULT.meta["categories"]
     _write_labels(model_dir, list(categories))
 
@@ -183,7 +181,7 @@ def make_timm_classifier(model_dir: Path, name: str = "convnext_atto") -> None:
 def make_hf_classifier(model_dir: Path) -> None:
     """A seeded ViT-Tiny-sized ViTForImageClassification as ``save_pretrained`` writes it (config.json with
     id2label, model.safetensors) with its ViTImageProcessor (preprocessor_config.json)."""
-    import transformers
+    transformers = require("transformers", "a Hugging Face demo model")
 
     names = imagenet_names()
     config = transformers.ViTConfig(
@@ -200,7 +198,7 @@ def make_hf_detector(model_dir: Path) -> None:
     """A seeded RT-DETR (ResNet-18-vd-sized backbone, 300 queries, COCO's 80 names) as ``save_pretrained``
     writes it, with its RTDetrImageProcessor (640 x 640, pixels / 255): the DETR family's sigmoid scoring.
     Seeded, not trained: it answers few confident boxes, and serves to measure and to test the served path."""
-    import transformers
+    transformers = require("transformers", "a Hugging Face demo model")
 
     coco = torchvision.models.detection.FasterRCNN_ResNet50_FPN_Weights.DEFAULT.meta["categories"]
     names = [c for c in coco if c not in ("__background__", "N/A")]

@@ -433,14 +433,14 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(epochs=args.epochs, batch=args.batch, lr=args.lr, temperature=args.temperature)
 
 
-def training_arguments(parser: argparse.ArgumentParser, epochs: int) -> None:
+def training_arguments(parser: argparse.ArgumentParser, epochs: int, lr: float = Settings.lr) -> None:
     """The options ``make distill``, ``make prune`` and ``make qat`` share."""
     parser.add_argument("--data", type=Path, required=True, help="images: class folders or a CSV add labels")
     parser.add_argument("--models", type=Path, default=Path("models"))
     parser.add_argument("--out", type=Path, default=Path("build/compress"))
     parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--batch", type=int, default=Settings.batch)
-    parser.add_argument("--lr", type=float, default=Settings.lr)
+    parser.add_argument("--lr", type=float, default=lr)
     parser.add_argument("--temperature", type=float, default=Settings.temperature)
     parser.add_argument("--label-map", type=Path, default=None)
 

@@ -69,7 +69,7 @@ def build_digits(model_dir: Path) -> None:
 BUILDERS: dict[str, Callable[[Path], object]] = {
     "digits": build_digits,
     "resnet18": lambda d: demo_models.make_classifier("resnet18", d),
-    "mobilenet_v3_small": lambda d: demo_models.make_classifier("mobilenet_v3_small", d, torchscript=True),
+    "mobilenet_v3_small": lambda d: demo_models.make_classifier("mobilenet_v3_small", d),
     "fasterrcnn": demo_models.make_detector,
     "lraspp": demo_models.make_segmenter,
     "shapes": build_shapes,

@@ -34,7 +34,7 @@ from servekit import hf_source, timm_source
 from servekit.checkpoint import check_labels, head_key, shape_of
 from servekit.config import WEIGHT_FORMATS, ModelSource, parse_handler_config
 from servekit.detr import detr_outputs, scoring_of
-from servekit.errors import ConfigError, plain_line
+from servekit.errors import ConfigError, plain_line, require
 from servekit.loading import load_labels, load_model
 from servekit.program_backend import InputSpec, exported_input_spec
 from servekit.recipes import Recipe, hf_recipe, timm_recipe, torchvision_recipe
@@ -265,7 +265,7 @@ PROCESSOR_FILE = "preprocessor_config.json"
 
 def load_processor(folder: Path) -> Any:
     """The folder's image processor, loaded by transformers from its own file only."""
-    import transformers
+    transformers = require("transformers", "a Hugging Face model folder")
 
     return transformers.AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
 
@@ -325,7 +325,7 @@ def kit_input(pixels: torch.Tensor, config: Any) -> torch.Tensor:
 
 
 def graph_plan(args: argparse.Namespace, sniffed: Sniffed) -> Plan:
-    """A self-contained graph (TorchScript, torch.export, AOTInductor, ONNX): copied, input size read."""
+    """A self-contained graph (TorchScript, torch.export, AOTInductor, ONNX, ExecuTorch): copied, input size read."""
     if args.architecture or args.model_file:
         raise ConfigError(f"{args.pt.name} is {sniffed.description}, which carries its network: drop ARCH/MODEL_FILE")
     spec = graph_input_spec(args.pt, sniffed.format)
@@ -472,6 +472,10 @@ def graph_input_spec(path: Path, fmt: str) -> InputSpec:
         from servekit.onnx_backend import onnx_input_spec
 
         return onnx_input_spec([d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims])
+    if fmt == "executorch":
+        from servekit.executorch_backend import read_input_spec
+
+        return read_input_spec(path)
     return InputSpec()
 
 
@@ -621,7 +625,15 @@ def scaffold(args: argparse.Namespace) -> tuple[Path, str]:
         raise
     network = plan.network or "its graph"
     found = "; ".join([f"{sniffed.description}: format {sniffed.format}", *plan.notes])
-    return folder, f"found {args.pt.name}: {found}; {network}, {classes} classes; {where}"
+    line = f"found {args.pt.name}: {found}; {network}, {classes} classes; {where}"
+    return folder, line + (f"\n{TORCHSCRIPT_NOTE}" if sniffed.format == "torchscript" else "")
+
+
+TORCHSCRIPT_NOTE = (
+    "note: TorchScript is deprecated upstream since torch 2.11; this folder serves it as it is. To move, where you "
+    "have the network's class: torch.export.save(torch.export.export(model.eval(), (example,)), 'model.pt2') and "
+    "make scaffold PT=model.pt2, or torch.save(model.state_dict(), 'model.pt') with MODEL_FILE=<its .py>"
+)
 
 
 PLANNERS = {**dict.fromkeys(WEIGHT_FORMATS, weights_plan), "timm": timm_folder_plan, "transformers": hf_plan}

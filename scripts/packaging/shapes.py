@@ -14,7 +14,6 @@ import io
 import json
 import logging
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,14 +257,13 @@ def train(model_dir: Path, *, pool_size: int = 2000, steps: int = 600, batch: in
         schedule.step()
         if step % 100 == 0 or step == steps - 1:
             logger.info("shapes: step %d/%d loss %.3f (%.0f s)", step, steps, loss.item(), time.perf_counter() - start)
-    save_scripted(model, model_dir, CLASSES)
+    save_trained(model, model_dir, CLASSES)
     return time.perf_counter() - start
 
 
-def save_scripted(model: torch.nn.Module, model_dir: Path, classes: Sequence[str]) -> None:
-    """A trained network in eval mode as TorchScript (``model.pt``) with its class names (``labels.json``)."""
+def save_trained(model: torch.nn.Module, model_dir: Path, classes: Sequence[str]) -> None:
+    """A trained network's state_dict (``model.pt``, read through the folder's ``model.py``) and its class names
+    (``labels.json``): never TorchScript, deprecated upstream since torch 2.11."""
     model.eval()
-    with warnings.catch_warnings():  # TorchScript's deprecation notice: the kit serves it, and ONNX starts from it
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.save(torch.jit.script(model), str(model_dir / "model.pt"))
+    torch.save(model.state_dict(), model_dir / "model.pt")
     (model_dir / "labels.json").write_text(json.dumps(list(classes)) + "\n", encoding="utf-8")

@@ -28,7 +28,7 @@ from shapes import (
     held_out,
     load_network_module,
     make_scene,
-    save_scripted,
+    save_trained,
 )
 
 logger = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def train(model_dir: Path, *, pool_size: int = 1500, steps: int = 1400, batch: i
         if step % 100 == 0 or step == steps - 1:
             elapsed = time.perf_counter() - start
             logger.info("shapes_seg: step %d/%d loss %.3f (%.0f s)", step, steps, loss.item(), elapsed)
-    save_scripted(model, model_dir, SEG_CLASSES)
+    save_trained(model, model_dir, SEG_CLASSES)
     return time.perf_counter() - start
 
 

@@ -1,7 +1,8 @@
 """The variant kinds an archive can serve, and the choice ``make variants`` writes into a model folder.
 
 A kind is how the folder's network is served: ``eager`` (the folder as it is), a built file in a format
-(``onnx``, ``onnx_int8``, ``openvino``, ``openvino_int8``, ``aoti``), or a setting of the same model
+(``onnx``, ``onnx_int8``, ``openvino``, ``openvino_int8``, ``aoti``, ``torch_int8``: a pt2e int8 program
+compiled at load), or a setting of the same model
 (``bf16``, ``compile``). :func:`kind_document` turns the folder's model-config into the variant's.
 
 The choice lives in ``<folder>/variant.yaml`` (with its file under ``<folder>/variant/``): the kind, the file's
@@ -22,6 +23,7 @@ import yaml
 
 from servekit.errors import ConfigError
 from servekit.program_backend import AOTI_MAX_BATCH
+from torch_int8 import INT8_COMPILE
 
 CHOICE_FILE = "variant.yaml"
 CHOICE_DIR = "variant"
@@ -40,7 +42,7 @@ class Kind:
 
     def describe(self) -> str:
         if self.file:
-            return f"{self.file} ({self.format})"
+            return f"{self.file} ({self.format}" + (", torch.compile at load)" if self.compile else ")")
         return (
             "the folder's model"
             + (f", {self.precision}" if self.precision != "fp32" else "")
@@ -58,6 +60,7 @@ KINDS: dict[str, Kind] = {
         Kind("openvino_int8", "model.ov-int8.onnx", "openvino", int8=True),
         Kind("bf16", precision="bf16"),
         Kind("aoti", "model.pt2", "aoti"),
+        Kind("torch_int8", "model.int8.pt2", "exported", compile=True, int8=True),
         Kind("compile", compile=True),
     )
 }
@@ -84,7 +87,7 @@ def kind_document(document: Mapping[str, Any], kind: Kind, file: Path | None = N
     if kind.precision != "fp32":
         handler["model"] = {**handler["model"], "precision": kind.precision}
     if kind.compile:
-        handler["compile"] = {"mode": "default", "dynamic": False}
+        handler["compile"] = dict(INT8_COMPILE) if kind.int8 else {"mode": "default", "dynamic": False}
         out["startupTimeout"] = max(600, int(document.get("startupTimeout", 0)))
     out["handler"] = handler
     return out

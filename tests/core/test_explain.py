@@ -113,7 +113,7 @@ def test_grids_follow_the_input_and_stay_normalized() -> None:
 
 
 def eager_segmenter() -> torch.nn.Module:
-    """The trained shapes segmenter as an eager module (its TorchScript weights in model.py's class), for Grad-CAM."""
+    """The trained shapes segmenter as an eager module (its state_dict in model.py's class), for Grad-CAM."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("shapes_seg_model", MODELS / "shapes_seg" / "model.py")
@@ -121,7 +121,7 @@ def eager_segmenter() -> torch.nn.Module:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     network = module.ShapesSegNet()
-    network.load_state_dict(torch.jit.load(str(MODELS / "shapes_seg" / "model.pt")).state_dict())
+    network.load_state_dict(torch.load(MODELS / "shapes_seg" / "model.pt", weights_only=True))
     return network.eval()
 
 
@@ -136,7 +136,7 @@ def peak_in_a_box(grid: list[list[float]], box: list[int], targets: np.ndarray) 
 
 
 def test_maps_point_at_the_shapes_on_held_out_scenes(segmenter: VisionService[Any], scenes: list[shapes.Scene]) -> None:
-    """Occlusion (the served TorchScript segmenter) and Grad-CAM (its eager twin): for the class of the first
+    """Occlusion (the served segmenter, as its folder says) and Grad-CAM (its eager twin): for the class of the first
     shape of each scene, the hottest cell lies inside a box of that class; deleting the hottest cells lowers
     the class's score more than deleting as many random cells."""
     config = segmenter.config

@@ -56,7 +56,7 @@ def byom(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     for form in forms.values():
         result = run_make("scaffold", MODELS=models, NAME=form.name, TASK=form.task, **form.make_vars)
         assert result.returncode == 0, f"{form.name}: {result.stderr}"
-        found[form.name] = next(line for line in result.stdout.splitlines() if line.startswith("found "))
+        found[form.name] = " | ".join(x for x in result.stdout.splitlines() if x.startswith(("found ", "note: ")))
         apply_edits(models / form.name, form)
     # An unrelated /tmp/<model name> must survive the archiver (it stages in a private TMPDIR).
     bystander = Path("/tmp") / "byom_ckpt"
@@ -79,7 +79,7 @@ EXPECTED_FINDINGS = {
     "byom_ckpt": ["format state_dict", "weights under 'model'", "prefix 'module.' stripped", "7 classes"],
     "byom_effnet": ["format state_dict", "efficientnet_b0, 5 classes", "labels from flowers.txt"],
     "byom_safetensors": ["format safetensors", "prefix '_orig_mod.' stripped", "10 classes"],
-    "byom_torchscript": ["format torchscript", "4 classes"],
+    "byom_torchscript": ["format torchscript", "4 classes", "| note: TorchScript is deprecated upstream"],
     "byom_exported": ["format exported", "static batch 1", "7 classes"],
     "byom_aoti": ["format aoti", "native code", "3 classes"],
     "byom_onnx": ["format onnx", "input 224x224", "7 classes"],
@@ -101,6 +101,7 @@ def test_scaffold_says_in_one_line_what_it_found(byom: Deployment, name: str) ->
     assert line.startswith(f"found {Path(byom.forms[name].make_vars['PT']).name}: ")
     for words in EXPECTED_FINDINGS[name]:
         assert words in line, line
+    assert ("deprecated upstream" in line) == ("format torchscript" in line), line
 
 
 def png_and_pixels(image: np.ndarray) -> tuple[bytes, np.ndarray]:

@@ -401,15 +401,13 @@ def torch_int8_variant(
 ) -> Built:
     """pt2e int8 (torchao's X86 quantizer) of the folder's network, calibrated on the calibration split."""
     from servekit.loading import load_model
-    from servekit.program_backend import torch_module
     from torch_int8 import quantize_to_file
 
     config = parse_handler_config(document["handler"])
-    network = torch_module(load_model(plan.folder, config.model, torch.device("cpu")))
-    if network is None:
-        raise ConfigError(f"torch_int8 needs a torch module; {plan.name} is format {config.model.format}")
+    model = load_model(plan.folder, config.model, torch.device("cpu"))
     calibrated_on = calibration()
-    saved = quantize_to_file(network, config.input_size, calibrated_on.inputs, target)
+    batch_size = int(document.get("batchSize", 1))
+    saved = quantize_to_file(model, config.input_size, batch_size, calibrated_on.inputs, target)
     calibrated = "blank images" if plan.blank_calibration else f"{len(plan.calibration.samples)} calibration files"
     note = (
         f"pt2e X86 int8 calibrated on {calibrated}; eager {calibrated_on.metric:.4f} on that split; "

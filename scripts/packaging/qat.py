@@ -41,7 +41,17 @@ from distill import (
     written_document,
 )
 from servekit.program_backend import torch_module
-from torch_int8 import INT8_COMPILE, Program, Saved, calibrated, save_program, traced, x86_quantizer
+from torch_int8 import (
+    INT8_COMPILE,
+    Program,
+    Saved,
+    batch_bound,
+    calibrated,
+    pt2e,
+    save_program,
+    traced,
+    x86_quantizer,
+)
 
 logger = logging.getLogger("qat")
 QAT_LR = 1e-4  # fine-tuning a trained network: a tenth of a step of make distill's
@@ -58,8 +68,6 @@ def qat_folder(
     out: Path = Path("build/compress"),
 ) -> str:
     """``make qat``: PTQ and QAT of the folder's classifier, ``models/<name>_qat`` written; the summary line."""
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
-
     teacher = read_teacher(name, models, "qat")
     network = torch_module(teacher.network)
     if network is None:
@@ -70,29 +78,31 @@ def qat_folder(
     out_name = out_name or f"{name}_qat"
     data = read_data(data_path, teacher.config, teacher.labels, label_map)
     size, config = teacher.config.input_size, teacher.config
+    bound = batch_bound(teacher.network, int(teacher.document.get("batchSize", 1)))
     reference = predictions(network, data.held_out, config)
     fp32 = quality(reference, reference, data.held_out)
 
     started = time.perf_counter()
     calibration = [normalized(chunk, config) for chunk in data.train.crops.split(32)]
-    ptq = Program(calibrated(copy.deepcopy(network), size, calibration)).eval()
+    ptq = Program(calibrated(copy.deepcopy(network), size, bound, calibration)).eval()
     ptq_quality = quality(predictions(ptq, data.held_out, config), reference, data.held_out)
     ptq_seconds = time.perf_counter() - started
     logger.info("%s: post-training int8 in %.0f s: held out %s", name, ptq_seconds, ptq_quality.describe())
 
     started = time.perf_counter()
-    student = Program(prepare_qat_pt2e(traced(copy.deepcopy(network), size, training=True), x86_quantizer(qat=True)))
+    fake = pt2e().prepare_qat_pt2e(traced(copy.deepcopy(network), size, bound, training=True), x86_quantizer(qat=True))
+    student = Program(fake)
     losses = distil(student, network, data.train, config, settings)
     student.eval()
-    converted = convert_pt2e(student.graph)
+    converted = pt2e().convert_pt2e(student.graph)
     seconds = time.perf_counter() - started
     qat_quality = quality(predictions(Program(converted), data.held_out, config), reference, data.held_out)
 
     saved: list[Saved] = []
-    check = normalized(data.held_out.crops[:4], config) if len(data.held_out) else None
+    check = normalized(data.held_out.crops[:4], config) if len(data.held_out) else calibration[0]
 
     def write_program(path: Path) -> None:
-        saved.append(save_program(converted, size, path, check))
+        saved.append(save_program(converted, size, bound, path, check))
 
     model = {"file": "model.int8.pt2", "format": "exported"}
     document = written_document(teacher.document, model)

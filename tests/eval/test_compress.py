@@ -1,7 +1,8 @@
 """`make prune` and `make distill` on the letters classifier: the pure parts (the distillation loss against its
 definition, the refusals, the vector width), then the real commands on images as users hold them (class folders,
 or a flat folder with a broken file), the folders they write served by the kit's own loader and, for the pruned
-model, measured by `make variants` through a real TorchServe."""
+model, measured by `make variants` through a real TorchServe (eager, ONNX and the torch-native int8 variant);
+`make qat` on a small share of the letters, PTQ and QAT side by side."""
 
 from __future__ import annotations
 
@@ -15,10 +16,14 @@ import torch.nn.functional as F
 import yaml
 
 from distill import kd_loss, shifted
+from eval_data import load_dataset, split
 from kit import REPO, demo_data, run_make
 from prune import classifier_layer, refusal, vector_width
-from servekit.config import read_model_config
+from servekit.config import read_model_config, read_model_document
 from servekit.loading import load_model
+from servekit.program_backend import holds_quantized_ops
+from variant_kinds import KINDS, kind_document
+from variants import inprocess_metric
 
 
 def test_kd_loss_is_hintons_soft_target_loss() -> None:
@@ -86,13 +91,25 @@ def test_make_prune_recovers_by_distillation_and_make_variants_serves_it(tmp_pat
     out = tmp_path / "variants"
     measured = run_make(
         "variants", MODEL="letters_pruned", DATA=demo_data("letters/test"), MODELS=models, VARIANTS_OUT=out,
-        KINDS="eager onnx", SECONDS=2,
+        KINDS="eager onnx torch_int8", SECONDS=2,
     )  # fmt: skip
     assert measured.returncode == 0, measured.stderr[-3000:]
+    assert "Warning" not in measured.stderr, measured.stderr[-2000:]
     table = {row["kind"]: row for row in json.loads((out / "letters_pruned" / "variants.json").read_text())["rows"]}
     assert all(row["status"] == "measured" for row in table.values()), table
     assert table["onnx"]["metric"] == pytest.approx(table["eager"]["metric"], abs=0.005)
     assert table["eager"]["metric"] > raw["top1"] + 0.2
+    # torch_int8, compiled in the worker, answers as its program does in process (oneDNN's int8 kernels against
+    # the reference ops: one image of the 624 may differ), and within a point of fp32
+    int8 = table["torch_int8"]
+    built = (out / "letters_pruned" / "torch_int8" / "model.int8.pt2").resolve()
+    labels = json.loads((folder / "labels.json").read_text())
+    scored = split(load_dataset(demo_data("letters/test"), "classification", labels))[1]
+    document = kind_document(read_model_document(folder), KINDS["torch_int8"], built)
+    document["handler"].pop("compile")
+    document["handler"]["model"]["file"] = str(built)
+    assert int8["metric"] == pytest.approx(inprocess_metric(folder, document, scored), abs=2 / len(scored.samples))
+    assert int8["metric"] == pytest.approx(table["eager"]["metric"], abs=0.02), table
 
 
 @pytest.mark.e2e
@@ -133,3 +150,33 @@ def test_prune_refuses_in_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2
     lines = [line for line in done.stderr.strip().splitlines() if not line.startswith("make: ***")]
     assert lines == ["error: make prune works on classifiers; shapes is a detection model"], done.stderr
+
+
+def labeled_share(root: Path, every: int) -> Path:
+    """Every ``every``-th image of each class folder of the letters' training side, as class folders."""
+    for path in sorted(demo_data("letters/train").rglob("*.jpg"))[::every]:
+        (root / path.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, root / path.parent.name / path.name)
+    return root
+
+
+@pytest.mark.e2e
+def test_make_qat_reports_ptq_and_qat_side_by_side_and_writes_an_int8_folder(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(REPO / "models" / "letters", models / "letters", ignore=shutil.ignore_patterns("variant*"))
+    data = labeled_share(tmp_path / "share", 4)
+    done = run_make("qat", MODEL="letters", DATA=data, MODELS=models, EPOCHS=1, NAME="letters_qat_test")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "Warning" not in done.stderr, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1].startswith(f"wrote {models}/letters_qat_test: held out: fp32 top-1")
+    report = json.loads((REPO / "build" / "compress" / "letters_qat_test" / "report.json").read_text())
+    rows = report["networks"]
+    assert list(rows) == ["letters fp32", "post-training int8 (PTQ)", "quantization-aware int8 (QAT)"]
+    assert all(row["top1"] > 0.5 for row in rows.values()), rows
+    folder = models / "letters_qat_test"
+    document = read_model_document(folder)
+    assert document["handler"]["model"] == {"file": "model.int8.pt2", "format": "exported"}
+    assert document["handler"]["compile"] == {"mode": "default", "dynamic": True, "freezing": True}
+    assert holds_quantized_ops(folder / "model.int8.pt2")
+    network = load_model(folder, read_model_config(folder).model, torch.device("cpu"))
+    assert network(torch.zeros(1, 3, 64, 64)).shape == (1, 26)

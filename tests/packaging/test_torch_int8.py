@@ -30,9 +30,9 @@ def small_net() -> torch.nn.Module:
 def test_int8_program_loads_in_the_kit_and_answers_as_the_int8_graph(tmp_path: Path) -> None:
     net = small_net()
     batches = [torch.rand(8, 3, 16, 16) for _ in range(4)]
-    quantized = calibrated(net, (16, 16), batches)
+    quantized = calibrated(net, (16, 16), 8, batches)
     path = tmp_path / "model.int8.pt2"
-    saved = save_program(quantized, (16, 16), path, check=batches[0])
+    saved = save_program(quantized, (16, 16), 8, path, batches[0])
     assert saved.max_abs_diff == 0.0
     assert holds_quantized_ops(path)
     fp32 = tmp_path / "program.pt2"
@@ -40,12 +40,14 @@ def test_int8_program_loads_in_the_kit_and_answers_as_the_int8_graph(tmp_path: P
     assert not holds_quantized_ops(fp32)
 
     served = load_exported(path, torch.device("cpu"))
-    assert served.spec.min_batch == MIN_BATCH and served.spec.max_batch is None
+    assert (served.spec.min_batch, served.spec.max_batch) == (MIN_BATCH, 8)
     reference = Program(quantized).eval()
     x = torch.rand(5, 3, 16, 16)
     with torch.inference_mode():
         assert torch.equal(served(x), reference(x))
         assert torch.equal(served(x[:1]), reference(x[:1]))  # a single image, padded to the program's minimum
+        y = torch.rand(11, 3, 16, 16)  # over the program's maximum: in chunks
+        assert torch.equal(served(y), torch.cat([reference(y[:8]), reference(y[8:])]))
         # int8 really: close to fp32, not equal to it
         assert 0 < float((reference(x) - net(x)).abs().max()) < 0.1 * float(net(x).abs().max()) + 0.05
 

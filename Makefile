@@ -38,11 +38,12 @@ help: ## List the targets
 .PHONY: install
 install: $(STAMP) $(GRPC_STUBS) ## Create .venv with the exact pins and check for Java >= 11
 
-$(STAMP): requirements.txt scripts/packaging/check_java.sh
+$(STAMP): requirements.txt requirements-executorch.txt scripts/packaging/check_java.sh
 	@bash scripts/packaging/check_java.sh
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet -r requirements.txt
+	$(VENV)/bin/python -m pip install --quiet --no-deps -r requirements-executorch.txt
 	touch $@
 
 $(GRPC_STUBS): $(STAMP) scripts/packaging/gen_grpc.py
@@ -336,6 +337,29 @@ distill: $(DEMO_DATA) | $(STAMP) ## A smaller architecture trained from a model'
 	@test -n "$(TEACHER)" -a -n "$(ARCH)" -a -n "$(DATA)" || { echo "usage: make distill TEACHER=<name> ARCH=<student architecture> DATA=<images>"; exit 2; }
 	@$(PY) scripts/packaging/distill.py $(TEACHER) --arch "$(ARCH)" --data "$(DATA)" $(TRAINING) $(if $(NAME),--name $(NAME))
 
+# ExecuTorch (scripts/packaging/export_pte.py): the folder's network lowered to XNNPACK, for phones (docs/edge.md) and
+# served as format executorch (<name>_pte.mar; <name>_pte_int8.mar with INT8=1).
+PTE_DIR := build/pte
+.PHONY: pte
+pte: | $(STAMP) ## ExecuTorch program (XNNPACK) for phones and format executorch, checked and timed: MODEL=<name> [INT8=1] [DATA=<images>] -> build/pte/<name>/model.pte, preprocess.json; model_store/<name>_pte.mar
+	@test -n "$(MODEL)" || { echo "usage: make pte MODEL=<name> [INT8=1] [DATA=<images to calibrate and check on>]"; exit 2; }
+	@$(PY) scripts/packaging/export_pte.py $(MODEL) --models $(MODELS) --out $(PTE_DIR) $(if $(INT8),--int8) $(if $(DATA),--data "$(DATA)")
+	@$(MAKE) --no-print-directory $(STORE)/$(MODEL)_pte$(if $(INT8),_int8).mar
+
+$(PTE_DIR)/%/model.pte: $$(filter-out %/__pycache__,$$(wildcard $(MODELS)/$$*/*)) scripts/packaging/export_pte.py | $(STAMP)
+	$(PY) scripts/packaging/export_pte.py $* --models $(MODELS) --out $(PTE_DIR)
+
+$(PTE_DIR)/%/model.int8.pte: $$(filter-out %/__pycache__,$$(wildcard $(MODELS)/$$*/*)) scripts/packaging/export_pte.py | $(STAMP)
+	$(PY) scripts/packaging/export_pte.py $* --models $(MODELS) --out $(PTE_DIR) --int8
+
+$(STORE)/%_pte.mar: $(PTE_DIR)/%/model.pte $(HANDLER_SRC) scripts/packaging/archive_args.py
+	$(call archive,$*_pte,$* --models $(MODELS) --variant $<)
+
+$(STORE)/%_pte_int8.mar: $(PTE_DIR)/%/model.int8.pte $(HANDLER_SRC) scripts/packaging/archive_args.py
+	$(call archive,$*_pte_int8,$* --models $(MODELS) --variant $<)
+
+.PRECIOUS: $(PTE_DIR)/%/model.pte $(PTE_DIR)/%/model.int8.pte
+
 .PHONY: qat
 qat: $(DEMO_DATA) | $(STAMP) ## Quantization-aware int8 training (fake quant + distillation), PTQ beside it: MODEL=<name> DATA=<images> [EPOCHS=3] [NAME=<name>_qat] -> models/<name>_qat/
 	@test -n "$(MODEL)" -a -n "$(DATA)" || { echo "usage: make qat MODEL=<name> DATA=<images> [EPOCHS=3] (make eval-data writes build/data/letters/train)"; exit 2; }
@@ -380,7 +404,7 @@ test-zoo: lint $(STAMP) ## The zoo sweep: torchvision, timm and Hugging Face arc
 	ZOO_SWEEP=all $(PY) -m pytest -m zoo -s $(PYTEST_ARGS)
 
 .PHONY: test
-test: lint archive $(GRPC_STUBS) $(BENCH_INPUTS) $(EVAL_DATA) image ## Set up and run all tests (lint, unit, in-process handler, backends, real TorchServe end to end)
+test: lint archive $(GRPC_STUBS) $(BENCH_INPUTS) $(EVAL_DATA) $(STORE)/digits_pte.mar image ## Set up and run all tests (lint, unit, in-process handler, backends, real TorchServe end to end)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 .PHONY: clean

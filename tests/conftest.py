@@ -16,7 +16,7 @@ import pytest
 
 import demo_models
 import shapes
-from kit import MODEL_STORE, MODELS, SERVED_VARIANTS, ZOO_DEMOS, Server, archive, serving
+from kit import EDGE_ARCHIVES, MODEL_STORE, MODELS, SERVED_VARIANTS, ZOO_DEMOS, Server, archive, serving
 
 
 @pytest.fixture(scope="session")
@@ -109,7 +109,7 @@ def load_handler(extracted: Any) -> Any:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A real `torchserve` serving every demo archive on free loopback ports, token auth on."""
-    served = [*MODELS, *SERVED_VARIANTS, *ZOO_DEMOS]
+    served = [*MODELS, *SERVED_VARIANTS, *ZOO_DEMOS, *EDGE_ARCHIVES]
     for name in served:
         archive(name)
     with serving(tmp_path_factory.mktemp("torchserve"), MODEL_STORE, served) as running:

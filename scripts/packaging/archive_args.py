@@ -27,6 +27,8 @@ VARIANTS = {
     "model.int8.onnx": ("int8", "onnx"),
     "model.pt2": ("aoti", "aoti"),
     "program.pt2": ("exported", "exported"),
+    "model.pte": ("pte", "executorch"),
+    "model.int8.pte": ("pte_int8", "executorch"),
 }
 HANDLER_FILES = {
     "classification": "servekit_classifier.py",
@@ -94,11 +96,11 @@ def archiver_args(
 ) -> list[str]:
     """Return torch-model-archiver's arguments for ``models/<name>``, staging the handler package.
 
-    With ``variant`` (from ``make onnx``, ``make int8`` or ``make aoti``), the archive serves that file
-    and is named ``<name>_<variant>`` (``resnet18_onnx``, ``resnet18_int8``, ``resnet18_aoti``,
-    ``resnet18_exported``); ``backend`` serves it with another backend (``openvino``: ``resnet18_openvino``
-    from ``model.onnx``). With ``compile_mode``, ``<name>_compile`` serves the folder's model with
-    ``handler.compile``.
+    With ``variant`` (from ``make onnx``, ``make int8``, ``make aoti`` or ``make pte``), the archive serves that
+    file and is named ``<name>_<variant>`` (``resnet18_onnx``, ``resnet18_int8``, ``resnet18_aoti``,
+    ``resnet18_exported``, ``resnet18_pte``, ``resnet18_pte_int8``); ``backend`` serves it with another backend
+    (``openvino``: ``resnet18_openvino`` from ``model.onnx``). With ``compile_mode``, ``<name>_compile`` serves
+    the folder's model with ``handler.compile``.
 
     Otherwise the archive is ``<name>`` and serves the folder's choice (``variant.yaml``, written by
     ``make variants``), or the variant ``kind`` (``VARIANT=<kind>``; its file as ``make variants`` built it
@@ -113,7 +115,7 @@ def archiver_args(
     serialized = model_dir / config.model.file
     if variant is not None:
         if variant.name not in VARIANTS or not variant.is_file():
-            raise ConfigError(f"{variant} is missing or not a variant (make onnx / int8 / aoti builds them)")
+            raise ConfigError(f"{variant} is missing or not a variant (make onnx / int8 / aoti / pte builds them)")
         suffix, fmt = (backend, backend) if backend else VARIANTS[variant.name]
         name = f"{name}_{suffix}"
         document = variant_document(document, variant, fmt)

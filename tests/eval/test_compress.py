@@ -100,7 +100,7 @@ def test_make_prune_recovers_by_distillation_and_make_variants_serves_it(tmp_pat
     assert table["onnx"]["metric"] == pytest.approx(table["eager"]["metric"], abs=0.005)
     assert table["eager"]["metric"] > raw["top1"] + 0.2
     # torch_int8, compiled in the worker, answers as its program does in process (oneDNN's int8 kernels against
-    # the reference ops: one image of the 624 may differ), and within a point of fp32
+    # the reference ops: one image of the 624 may differ), and loses at most 2 points of fp32's
     int8 = table["torch_int8"]
     built = (out / "letters_pruned" / "torch_int8" / "model.int8.pt2").resolve()
     labels = json.loads((folder / "labels.json").read_text())
@@ -109,7 +109,7 @@ def test_make_prune_recovers_by_distillation_and_make_variants_serves_it(tmp_pat
     document["handler"].pop("compile")
     document["handler"]["model"]["file"] = str(built)
     assert int8["metric"] == pytest.approx(inprocess_metric(folder, document, scored), abs=2 / len(scored.samples))
-    assert int8["metric"] == pytest.approx(table["eager"]["metric"], abs=0.02), table
+    assert int8["metric"] >= table["eager"]["metric"] - 0.02, table
 
 
 @pytest.mark.e2e

@@ -26,6 +26,8 @@ ONNX_DIR = REPO / "build" / "onnx"
 TRITON_REPOSITORY = REPO / "model_repository"
 # the detectors' ONNX Runtime archives, to compare with Triton's ONNX models
 SERVED_VARIANTS = ["fasterrcnn_onnx", "shapes_onnx"]
+# the ExecuTorch program of the digits (make pte MODEL=digits: format executorch), in the shared TorchServe
+EDGE_ARCHIVES = ["digits_pte"]
 MODELS = ("digits", "resnet18", "mobilenet_v3_small", "fasterrcnn", "shapes", "shapes_seg")
 ZOO_DEMOS = ("timm_convnext", "hf_vit")  # a timm and a Hugging Face classifier, served and in the Triton repository
 # the ensembles `make triton-repo` writes, and what the tests' tritonservers load from the CPU repository

@@ -358,6 +358,12 @@ def supports(kind: Kind, document: Mapping[str, Any]) -> str:
         return f"{kind.name} is offered for classifiers"
     if kind.name in ("aoti", "torch_int8") and config.model.format not in ("state_dict", "safetensors", "exported"):
         return f"{kind.name} builds from state_dict, safetensors or exported folders; this is {config.model.format}"
+    if kind.format == "executorch":
+        from export_pte import refusal
+
+        why = refusal("this folder", config)
+        if why:
+            return why
     if kind.precision == "bf16" and not ({"avx512_bf16", "amx_bf16"} & cpu_flags()):
         return "bf16 needs a CPU with AVX512-BF16 or AMX; this one has neither"
     return ""
@@ -392,6 +398,14 @@ def build_file(plan: Plan, kind: Kind, document: Mapping[str, Any], calibration:
         built.note = line.split(";")[0]
     elif kind.name == "torch_int8":
         built = torch_int8_variant(plan, kind, document, target, calibration)
+    elif kind.format == "executorch":
+        from export_pte import build_pte
+
+        inputs = calibration().inputs if kind.int8 else None
+        report, _ = build_pte(plan.name, plan.models, plan.work / "pte-build", int8=kind.int8, calibration=inputs)
+        target.write_bytes(Path(report.program).read_bytes())
+        source = f"calibrated on {len(plan.calibration.samples)} calibration files; " if kind.int8 else ""
+        built.note = f"{source}XNNPACK: {report.lowered}; in process: {report.latency.describe()}"
     built.file = target
     return built
 

@@ -515,9 +515,16 @@ def read_folder(name: str, models: Path) -> Folder:
 
 
 def build_pte(
-    name: str, models: Path, out: Path, *, int8: bool = False, data: Path | None = None
+    name: str,
+    models: Path,
+    out: Path,
+    *,
+    int8: bool = False,
+    data: Path | None = None,
+    calibration: Sequence[torch.Tensor] | None = None,
 ) -> tuple[PteReport, Path]:
-    """``make pte``: export, (quantize,) lower, write the program and the recipe, check and time it."""
+    """``make pte``: export, (quantize,) lower, write the program and the recipe, check and time it;
+    ``calibration``: the network's own input batches to calibrate int8 on (``make variants``' split)."""
     from profiles import this_machine
     from servekit.executorch_backend import load_executorch
 
@@ -528,9 +535,12 @@ def build_pte(
     check = network_inputs(images.check, folder.config)
     network = folder.network
     if int8:
-        logger.info("%s: int8 calibration on %d images", name, len(images.calibration))
-        calibration = network_inputs(images.calibration, folder.config)
-        network = quantized(network, size, folder.max_batch, torch.split(calibration, export_max(folder.max_batch)))
+        if calibration is None:
+            calibration = torch.split(network_inputs(images.calibration, folder.config), export_max(folder.max_batch))
+        logger.info("%s: int8 calibration on %d images", name, sum(len(b) for b in calibration))
+        most = export_max(folder.max_batch)
+        batches = [chunk for batch in calibration for chunk in torch.split(batch, most)]
+        network = quantized(network, size, folder.max_batch, batches)
     logger.info("%s: export and XNNPACK lowering (a minute for the larger networks)", name)
     program = lowered(exported(network, size, folder.max_batch))
     target = out / name / ("model.int8.pte" if int8 else "model.pte")

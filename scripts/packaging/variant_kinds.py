@@ -2,7 +2,7 @@
 
 A kind is how the folder's network is served: ``eager`` (the folder as it is), a built file in a format
 (``onnx``, ``onnx_int8``, ``openvino``, ``openvino_int8``, ``aoti``, ``torch_int8``: a pt2e int8 program
-compiled at load), or a setting of the same model
+compiled at load, ``executorch``, ``executorch_int8``: an XNNPACK program), or a setting of the same model
 (``bf16``, ``compile``). :func:`kind_document` turns the folder's model-config into the variant's.
 
 The choice lives in ``<folder>/variant.yaml`` (with its file under ``<folder>/variant/``): the kind, the file's
@@ -61,6 +61,8 @@ KINDS: dict[str, Kind] = {
         Kind("bf16", precision="bf16"),
         Kind("aoti", "model.pt2", "aoti"),
         Kind("torch_int8", "model.int8.pt2", "exported", compile=True, int8=True),
+        Kind("executorch", "model.pte", "executorch"),
+        Kind("executorch_int8", "model.int8.pte", "executorch", int8=True),
         Kind("compile", compile=True),
     )
 }

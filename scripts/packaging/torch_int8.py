@@ -132,10 +132,22 @@ class Saved:
     megabytes: float
 
 
+def drop_unused_attributes(graph: Any) -> None:
+    """Remove the parameters and buffers no node of the converted graph reads (the fp32 weights its int8
+    constants replaced), which a new export would otherwise save beside them: 7.5 MB against 2.9 MB here."""
+    used = {node.target for node in graph.graph.nodes if node.op == "get_attr"}
+    names = [name for name, _ in [*graph.named_parameters(), *graph.named_buffers()]]
+    for name in names:
+        if name not in used:
+            owner, _, leaf = name.rpartition(".")
+            delattr(graph.get_submodule(owner) if owner else graph, leaf)
+
+
 def save_program(quantized: Any, size: tuple[int, int], max_batch: int, path: Path, check: torch.Tensor) -> Saved:
     """Export the converted graph again (batch 2 to ``max_batch``), save it, load it back as a worker does and
     compare it with ``quantized`` on ``check``: the largest logit difference."""
     started = time.perf_counter()
+    drop_unused_attributes(quantized)
     example = torch.randn(min(4, max_batch), 3, *size)
     batch = torch.export.Dim("batch", min=MIN_BATCH, max=max_batch)
     with torch.no_grad():

@@ -13,8 +13,11 @@ only when such a model is loaded (``executorch``, pinned in ``requirements-execu
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+import os
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +45,30 @@ def runtime() -> Any:
     return require("executorch.runtime", "format executorch (an ExecuTorch .pte)", install=INSTALL)
 
 
+@contextlib.contextmanager
+def native_log_quiet() -> Iterator[None]:
+    """The runtime's native log lines (the threadpool's resets, cpuinfo probing ARM registers on x86) kept
+    off the process's stderr while it loads; failures still reach the caller as exceptions."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def set_threads(threads: int) -> int:
     """Size XNNPACK's threadpool (one per process) to ``threads``; return what it holds now."""
     from executorch.extension.pybindings import portable_lib
 
     wanted = max(1, threads)
-    if portable_lib._threadpool_get_thread_count() != wanted:
-        portable_lib._unsafe_reset_threadpool(wanted)
-    return int(portable_lib._threadpool_get_thread_count())
+    with native_log_quiet():
+        if portable_lib._threadpool_get_thread_count() != wanted:
+            portable_lib._unsafe_reset_threadpool(wanted)
+        return int(portable_lib._threadpool_get_thread_count())
 
 
 class ExecuTorchModel:
@@ -109,7 +128,8 @@ def load_executorch(path: Path, device: torch.device, threads: int, max_batch: i
         logger.info("format executorch runs on the CPU (XNNPACK); the worker's %s is not used", device)
     held = set_threads(threads)
     try:
-        model = ExecuTorchModel(module.Runtime.get().load_program(str(path)), path.name, max_batch)
+        with native_log_quiet():
+            model = ExecuTorchModel(module.Runtime.get().load_program(str(path)), path.name, max_batch)
     except ConfigError:
         raise
     except Exception as exc:

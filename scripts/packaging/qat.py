@@ -84,19 +84,21 @@ def qat_folder(
 
     started = time.perf_counter()
     calibration = [normalized(chunk, config) for chunk in data.train.crops.split(32)]
-    ptq = Program(calibrated(copy.deepcopy(network), size, bound, calibration)).eval()
+    ptq = Program(calibrated(copy.deepcopy(network), size, bound, calibration), bound).eval()
     ptq_quality = quality(predictions(ptq, data.held_out, config), reference, data.held_out)
     ptq_seconds = time.perf_counter() - started
     logger.info("%s: post-training int8 in %.0f s: held out %s", name, ptq_seconds, ptq_quality.describe())
 
     started = time.perf_counter()
-    fake = pt2e().prepare_qat_pt2e(traced(copy.deepcopy(network), size, bound, training=True), x86_quantizer(qat=True))
-    student = Program(fake)
+    # traced for the training batch, so that batch norm sees whole batches; the saved program keeps ``bound``
+    steps = max(bound, settings.batch)
+    fake = pt2e().prepare_qat_pt2e(traced(copy.deepcopy(network), size, steps, training=True), x86_quantizer(qat=True))
+    student = Program(fake, steps)
     losses = distil(student, network, data.train, config, settings)
     student.eval()
     converted = pt2e().convert_pt2e(student.graph)
     seconds = time.perf_counter() - started
-    qat_quality = quality(predictions(Program(converted), data.held_out, config), reference, data.held_out)
+    qat_quality = quality(predictions(Program(converted, steps), data.held_out, config), reference, data.held_out)
 
     saved: list[Saved] = []
     check = normalized(data.held_out.crops[:4], config) if len(data.held_out) else calibration[0]

@@ -106,15 +106,17 @@ def padded(batch: torch.Tensor) -> torch.Tensor:
 
 
 class Program(torch.nn.Module):
-    """An exported graph module called as a module: batches of one padded to ``MIN_BATCH``, and ``train()`` /
-    ``eval()`` switching its batch-norm and dropout ops (torchao's ``move_exported_model_to_*``)."""
+    """An exported graph module called as a module: batches of one padded to ``MIN_BATCH``, batches over the
+    ``max_batch`` it was traced for run in chunks (its guards refuse them whole), and ``train()`` / ``eval()``
+    switching its batch-norm and dropout ops (torchao's ``move_exported_model_to_*``)."""
 
-    def __init__(self, graph: torch.nn.Module) -> None:
+    def __init__(self, graph: torch.nn.Module, max_batch: int) -> None:
         super().__init__()
         self.graph = graph
+        self.max_batch = max(MIN_BATCH, max_batch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.graph(padded(x))[: len(x)]
+        return torch.cat([self.graph(padded(chunk))[: len(chunk)] for chunk in x.split(self.max_batch)])
 
     def train(self, mode: bool = True) -> Program:
         set_mode(self.graph, mode)

@@ -41,7 +41,7 @@ def test_int8_program_loads_in_the_kit_and_answers_as_the_int8_graph(tmp_path: P
 
     served = load_exported(path, torch.device("cpu"))
     assert (served.spec.min_batch, served.spec.max_batch) == (MIN_BATCH, 8)
-    reference = Program(quantized).eval()
+    reference = Program(quantized, 8).eval()
     x = torch.rand(5, 3, 16, 16)
     with torch.inference_mode():
         assert torch.equal(served(x), reference(x))

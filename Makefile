@@ -80,6 +80,11 @@ models/shapes/model.pt: models/shapes/model.py scripts/packaging/shapes.py
 models/shapes_seg/model.pt: models/shapes_seg/model.py scripts/packaging/shapes.py scripts/packaging/shapes_seg.py
 models/letters/model.pt: scripts/packaging/letters.py
 
+# The weights `make models` generates. A rule that reads a model folder names them too (folder_files), so that
+# `make -j` builds them first: a wildcard read before they exist would leave them out.
+GENERATED := $(foreach m,$(DEMOS) timm_convnext lraspp letters,models/$(m)/model.pt) $(foreach m,hf_vit hf_rtdetr,models/$(m)/model.safetensors)
+folder_files = $(filter-out %/__pycache__,$(sort $(wildcard $(1)/$(2)/*) $(filter $(1)/$(2)/%,$(GENERATED))))
+
 .PHONY: archive
 archive: $(if $(MODEL),$(STORE)/$(MODEL).mar,$(ALL_MARS)) ## Build .mar archives (all, or MODEL=<name>)
 
@@ -94,7 +99,7 @@ $(STORE)/hf_rtdetr.mar: models/hf_rtdetr/model.safetensors
 .SECONDEXPANSION:
 # A folder's recorded choice (variant.yaml and variant/, from make variants) is archived as <name>.mar;
 # VARIANT=<kind> overrides it (VARIANT=eager: the folder's own model) and rebuilds.
-$(STORE)/%.mar: $(MODELS)/%/model-config.yaml $$(filter-out %/__pycache__,$$(wildcard $(MODELS)/$$*/*)) $(HANDLER_SRC) scripts/packaging/archive_args.py scripts/packaging/variant_kinds.py $(if $(VARIANT),FORCE) | $(STAMP)
+$(STORE)/%.mar: $(MODELS)/%/model-config.yaml $$(call folder_files,$(MODELS),$$*) $(HANDLER_SRC) scripts/packaging/archive_args.py scripts/packaging/variant_kinds.py $(if $(VARIANT),FORCE) | $(STAMP)
 	$(call archive,$*,$* --models $(MODELS) $(if $(VARIANT),--kind $(VARIANT)) $(if $(VARIANTS_OUT),--built $(VARIANTS_OUT)))
 
 .PHONY: FORCE
@@ -111,7 +116,7 @@ onnx: $(foreach m,$(DEMOS),$(ONNX_DIR)/$(m)/model.onnx) ## Export every model to
 .PHONY: int8
 int8: $(foreach m,$(CLASSIFIERS),$(ONNX_DIR)/$(m)/model.int8.onnx) ## Static int8 quantization of the classifiers' ONNX graphs, with fidelity
 
-$(ONNX_DIR)/%/model.onnx: $$(filter-out %/__pycache__,$$(wildcard models/$$*/*)) scripts/packaging/export_onnx.py handlers/servekit/onnx_backend.py | $(STAMP)
+$(ONNX_DIR)/%/model.onnx: $$(call folder_files,models,$$*) scripts/packaging/export_onnx.py handlers/servekit/onnx_backend.py | $(STAMP)
 	$(PY) scripts/packaging/export_onnx.py $*
 
 $(ONNX_DIR)/%/model.int8.onnx: $(ONNX_DIR)/%/model.onnx scripts/packaging/quantize_onnx.py scripts/bench/fidelity.py
@@ -135,7 +140,7 @@ BENCH_INPUTS := $(foreach m,resnet18 mobilenet_v3_small fasterrcnn,model_store/$
 	model_store/resnet18_compile.mar model_store/mobilenet_v3_small_int8.mar model_store/mobilenet_v3_small_openvino.mar $(ONNX_DIR)/digits/model.int8.onnx \
 	$(TRITON_STAMP) $(ZOO_VARIANTS) $(SEG_BENCH_INPUTS) model_store/hf_rtdetr.mar
 
-$(STOCK_STORE)/%_stock.mar: $$(filter-out %/__pycache__,$$(wildcard models/$$*/*)) scripts/packaging/stock_archives.py | $(STAMP)
+$(STOCK_STORE)/%_stock.mar: $$(call folder_files,models,$$*) scripts/packaging/stock_archives.py | $(STAMP)
 	$(PY) scripts/packaging/stock_archives.py $* --export $(STOCK_STORE)
 
 .PHONY: bench
@@ -234,7 +239,7 @@ AOTI_DIR := build/aoti
 .PHONY: aoti
 aoti: $(if $(MODEL),$(STORE)/$(MODEL)_aoti.mar) ## AOTInductor package of MODEL=<name> -> build/aoti/<name>/model.pt2 and model_store/<name>_aoti.mar
 
-$(AOTI_DIR)/%/model.pt2: $$(filter-out %/__pycache__,$$(wildcard $(MODELS)/$$*/*)) scripts/packaging/compile_aoti.py $(HANDLER_SRC) | $(STAMP)
+$(AOTI_DIR)/%/model.pt2: $$(call folder_files,$(MODELS),$$*) scripts/packaging/compile_aoti.py $(HANDLER_SRC) | $(STAMP)
 	$(PY) scripts/packaging/compile_aoti.py $* --models $(MODELS) --out $(AOTI_DIR)
 
 $(STORE)/%_aoti.mar: $(AOTI_DIR)/%/model.pt2 $(HANDLER_SRC) scripts/packaging/archive_args.py
@@ -250,7 +255,7 @@ $(AOTI_DIR)/%/program.pt2: $(AOTI_DIR)/%/model.pt2 ;
 $(STORE)/%_exported.mar: $(AOTI_DIR)/%/program.pt2 $(HANDLER_SRC) scripts/packaging/archive_args.py
 	$(call archive,$*_exported,$* --models $(MODELS) --variant $<)
 
-$(STORE)/%_compile.mar: $(MODELS)/%/model-config.yaml $$(filter-out %/__pycache__,$$(wildcard $(MODELS)/$$*/*)) $(HANDLER_SRC) scripts/packaging/archive_args.py | $(STAMP)
+$(STORE)/%_compile.mar: $(MODELS)/%/model-config.yaml $$(call folder_files,$(MODELS),$$*) $(HANDLER_SRC) scripts/packaging/archive_args.py | $(STAMP)
 	$(call archive,$*_compile,$* --models $(MODELS) --compile default)
 
 # Beyond one machine (deploy/, README "Kubernetes and KServe"): manifests from the model folders, sized from
@@ -346,10 +351,10 @@ pte: | $(STAMP) ## ExecuTorch program (XNNPACK) for phones and format executorch
 	@$(PY) scripts/packaging/export_pte.py $(MODEL) --models $(MODELS) --out $(PTE_DIR) $(if $(INT8),--int8) $(if $(DATA),--data "$(DATA)")
 	@$(MAKE) --no-print-directory $(STORE)/$(MODEL)_pte$(if $(INT8),_int8).mar
 
-$(PTE_DIR)/%/model.pte: $$(filter-out %/__pycache__,$$(wildcard $(MODELS)/$$*/*)) scripts/packaging/export_pte.py | $(STAMP)
+$(PTE_DIR)/%/model.pte: $$(call folder_files,$(MODELS),$$*) scripts/packaging/export_pte.py | $(STAMP)
 	$(PY) scripts/packaging/export_pte.py $* --models $(MODELS) --out $(PTE_DIR)
 
-$(PTE_DIR)/%/model.int8.pte: $$(filter-out %/__pycache__,$$(wildcard $(MODELS)/$$*/*)) scripts/packaging/export_pte.py | $(STAMP)
+$(PTE_DIR)/%/model.int8.pte: $$(call folder_files,$(MODELS),$$*) scripts/packaging/export_pte.py | $(STAMP)
 	$(PY) scripts/packaging/export_pte.py $* --models $(MODELS) --out $(PTE_DIR) --int8
 
 $(STORE)/%_pte.mar: $(PTE_DIR)/%/model.pte $(HANDLER_SRC) scripts/packaging/archive_args.py
@@ -403,9 +408,13 @@ test-fast: lint archive ## The fast tier: the tests not marked e2e (unit and in-
 test-zoo: lint $(STAMP) ## The zoo sweep: torchvision, timm and Hugging Face architectures served by one TorchServe against each owner's pipeline -> build/zoo-sweep.md
 	ZOO_SWEEP=all $(PY) -m pytest -m zoo -s $(PYTEST_ARGS)
 
+# What every test needs built first; `make -j2 test-inputs` builds it two steps at a time (.ci/run does)
+.PHONY: test-inputs
+test-inputs: lint archive $(GRPC_STUBS) $(BENCH_INPUTS) $(EVAL_DATA) $(STORE)/digits_pte.mar image
+
 .PHONY: test
-test: lint archive $(GRPC_STUBS) $(BENCH_INPUTS) $(EVAL_DATA) $(STORE)/digits_pte.mar image ## Set up and run all tests (lint, unit, in-process handler, backends, real TorchServe end to end)
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: test-inputs ## Set up and run all tests (lint, unit, in-process handler, backends, real TorchServe end to end)
+	$(PY) -m pytest --durations=25 $(PYTEST_ARGS)
 
 .PHONY: clean
 clean: ## Remove archives, build files and logs (keeps .venv and the models)

@@ -83,19 +83,26 @@ def require(package: str, why: str, *, install: str = "pip install -r requiremen
     """Import an optional package (timm, transformers) or module of one (``executorch.runtime``) when a model
     needs it, or fail in one line naming the package and how to install it.
 
-    torchao's import (transformers imports it too, when installed) logs a deprecation of torch's at WARNING,
-    of torchao's own making (an Enum's ``register_constant``): kept out of the kit's output.
+    torchao's import logs a deprecation of torch's at WARNING, of torchao's own making (an Enum's
+    ``register_constant``); transformers imports torchao lazily, on the first use of one of its classes, so that
+    line is filtered out of torch's pytree logger from here on (``TorchaoEnumNote``), not only during the import.
 
     Raises:
         ConfigError: the package is not installed in this Python.
     """
     pytree = logging.getLogger("torch.utils._pytree")
-    level = pytree.level
-    pytree.setLevel(logging.ERROR)
+    if not any(isinstance(f, TorchaoEnumNote) for f in pytree.filters):
+        pytree.addFilter(TorchaoEnumNote())
     try:
         return importlib.import_module(package)
     except ImportError:
         name = package.partition(".")[0]
         raise ConfigError(f"{why} needs the Python package '{name}', which this Python lacks: {install}") from None
-    finally:
-        pytree.setLevel(level)
+
+
+class TorchaoEnumNote(logging.Filter):
+    """Drops torch's note that registering an Enum subclass as a pytree constant is deprecated (torchao does it
+    at import); every other line of that logger passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "register_constant() on Enum subclasses is deprecated" not in record.getMessage()

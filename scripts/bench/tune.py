@@ -14,13 +14,14 @@ Writes ``build/tune/<name>/results.md``, ``results.json`` and ``tune.png``, and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -149,7 +150,9 @@ class Bench:
             return self._management(method, path, **params)
         return reply
 
-    def measure(self, point: Point, source: Path, stage: str, payloads: list[bytes] | None = None) -> Result:
+    @contextlib.contextmanager
+    def registered(self, point: Point, source: Path) -> Iterator[str]:
+        """``source`` repacked with the keys of ``point``, registered with its workers up; yields its name."""
         self.count += 1
         name = f"tune{self.count}"
         repack(source, self.store / f"{name}.mar", tuned_document(read_document(source), point))
@@ -159,15 +162,19 @@ class Bench:
         if reply.status_code != 200:
             raise SystemExit(f"registering {point.label} failed: {reply.status_code} {reply.text[:300]}")
         try:
+            yield name
+        finally:
+            self._management("DELETE", f"/models/{name}")
+            (self.store / f"{name}.mar").unlink(missing_ok=True)
+
+    def measure(self, point: Point, source: Path, stage: str, payloads: list[bytes] | None = None) -> Result:
+        with self.registered(point, source) as name:
             payloads = payloads or self.payloads
 
             def send(number: int) -> int:
                 return self.client.predict(name, payloads[number % len(payloads)]).status
 
             load = closed_loop(send, concurrency=self.concurrency, seconds=self.seconds, warmup=self.warmup)
-        finally:
-            self._management("DELETE", f"/models/{name}")
-            (self.store / f"{name}.mar").unlink(missing_ok=True)
         result = Result(point, stage, load.rate, load.percentile(50), load.percentile(99), load.errors)
         logger.info(
             "[%s] %-45s %7.1f req/s  p50 %5.0f ms  p99 %5.0f ms  %d errors",

@@ -461,10 +461,11 @@ def markdown(report: dict[str, Any]) -> str:
                 f"# The kit against LitServe and Ray Serve: {report['model']}",
                 "",
                 f"Command: `{report['command']}` ({report['date']}). Machine: {report['machine']}.",
-                f"Closed loop, {report['concurrency']} concurrent clients, {report['seconds']:.0f} s measured after "
-                f"{report['warmup']:.0f} s of warm-up per point; {report['rounds']} rounds, sides in a rotating order, one "
-                "side running at a time; figures are the medians over the rounds. CPU per request: the CPU seconds of the "
-                "side's whole process tree in the measured window over the requests answered in it.",
+                f"Closed loop, {report['concurrency']} concurrent clients, {report['seconds']:.0f} s measured "
+                f"after {report['warmup']:.0f} s of warm-up per point; {report['rounds']} rounds, sides in a "
+                "rotating order, one side running at a time; figures are the medians over the rounds. CPU per "
+                "request: the CPU seconds of the side's whole process tree in the measured window over the "
+                "requests answered in it.",
                 "",
                 "Sides: " + "; ".join(f"{k}: {v}" for k, v in report["peers"].items()) + ".",
                 "",

@@ -149,8 +149,9 @@ bench: $(BENCH_INPUTS) ## Full benchmark (about 60 min): raw model, stock handle
 	$(MAKE) --no-print-directory bench-peers
 
 .PHONY: bench-peers
-bench-peers: $(STORE)/$(or $(MODEL),resnet18).mar $(STORE)/$(or $(MODEL),resnet18)_onnx.mar | $(STAMP) ## The kit against LitServe and Ray Serve (their own venv, build/peers/venv), same weights and client, process layouts, CPU per request: [MODEL=resnet18] [ROUNDS=2] [SECONDS=10] -> build/bench-peers/
-	$(PY) scripts/bench/bench_peers.py --model $(or $(MODEL),resnet18) $(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(SECONDS),--seconds $(SECONDS))
+bench-peers: $(STORE)/$(or $(MODEL),resnet18).mar $(STORE)/$(or $(MODEL),resnet18)_onnx.mar | $(STAMP) ## The kit against LitServe and Ray Serve (their own venv, build/peers/venv), same weights and client, process layouts, CPU per request: [MODEL=resnet18] [ROUNDS=2] [SECONDS=10] [NEIGHBOURS=1: a busy process beside] -> build/bench-peers/
+	$(PY) scripts/bench/bench_peers.py --model $(or $(MODEL),resnet18) $(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(SECONDS),--seconds $(SECONDS)) \
+		$(if $(NEIGHBOURS),--neighbours $(NEIGHBOURS) --out build/bench-peers-neighbours)
 
 .PHONY: bench-backends
 bench-backends: $(BENCH_INPUTS) ## resnet18 on every backend (eager, ONNX, int8, exported, AOTInductor, compile), in process and served -> build/bench-backends/

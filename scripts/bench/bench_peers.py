@@ -350,6 +350,18 @@ def running(plan: Plan, name: str, layout: Layout) -> Iterator[Side]:
         yield side
 
 
+@contextlib.contextmanager
+def neighbours(count: int) -> Iterator[None]:
+    """``count`` processes that each keep a core busy (a neighbour's work on a shared node), stopped after."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+
+
 def run(plan: Plan) -> tuple[list[Point], list[Answer], dict[str, str]]:
     """The layout round at the middle size, then ``plan.rounds`` rounds of every size in a rotating order."""
     middle = SIZES[len(SIZES) // 2]
@@ -460,7 +472,12 @@ def markdown(report: dict[str, Any]) -> str:
             [
                 f"# The kit against LitServe and Ray Serve: {report['model']}",
                 "",
-                f"Command: `{report['command']}` ({report['date']}). Machine: {report['machine']}.",
+                f"Command: `{report['command']}` ({report['date']}). Machine: {report['machine']}."
+                + (
+                    f" **{report['neighbours']} busy neighbour process(es) ran beside every side.**"
+                    if report.get("neighbours")
+                    else ""
+                ),
                 f"Closed loop, {report['concurrency']} concurrent clients, {report['seconds']:.0f} s measured "
                 f"after {report['warmup']:.0f} s of warm-up per point; {report['rounds']} rounds, sides in a "
                 "rotating order, one side running at a time; figures are the medians over the rounds. CPU per "
@@ -518,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--sides", default="", help="a subset of the sides, comma-separated (kit, litserve, ray)")
+    parser.add_argument("--neighbours", type=int, default=0, help="busy processes beside every side (a shared node)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     import yaml
@@ -545,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
         sides = {k: v for k, v in sides.items() if k.split()[0] in wanted}
     payloads = {size: demo_models.user_image(size) for size in SIZES}
     plan = Plan(args.model, sides, payloads, args.rounds, Load(args.concurrency, args.seconds, args.warmup), cores)
-    points, answers, chosen = run(plan)
+    with neighbours(args.neighbours):
+        points, answers, chosen = run(plan)
     report = {
         "model": args.model,
         "command": "make bench-peers " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -555,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": args.seconds,
         "warmup": args.warmup,
         "rounds": args.rounds,
+        "neighbours": args.neighbours,
         "sizes": list(SIZES),
         "peers": {
             "litserve": f"LitServe (max_batch_size {PEER_BATCH}, batch_timeout {PEER_BATCH_TIMEOUT_S * 1000:.0f} ms, "

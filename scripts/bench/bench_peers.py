@@ -260,7 +260,7 @@ def peers_python(venv: Path = VENV) -> Path:
     """The peers' venv (made once per requirements file): LitServe and Ray Serve on top of the kit's torch."""
     requirements = PEERS_DIR / "requirements.txt"
     digest = hashlib.sha256(requirements.read_bytes()).hexdigest()[:16]
-    python, stamp = venv / "bin" / "python", venv / f".installed-{digest}"
+    python, stamp = venv.absolute() / "bin" / "python", venv / f".installed-{digest}"
     if stamp.is_file():
         return python
     logger.info("creating %s with %s (a minute; pip's output in %s)", venv, requirements.name, venv / "pip.log")
@@ -567,7 +567,8 @@ def main(argv: list[str] | None = None) -> int:
         points, answers, chosen = run(plan)
     report = {
         "model": args.model,
-        "command": "make bench-peers " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["scripts/bench/bench_peers.py", *(argv if argv is not None else sys.argv[1:])])
+        + " (what make bench-peers runs)",
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine(),
         "concurrency": args.concurrency,

@@ -235,7 +235,7 @@ def augment(pool: Pool, index: torch.Tensor, generator: torch.Generator) -> tupl
 
 
 def train(model_dir: Path, *, pool_size: int = 2000, steps: int = 600, batch: int = 16, seed: int = 0) -> float:
-    """Train ShapesNet; save it as TorchScript in ``model_dir/model.pt``; return the seconds it took."""
+    """Train ShapesNet; save its state_dict in ``model_dir/model.pt``; return the seconds it took."""
     module = load_network_module(model_dir)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)

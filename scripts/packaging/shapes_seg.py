@@ -67,7 +67,7 @@ CROP = 256  # training sees random 256 x 256 windows of the 320 x 320 scenes (th
 
 
 def train(model_dir: Path, *, pool_size: int = 1500, steps: int = 1400, batch: int = 16, seed: int = 0) -> float:
-    """Train ShapesSegNet; save it as TorchScript in ``model_dir/model.pt``; return the seconds it took."""
+    """Train ShapesSegNet; save its state_dict in ``model_dir/model.pt``; return the seconds it took."""
     module = load_network_module(model_dir)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)

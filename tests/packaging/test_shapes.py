@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from hypothesis import strategies as st
 
 import shapes
 import shapes_eval
+from kit import REPO
 
 
 @settings(max_examples=40, deadline=None)
@@ -90,3 +93,17 @@ def test_the_mosaic_holds_every_drawn_scene() -> None:
     canvas = shapes_eval.mosaic(drawn)
     assert canvas.shape[2] == 3 and canvas.shape[1] >= drawn[0].shape[2] + drawn[1].shape[2]
     assert not np.array_equal(drawn[0].permute(1, 2, 0).numpy(), scenes[0].image)  # boxes were drawn
+
+
+def test_committed_weights_are_kept_only_while_their_sources_and_files_match(tmp_path: Path) -> None:
+    """make models keeps a trained demo's committed weights (trained.json): not once a file or a source changes."""
+    import make_models
+
+    folder = tmp_path / "shapes"
+    shutil.copytree(REPO / "models" / "shapes", folder, ignore=shutil.ignore_patterns("__pycache__"))
+    assert make_models.kept("shapes", folder), "models/shapes/trained.json does not match its sources"
+    (folder / "model.py").write_text((folder / "model.py").read_text() + "\n# edited\n")
+    assert make_models.kept("shapes", folder) is None  # a changed source trains anew
+    shutil.copy(REPO / "models" / "shapes" / "model.py", folder / "model.py")
+    (folder / "labels.json").write_text('["circle"]\n')
+    assert make_models.kept("shapes", folder) is None  # so does an altered file

@@ -115,7 +115,7 @@ def segmenter_graph(model: Any, scripted: bool, size: tuple[int, int]) -> Any:
         ConfigError: a TorchScript segmenter returning something else than one tensor.
     """
     if not scripted:
-        return SegmenterLogits(model)
+        return SegmenterLogits(model).eval()  # a new module starts in training mode: the exporter warns
     with torch.inference_mode():
         found = model(torch.rand(1, 3, *size))
     if not isinstance(found, torch.Tensor):

@@ -20,7 +20,7 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -41,8 +41,10 @@ def render(plan_name: str, out: Path) -> None:
     plots(rows, out)
 
 
-def run(plan_name: str, out: Path, onnx_dir: Path) -> Path:
+def run(plan_name: str, out: Path, onnx_dir: Path, seconds: float | None = None) -> Path:
     plan = PLANS[plan_name]
+    if seconds is not None:  # a shorter run that proves the tooling (the tests), every figure noisier
+        plan = replace(plan, seconds=seconds, warmup=min(plan.warmup, seconds), inprocess_seconds=seconds)
     out.mkdir(parents=True, exist_ok=True)
     photos, payloads = payload_sets()
     models = {s.model for s in plan.served}
@@ -74,12 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--onnx-dir", type=Path, default=Path("build/onnx"))
     parser.add_argument("--render", action="store_true", help="rewrite results.md from out/results.json only")
+    parser.add_argument("--seconds", type=float, default=None, help="measured seconds per point (default: the mode's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     if args.render:
         render(args.mode, args.out)
     else:
-        run(args.mode, args.out, args.onnx_dir)
+        run(args.mode, args.out, args.onnx_dir, args.seconds)
     return 0
 
 

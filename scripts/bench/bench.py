@@ -44,7 +44,12 @@ def render(plan_name: str, out: Path) -> None:
 def run(plan_name: str, out: Path, onnx_dir: Path, seconds: float | None = None) -> Path:
     plan = PLANS[plan_name]
     if seconds is not None:  # a shorter run that proves the tooling (the tests), every figure noisier
-        plan = replace(plan, seconds=seconds, warmup=min(plan.warmup, seconds), inprocess_seconds=seconds)
+        plan = replace(
+            plan,
+            seconds=seconds,
+            warmup=min(plan.warmup, seconds),
+            inprocess_seconds=min(plan.inprocess_seconds, seconds),
+        )
     out.mkdir(parents=True, exist_ok=True)
     photos, payloads = payload_sets()
     models = {s.model for s in plan.served}

@@ -145,7 +145,7 @@ def test_onnx_detector_archive_answers_like_eager(load_handler: Any, photos: dic
 def test_bench_quick_writes_its_table(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     subprocess.run(
-        [sys.executable, "scripts/bench/bench.py", "--mode", "quick", "--out", str(out), "--seconds", "1"],
+        [sys.executable, "scripts/bench/bench.py", "--mode", "quick", "--out", str(out), "--seconds", "3"],
         cwd=REPO,
         check=True,
         timeout=900,

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from servekit.errors import ConfigError, plain_line, require
-from servekit.program_backend import torch_module
+from servekit.program_backend import BoundedBatch, InputSpec, torch_module
 
 MIN_BATCH = 2  # the saved program's smallest batch: batch 1 would be a graph of its own at compile time
 # handler.compile of a folder serving an int8 program: one graph for every batch size (two on mobilenets: a
@@ -87,22 +87,21 @@ def set_mode(network: torch.nn.Module, training: bool) -> None:
 def calibrated(network: torch.nn.Module, size: tuple[int, int], max_batch: int, batches: Iterable[torch.Tensor]) -> Any:
     """Post-training int8: the traced network with observers, run on ``batches``, converted."""
     prepared = pt2e().prepare_pt2e(traced(network, size, max_batch), x86_quantizer())
+    observe = bounded(prepared, max_batch)
     seen = 0
     with torch.no_grad():
         for batch in batches:
-            for chunk in batch.split(max_batch):
-                prepared(padded(chunk))
+            observe(batch)
             seen += len(batch)
     if seen == 0:
         raise ConfigError("int8 calibration got no images")
     return pt2e().convert_pt2e(prepared)
 
 
-def padded(batch: torch.Tensor) -> torch.Tensor:
-    """A batch of at least ``MIN_BATCH`` (the last image repeated)."""
-    if len(batch) >= MIN_BATCH:
-        return batch
-    return torch.cat([batch, batch[-1:].expand(MIN_BATCH - len(batch), *batch.shape[1:])])
+def bounded(graph: Any, max_batch: int) -> BoundedBatch:
+    """``graph`` run as the kit runs a bounded program: batches under ``MIN_BATCH`` padded (the last image
+    repeated), batches over ``max_batch`` in chunks (its guards refuse them whole)."""
+    return BoundedBatch(graph, InputSpec(MIN_BATCH, max(MIN_BATCH, max_batch)), torch.device("cpu"))
 
 
 class Program(torch.nn.Module):
@@ -113,10 +112,10 @@ class Program(torch.nn.Module):
     def __init__(self, graph: torch.nn.Module, max_batch: int) -> None:
         super().__init__()
         self.graph = graph
-        self.max_batch = max(MIN_BATCH, max_batch)
+        self.max_batch = max_batch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.graph(padded(chunk))[: len(chunk)] for chunk in x.split(self.max_batch)])
+        return bounded(self.graph, self.max_batch)(x)
 
     def train(self, mode: bool = True) -> Program:
         set_mode(self.graph, mode)
@@ -157,9 +156,9 @@ def save_program(quantized: Any, size: tuple[int, int], max_batch: int, path: Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.export.save(program, str(path))
     loaded = torch.export.load(str(path)).module()
-    x = padded(check[:max_batch])
+    x = check[:max_batch]
     with torch.inference_mode():
-        worst = float((loaded(x) - quantized(x)).abs().max())
+        worst = float((bounded(loaded, max_batch)(x) - bounded(quantized, max_batch)(x)).abs().max())
     return Saved(path, worst, time.perf_counter() - started, path.stat().st_size / 1e6)
 
 

@@ -41,6 +41,7 @@ from typing import Any, Protocol
 
 import requests
 
+from client import Reply
 from loadgen import closed_loop
 
 logger = logging.getLogger("bench-peers")
@@ -133,7 +134,7 @@ class Side(Protocol):
 
     def __exit__(self, *exc: object) -> None: ...
 
-    def send(self, payload: bytes) -> tuple[int, Any]: ...
+    def send(self, payload: bytes) -> Reply: ...
 
     def root(self) -> int: ...
 
@@ -159,9 +160,8 @@ class KitSide:
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
 
-    def send(self, payload: bytes) -> tuple[int, Any]:
-        reply = self.bench.client.predict(self.model, payload)
-        return reply.status, reply.body
+    def send(self, payload: bytes) -> Reply:
+        return self.bench.client.predict(self.model, payload)
 
     def root(self) -> int:
         return int(self.bench.server.pgid_file.read_text())
@@ -213,7 +213,7 @@ class PeerSide:
             if self.process.poll() is not None:
                 raise SystemExit(f"{self.name} exited with {self.process.returncode}: see {self.logs}")
             with contextlib.suppress(requests.RequestException):
-                if self.send(payload)[0] == 200:
+                if self.send(payload).status == 200:
                     return
             if time.monotonic() > deadline:
                 raise SystemExit(f"{self.name} did not answer within {timeout:.0f} s: see {self.logs}")
@@ -242,15 +242,15 @@ class PeerSide:
             self._local.session = requests.Session()
         return self._local.session
 
-    def send(self, payload: bytes) -> tuple[int, Any]:
+    def send(self, payload: bytes) -> Reply:
         if self.script.startswith("litserve"):
             reply = self._session().post(self.url, files={"content": ("image.jpg", payload, "image/jpeg")}, timeout=120)
         else:
             reply = self._session().post(self.url, data=payload, timeout=120)
         try:
-            return reply.status_code, reply.json()
+            return Reply(reply.status_code, reply.json())
         except ValueError:
-            return reply.status_code, reply.text
+            return Reply(reply.status_code, reply.text)
 
     def root(self) -> int:
         return self.process.pid
@@ -298,7 +298,7 @@ def measure(side: Side, payload: bytes, size: str, round_: int, load_: Load) -> 
     marks: dict[str, float] = {}
 
     def send(number: int) -> int:
-        return side.send(payload)[0]
+        return side.send(payload).status
 
     def warm() -> None:
         marks["cpu"] = tree_cpu_seconds(side.root())
@@ -333,7 +333,6 @@ def measure(side: Side, payload: bytes, size: str, round_: int, load_: Load) -> 
 
 @dataclass
 class Plan:
-    model: str
     sides: dict[str, Any]  # name -> factory(layout) -> Side
     payloads: dict[str, bytes]
     rounds: int
@@ -366,27 +365,26 @@ def run(plan: Plan) -> tuple[list[Point], list[Answer], dict[str, str]]:
     """The layout round at the middle size, then ``plan.rounds`` rounds of every size in a rotating order."""
     middle = SIZES[len(SIZES) // 2]
     points: list[Point] = []
-    chosen: dict[str, str] = {}
+    chosen: dict[str, Layout] = {}
     for name in plan.sides:
-        tried = []
+        tried: list[tuple[Point, Layout]] = []
         for layout in layouts(plan.cores):
             with running(plan, name, layout) as side:
-                tried.append(measure(side, plan.payloads[middle], middle, 0, plan.load))
-        points.extend(tried)
-        chosen[name] = max((p for p in tried if p.errors == 0), key=lambda p: p.rate, default=tried[0]).layout
+                tried.append((measure(side, plan.payloads[middle], middle, 0, plan.load), layout))
+        points.extend(point for point, _ in tried)
+        chosen[name] = max((t for t in tried if t[0].errors == 0), key=lambda t: t[0].rate, default=tried[0])[1]
     answers: list[Answer] = []
     names = list(plan.sides)
     for round_ in range(1, plan.rounds + 1):
         order = names[round_ % len(names) :] + names[: round_ % len(names)]
         for name in order:
-            workers, threads = (int(n) for n in chosen[name].split("x"))
-            with running(plan, name, Layout(workers, threads)) as side:
+            with running(plan, name, chosen[name]) as side:
                 for size, payload in plan.payloads.items():
                     if round_ == 1:
-                        status, body = side.send(payload)
-                        answers.append(Answer(name, size, status, top5_of(body)))
+                        reply = side.send(payload)
+                        answers.append(Answer(name, size, reply.status, top5_of(reply.body)))
                     points.append(measure(side, payload, size, round_, plan.load))
-    return points, answers, chosen
+    return points, answers, {name: layout.label for name, layout in chosen.items()}
 
 
 def medians(points: Sequence[Point]) -> dict[tuple[str, str], Point]:
@@ -562,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         wanted = {s.strip() for s in args.sides.split(",")}
         sides = {k: v for k, v in sides.items() if k.split()[0] in wanted}
     payloads = {size: demo_models.user_image(size) for size in SIZES}
-    plan = Plan(args.model, sides, payloads, args.rounds, Load(args.concurrency, args.seconds, args.warmup), cores)
+    plan = Plan(sides, payloads, args.rounds, Load(args.concurrency, args.seconds, args.warmup), cores)
     with neighbours(args.neighbours):
         points, answers, chosen = run(plan)
     report = {
